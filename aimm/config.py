@@ -1,0 +1,185 @@
+"""One validated run configuration, from YAML, CLI flags or notebook parameters.
+
+Every field has the release's value as default where the release has one (spec §6), except the
+sizes (``max_train``, ``max_test``, ``epochs``, ``max_input_len``), which default to what these
+2-core CPUs can run; pass the release's values (1000 / all / 10 / 1024) for a full reproduction.
+Method-specific options live in ``method_options`` and are validated by the method itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A parameter that is unknown, mistyped or out of range. The message names it."""
+
+
+@dataclass
+class RunConfig:
+    # what to train on
+    benchmark: str = "standard_cl"
+    order: int | None = 1
+    tasks: list[str] | None = None  # custom order: overrides `order`
+    data_dir: str | None = None  # default: $AIMM_DATA, ./data/aimm, ../shared/benchmarks/aimm
+    max_train: int | None = 64  # per task (release: 1000 = all)
+    max_test: int | None = 100  # per task (release: all)
+    # what to train
+    method: str = "seq_lora"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    model: str = "smollm2-135m"
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: list[str] | None = None  # default by architecture (T5: q, v)
+    # how to train (spec §6)
+    epochs: float = 1.0
+    lr: float = 3e-4
+    batch_size: int = 8  # micro batch
+    grad_accum: int = 1  # release: 4 (effective 32)
+    warmup_steps: int = 50
+    max_warmup_fraction: float = 0.1  # warmup never exceeds this share of a task's steps
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    max_input_len: int = 512  # release: 1024 (T5)
+    max_target_len: int = 128
+    seed: int = 42
+    # memory buffer (spec §5)
+    buffer_fraction: float = 0.02
+    buffer_mode: str = "official"  # official (uncapped) | capped
+    memory_batch_size: int = 32
+    probe_history: bool = False  # record the forgetting signal for any method
+    # evaluation
+    eval_mode: str = "generate"  # generate | label_scoring
+    eval_batch_size: int = 16
+    # run store
+    run_dir: str | None = None  # default runs/<run_id>
+    run_id: str | None = None
+    checkpoint_every: int = 0  # within-task checkpoints every N optimiser steps (0: off)
+    nan_policy: str = "stop"  # stop | skip
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+
+    # ----------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "RunConfig":
+        """Build and validate; unknown names raise with a suggestion."""
+        names = cls.field_names()
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            lines = []
+            for key in unknown:
+                hint = difflib.get_close_matches(key, names, n=1)
+                lines.append(
+                    f"{source}: unknown parameter '{key}'"
+                    + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                )
+            raise ConfigError("\n".join(lines))
+        cfg = cls(**values)
+        cfg.validate(source=source)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "RunConfig":
+        import yaml
+
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read YAML config: {exc}") from exc
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of parameter: value")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(values, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    # ----------------------------------------------------------------------------------
+    def validate(self, *, source: str = "config") -> None:
+        errors: list[str] = []
+
+        def need(cond: bool, name: str, problem: str) -> None:
+            if not cond:
+                errors.append(f"{source}: {name}={getattr(self, name)!r}: {problem}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "memory_batch_size",
+                     "eval_batch_size", "max_input_len", "max_target_len"):
+            v = getattr(self, name)
+            need(is_int(v) and v > 0, name, "must be a positive integer")
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
+            v = getattr(self, name)
+            need(is_int(v) and v >= 0, name, "must be a non-negative integer")
+        for name in ("max_train", "max_test"):
+            v = getattr(self, name)
+            need(v is None or (is_int(v) and v > 0), name, "must be a positive integer or null (all)")
+        need(is_num(self.lr) and self.lr > 0, "lr", "must be a positive number")
+        need(is_num(self.epochs) and self.epochs > 0, "epochs", "must be a positive number")
+        need(is_num(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
+        need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
+        need(is_num(self.buffer_fraction) and 0 < self.buffer_fraction <= 1, "buffer_fraction",
+             "must be in (0, 1]")
+        need(is_num(self.max_warmup_fraction) and 0 <= self.max_warmup_fraction <= 1,
+             "max_warmup_fraction", "must be in [0, 1]")
+        need(self.buffer_mode in ("official", "capped"), "buffer_mode", "choose official or capped")
+        need(self.eval_mode in ("generate", "label_scoring"), "eval_mode",
+             "choose generate or label_scoring")
+        need(self.nan_policy in ("stop", "skip"), "nan_policy", "choose stop or skip")
+        need(self.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
+        need(isinstance(self.method_options, dict), "method_options", "must be a mapping")
+        need(self.tasks is None or (isinstance(self.tasks, list) and self.tasks
+                                    and all(isinstance(t, str) for t in self.tasks)),
+             "tasks", "must be a non-empty list of task names")
+        need(self.order is None or is_int(self.order), "order", "must be an integer")
+        need(isinstance(self.model, str) and bool(self.model), "model", "must be a model spec")
+
+        from aimm.data import ORDERS
+        from aimm.methods import METHODS
+
+        if self.benchmark not in ORDERS:
+            errors.append(f"{source}: benchmark={self.benchmark!r}: unknown; choose one of "
+                          f"{', '.join(ORDERS)}")
+        elif self.tasks is None and self.order not in ORDERS[self.benchmark]:
+            errors.append(f"{source}: order={self.order!r}: benchmark {self.benchmark} has orders "
+                          f"{', '.join(map(str, ORDERS[self.benchmark]))}")
+        if self.method not in METHODS:
+            hint = difflib.get_close_matches(str(self.method), list(METHODS), n=1)
+            errors.append(f"{source}: method={self.method!r}: unknown; choose one of "
+                          f"{', '.join(METHODS)}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        elif isinstance(self.method_options, dict):
+            try:
+                METHODS[self.method].parse_options(self.method_options)
+            except ConfigError as exc:
+                errors.append(f"{source}: method_options: {exc}")
+        if errors:
+            raise ConfigError("\n".join(errors))
+
+    def task_names(self) -> list[str]:
+        from aimm.data import resolve_order
+
+        return resolve_order(self.benchmark, None if self.tasks else self.order, self.tasks)

@@ -1,0 +1,176 @@
+"""Examples -> tensors, for seq2seq and decoder-only models.
+
+* Seq2seq (T5): encoder input = prompt, labels = target + EOS (pad -> -100).
+* Decoder-only: input = prompt + " " + target + EOS, loss on the target tokens only
+  (prompt and padding labelled -100); left padding, for training and generation alike.
+
+Prompts longer than ``max_input_len`` tokens are cut in the middle: the head (instruction and
+options) and the last ``tail`` tokens (``\\nAnswer:``) are kept, so the model still sees the
+question it must answer. Every truncation is counted (:class:`TruncationCounter`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+PROMPT_TAIL_TOKENS = 8
+
+
+@dataclass
+class TruncationCounter:
+    """How many prompts / targets were cut, for the run's warnings."""
+
+    prompts: int = 0
+    targets: int = 0
+    seen: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"prompts_truncated": self.prompts, "targets_truncated": self.targets, "seen": self.seen}
+
+
+def truncate_middle(ids: list[int], max_len: int, tail: int = PROMPT_TAIL_TOKENS) -> list[int]:
+    """Keep the first ``max_len - tail`` and the last ``tail`` token ids."""
+    if len(ids) <= max_len:
+        return ids
+    tail = min(tail, max_len // 2)
+    return ids[: max_len - tail] + ids[len(ids) - tail :]
+
+
+def _ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def encode_prompts(
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    is_seq2seq: bool,
+    max_input_len: int,
+    counter: TruncationCounter | None = None,
+) -> list[list[int]]:
+    """Token ids of each prompt, truncated to ``max_input_len`` (seq2seq: EOS appended, as T5)."""
+    out = []
+    for ids in _ids(tokenizer, prompts):
+        if is_seq2seq:
+            ids = ids + [tokenizer.eos_token_id]
+        cut = truncate_middle(ids, max_input_len)
+        if counter is not None:
+            counter.seen += 1
+            counter.prompts += len(cut) < len(ids)
+        out.append(cut)
+    return out
+
+
+def encode_targets(
+    tokenizer,
+    targets: Sequence[str],
+    *,
+    is_seq2seq: bool,
+    max_target_len: int,
+    counter: TruncationCounter | None = None,
+) -> list[list[int]]:
+    """Target ids + EOS; decoder-only targets get a leading space (they follow ``Answer:``)."""
+    texts = list(targets) if is_seq2seq else [" " + t for t in targets]
+    out = []
+    for ids in _ids(tokenizer, texts):
+        cut = ids[: max_target_len - 1]
+        if counter is not None:
+            counter.targets += len(cut) < len(ids)
+        out.append(cut + [tokenizer.eos_token_id])
+    return out
+
+
+def pad_batch(
+    sequences: list[list[int]], pad_id: int, *, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to a rectangle; returns (ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if not seq:
+            continue
+        sl = slice(width - len(seq), width) if left else slice(0, len(seq))
+        ids[row, sl] = torch.tensor(seq, dtype=torch.long)
+        mask[row, sl] = 1
+    return ids, mask
+
+
+def encode_training_batch(
+    tokenizer,
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    *,
+    is_seq2seq: bool,
+    max_input_len: int,
+    max_target_len: int,
+    counter: TruncationCounter | None = None,
+) -> dict[str, torch.Tensor]:
+    """One training batch: ``input_ids``, ``attention_mask``, ``labels``."""
+    prompt_ids = encode_prompts(
+        tokenizer, inputs, is_seq2seq=is_seq2seq, max_input_len=max_input_len, counter=counter
+    )
+    target_ids = encode_targets(
+        tokenizer, outputs, is_seq2seq=is_seq2seq, max_target_len=max_target_len, counter=counter
+    )
+    return collate(prompt_ids, target_ids, is_seq2seq=is_seq2seq, pad_id=tokenizer.pad_token_id)
+
+
+class EncodedExamples:
+    """Examples tokenised once; ``batch(indices)`` pads a batch without re-tokenising.
+
+    Memory buffers are probed after every inner step, so their tokenisation is done here once
+    per task instead of once per probe.
+    """
+
+    def __init__(self, prompt_ids: list[list[int]], target_ids: list[list[int]], *,
+                 is_seq2seq: bool, pad_id: int) -> None:
+        self.prompt_ids = prompt_ids
+        self.target_ids = target_ids
+        self.is_seq2seq = is_seq2seq
+        self.pad_id = pad_id
+
+    @classmethod
+    def from_texts(cls, tokenizer, inputs: Sequence[str], outputs: Sequence[str], *,
+                   is_seq2seq: bool, max_input_len: int, max_target_len: int,
+                   counter: TruncationCounter | None = None) -> "EncodedExamples":
+        prompts = encode_prompts(tokenizer, inputs, is_seq2seq=is_seq2seq,
+                                 max_input_len=max_input_len, counter=counter)
+        targets = encode_targets(tokenizer, outputs, is_seq2seq=is_seq2seq,
+                                 max_target_len=max_target_len, counter=counter)
+        return cls(prompts, targets, is_seq2seq=is_seq2seq, pad_id=tokenizer.pad_token_id)
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        prompts = [self.prompt_ids[i] for i in indices]
+        targets = [self.target_ids[i] for i in indices]
+        return collate(prompts, targets, is_seq2seq=self.is_seq2seq, pad_id=self.pad_id)
+
+
+def collate(prompt_ids: list[list[int]], target_ids: list[list[int]], *, is_seq2seq: bool,
+            pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad encoded prompts/targets into ``input_ids``, ``attention_mask``, ``labels``.
+
+    Decoder-only rows are left-padded (targets aligned at the end, see :mod:`aimm.loss`) and
+    get explicit ``position_ids`` so padding does not shift the positions.
+    """
+    if is_seq2seq:
+        ids, mask = pad_batch(prompt_ids, pad_id)
+        labels, label_mask = pad_batch(target_ids, pad_id)
+        labels[label_mask == 0] = IGNORE_INDEX
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    full = [p + t for p, t in zip(prompt_ids, target_ids)]
+    ids, mask = pad_batch(full, pad_id, left=True)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    width = ids.shape[1]
+    for row, t in enumerate(target_ids):
+        labels[row, width - len(t):] = torch.tensor(t, dtype=torch.long)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}

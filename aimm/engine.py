@@ -1,0 +1,480 @@
+"""The training engine: stages -> inner optimiser steps -> evaluation -> run store.
+
+The loop is ours (no Trainer): AdamW, warmup then linear decay restarting at every stage,
+gradient accumulation, clipping, seeds, on ``accelerate``. Methods plug in through the hooks of
+:class:`aimm.methods.base.Method`; they get a :class:`TrainContext` with what they may touch
+(model, optimiser, memory buffer, probes, rehearsal steps, trajectory).
+
+Determinism and resume: every stage re-seeds from ``(seed, stage index)`` and the data order of
+a stage is planned up front from its own generator, so a run resumed after stage k (its adapter
+reloaded from the run dir) continues exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import warnings as pywarnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aimm.config import RunConfig
+from aimm.encoding import EncodedExamples, TruncationCounter
+from aimm.loss import lm_loss
+from aimm.methods import Method, Stage, build_method
+from aimm.runs import (
+    RunDirError,
+    RunStore,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_jsonl,
+    environment_info,
+    new_run_id,
+)
+
+# config fields that may differ between the first start of a run and its resumption
+RESUME_FREE_FIELDS = {"run_dir", "run_id", "progress", "data_dir", "device"}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf training loss under ``nan_policy='stop'``."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup to the peak lr, then linear decay to 0 at ``total`` steps."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def plan_micro_batches(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """The stage's micro-batches of example indices, shuffled per epoch, fixed up front."""
+    per_epoch = math.ceil(n / batch_size)
+    total = max(1, round(epochs * per_epoch))
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total:
+        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+        perm = torch.randperm(n, generator=gen).tolist()
+        plan.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
+        epoch += 1
+    return plan[:total]
+
+
+@dataclass
+class TrainContext:
+    """What a method may use during a stage."""
+
+    cfg: RunConfig
+    model: torch.nn.Module
+    tokenizer: Any
+    is_seq2seq: bool
+    accelerator: Any
+    data: dict
+    stage: Stage
+    optimizer: Any = None
+    scheduler: Any = None
+    step: int = 0  # inner optimiser steps done in this stage
+    total_steps: int = 0
+    memory_examples: list = field(default_factory=list)
+    memory: EncodedExamples | None = None
+    memory_rng: random.Random = field(default_factory=random.Random)
+    merges: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    counter: TruncationCounter = field(default_factory=TruncationCounter)
+    optimizer_steps: int = 0  # inner + outer, for overhead accounting
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def has_memory(self) -> bool:
+        return self.memory is not None and len(self.memory) > 0
+
+    def lora_params(self) -> dict[str, torch.nn.Parameter]:
+        from aimm.models import lora_parameters
+
+        return lora_parameters(self.model)
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def memory_batch(self) -> dict[str, torch.Tensor]:
+        """A random batch (``memory_batch_size``) of the memory buffer, already on the device."""
+        if not self.has_memory:
+            raise RuntimeError("memory_batch() called without a memory buffer")
+        k = min(self.cfg.memory_batch_size, len(self.memory))
+        indices = self.memory_rng.sample(range(len(self.memory)), k)
+        return self.to_device(self.memory.batch(indices))
+
+    def probe_loss(self, mode: str = "train") -> float:
+        """Forgetting signal: one no-grad forward on a random memory batch (spec §2).
+
+        ``mode="train"`` keeps dropout on, as the release does; ``"eval"`` turns it off.
+        """
+        batch = self.memory_batch()
+        was_training = self.model.training
+        self.model.train(mode == "train")
+        with torch.inference_mode():
+            loss = lm_loss(self.model, batch, self.is_seq2seq)
+        self.model.train(was_training)
+        return float(loss)
+
+    def rehearsal_step(self, optimizer=None, on_grads=None) -> float:
+        """One outer optimiser step on a random memory batch (no scheduler step, spec §4b).
+
+        ``optimizer`` defaults to the inner one (the release's behaviour); ``on_grads(ctx)`` is
+        called with the gradients in place, before clipping.
+        """
+        optimizer = optimizer or self.optimizer
+        loss = lm_loss(self.model, self.memory_batch(), self.is_seq2seq)
+        self.accelerator.backward(loss)
+        if on_grads is not None:
+            on_grads(self)
+        if self.cfg.max_grad_norm:
+            self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.optimizer_steps += 1
+        return float(loss.detach())
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def log_merge(self, event: dict[str, Any]) -> None:
+        self.merges.append({"task": self.stage.name, "stage": self.stage.index, **event})
+
+
+# ------------------------------------------------------------------------------------------
+class Engine:
+    """Runs one configured experiment into its run directory (resuming if it exists)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        run_id = cfg.run_id or (Path(cfg.run_dir).name if cfg.run_dir else new_run_id(cfg.method))
+        self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / run_id
+        self.cfg = cfg.replace(run_id=run_id, run_dir=str(self.run_dir))
+        self.store = RunStore(self.run_dir)
+        self.method: Method = build_method(cfg.method, cfg.method_options)
+        self.warnings: list[str] = []
+
+    # ---------------------------------------------------------------- set-up
+    def _check_resume(self) -> dict:
+        self.store.ensure_writable()
+        if not self.store.exists():
+            return {"completed": [], "scores": [], "stage_steps": []}
+        old = self.store.read_config()
+        new = self.cfg.to_dict()
+        diff = sorted(k for k in set(old) | set(new)
+                      if k not in RESUME_FREE_FIELDS and old.get(k) != new.get(k))
+        if diff:
+            raise RunDirError(
+                f"{self.run_dir}: holds a run with a different config "
+                f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
+                "choose another run dir or the same settings to resume"
+            )
+        state = self.store.read_state()
+        state.setdefault("stage_steps", [])
+        return state
+
+    def _load_data(self, tasks: list[str]) -> dict:
+        from aimm.data import load_tasks, resolve_data_dir
+
+        data_dir = resolve_data_dir(self.cfg.data_dir)
+        data = load_tasks(data_dir, self.cfg.benchmark, tasks, max_train=self.cfg.max_train,
+                          max_test=self.cfg.max_test, seed=self.cfg.seed)
+        for task in data.values():
+            self.warnings.extend(task.warnings)
+        return data
+
+    def _load_model(self):
+        from aimm.models import attach_lora, load_model
+
+        bundle = load_model(self.cfg.model, seed=self.cfg.seed)
+        torch.manual_seed(self.cfg.seed)
+        return attach_lora(bundle, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha,
+                           dropout=self.cfg.lora_dropout, targets=self.cfg.lora_targets)
+
+    def _memory_for(self, stage: Stage, tasks: list[str], data: dict) -> list:
+        from aimm.data import memory_buffer
+
+        if not (self.method.uses_memory or self.cfg.probe_history) or self.method.joint:
+            return []
+        first = tasks.index(stage.train_tasks[0])
+        memory: list = []
+        for task in tasks[:first]:
+            memory.extend(memory_buffer(data[task].train, fraction=self.cfg.buffer_fraction,
+                                        mode=self.cfg.buffer_mode, seed=self.cfg.seed))
+        return memory
+
+    # ---------------------------------------------------------------- main
+    def run(self) -> Path:
+        from accelerate import Accelerator
+
+        from aimm.models import lora_state_dict
+
+        cfg = self.cfg
+        tasks = cfg.task_names()
+        state = self._check_resume()
+        data = self._load_data(tasks)
+        bundle = self._load_model()
+        initial_lora = lora_state_dict(bundle.model)
+        use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        accelerator = Accelerator(cpu=use_cpu)
+        model = accelerator.prepare_model(bundle.model)
+        if accelerator.is_main_process:
+            self.store.write_config(self.cfg.to_dict())
+            if not (self.run_dir / "environment.json").exists():
+                self.store.write_environment(environment_info(cfg.seed))
+
+        stages = self.method.stages(tasks)
+        done = len(state["completed"])
+        if done:
+            self._restore_adapter(model, stages[done - 1])
+        for stage in stages[done:]:
+            ctx = self._run_stage(stage, tasks, data, model, bundle, accelerator, initial_lora,
+                                  global_offset=sum(state["stage_steps"]))
+            rows = self._evaluate(ctx, stage, data, accelerator)
+            state["scores"].extend(rows)
+            state["completed"].append(stage.name)
+            state["stage_steps"].append(ctx.total_steps)
+            self.warnings.extend(w for w in ctx.warnings if w not in self.warnings)
+            if ctx.counter.prompts or ctx.counter.targets:
+                self.warnings.append(
+                    f"stage {stage.name}: truncated {ctx.counter.prompts} of {ctx.counter.seen} "
+                    f"prompts to {cfg.max_input_len} tokens and {ctx.counter.targets} targets to "
+                    f"{cfg.max_target_len} tokens")
+            if accelerator.is_main_process:
+                self._write_results(tasks, state)
+                self.store.write_warnings(self._all_warnings())
+                self.store.write_state(state)  # last: the resume point
+        if accelerator.is_main_process:
+            self._write_results(tasks, state)
+            self.store.write_warnings(self._all_warnings())
+        return self.run_dir
+
+    def _all_warnings(self) -> list[str]:
+        old = []
+        path = self.run_dir / "warnings.json"
+        if path.is_file():
+            from aimm.runs import read_json
+
+            old = read_json(path)
+        return list(dict.fromkeys(old + self.warnings))
+
+    def _restore_adapter(self, model, stage: Stage) -> None:
+        from safetensors.torch import load_file
+
+        from aimm.models import load_lora_state_dict
+
+        path = self.store.stage_dir(stage.index, stage.name) / "adapter.safetensors"
+        if not path.is_file():
+            raise RunDirError(f"{path}: adapter of completed stage missing; cannot resume")
+        load_lora_state_dict(model, load_file(str(path)))
+
+    # ---------------------------------------------------------------- one stage
+    def _run_stage(self, stage, tasks, data, model, bundle, accelerator, initial_lora,
+                   global_offset: int) -> TrainContext:
+        from aimm.models import load_lora_state_dict
+
+        cfg = self.cfg
+        stage_seed = cfg.seed + 1000 * stage.index
+        seed_everything(stage_seed)
+        if self.method.fresh_adapter_per_stage:
+            load_lora_state_dict(model, initial_lora)
+        ctx = TrainContext(cfg=cfg, model=model, tokenizer=bundle.tokenizer,
+                           is_seq2seq=bundle.is_seq2seq, accelerator=accelerator, data=data,
+                           stage=stage, memory_rng=random.Random(stage_seed))
+        encode = dict(is_seq2seq=bundle.is_seq2seq, max_input_len=cfg.max_input_len,
+                      max_target_len=cfg.max_target_len, counter=ctx.counter)
+        ctx.memory_examples = self._memory_for(stage, tasks, data)
+        if ctx.memory_examples:
+            ctx.memory = EncodedExamples.from_texts(
+                bundle.tokenizer, [e.input for e in ctx.memory_examples],
+                [e.output for e in ctx.memory_examples], **encode)
+        examples = self.method.training_examples(ctx, stage)
+        if not examples:
+            raise ValueError(f"stage {stage.name}: no training examples")
+        train = EncodedExamples.from_texts(bundle.tokenizer, [e.input for e in examples],
+                                           [e.output for e in examples], **encode)
+        plan = plan_micro_batches(len(train), cfg.batch_size, cfg.epochs, stage_seed)
+        total = math.ceil(len(plan) / cfg.grad_accum)
+        warmup = min(cfg.warmup_steps, int(cfg.max_warmup_fraction * total))
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = accelerator.prepare_optimizer(optimizer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total))
+        ctx.optimizer, ctx.scheduler, ctx.total_steps = optimizer, scheduler, total
+
+        self.method.on_stage_start(ctx)
+        model.train()
+        steps: list[dict] = []
+        nonfinite = 0
+        bar = _progress(total, f"train {stage.index + 1}/{len(self.method.stages(tasks))} "
+                               f"{stage.name} [{cfg.method}]", cfg.progress and accelerator.is_main_process)
+        for step_index in range(total):
+            chunk = plan[step_index * cfg.grad_accum : (step_index + 1) * cfg.grad_accum]
+            losses = []
+            for micro in chunk:
+                batch = ctx.to_device(train.batch(micro))
+                loss = lm_loss(model, batch, bundle.is_seq2seq)
+                losses.append(float(loss.detach()))
+                accelerator.backward(loss / len(chunk))
+            step_loss = sum(losses) / len(losses)
+            lr = ctx.current_lr()
+            ctx.step = step_index + 1
+            record = {"task": stage.name, "stage": stage.index, "step": ctx.step,
+                      "global_step": global_offset + ctx.step, "loss": step_loss, "lr": lr}
+            if not math.isfinite(step_loss):
+                nonfinite += 1
+                optimizer.zero_grad(set_to_none=True)
+                if cfg.nan_policy == "stop":
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"stage {stage.name} step {ctx.step}: training loss is {step_loss}; "
+                        f"run stopped, the last completed stage in {self.run_dir} is intact "
+                        "(use nan_policy='skip' to skip such steps)")
+                record["skipped"] = 1
+                scheduler.step()
+                steps.append(record)
+                bar.update(1)
+                continue
+            self.method.before_optimizer_step(ctx)
+            if cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            ctx.optimizer_steps += 1
+            self.method.after_step(ctx, record)
+            steps.append(record)
+            bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
+            bar.update(1)
+        bar.close()
+        self.method.on_stage_end(ctx)
+        if nonfinite:
+            ctx.warnings.append(f"stage {stage.name}: skipped {nonfinite} steps with a non-finite loss")
+        ctx.steps = steps  # type: ignore[attr-defined]
+        return ctx
+
+    # ---------------------------------------------------------------- evaluation + writing
+    def _evaluate(self, ctx: TrainContext, stage: Stage, data: dict, accelerator) -> list[dict]:
+        from safetensors.torch import save_file
+
+        from aimm.data import task_metric
+        from aimm.evaluation import evaluate_task
+        from aimm.models import lora_state_dict
+
+        cfg = self.cfg
+        stage_dir = self.store.stage_dir(stage.index, stage.name)
+        model = accelerator.unwrap_model(ctx.model)
+        rows = []
+        for task in stage.eval_tasks:
+            td = data[task]
+            metric = task_metric(cfg.benchmark, task)
+            result = evaluate_task(model, ctx.tokenizer, td.test, is_seq2seq=ctx.is_seq2seq,
+                                   metric=metric, labels=td.label_set, mode=cfg.eval_mode,
+                                   batch_size=cfg.eval_batch_size, max_input_len=cfg.max_input_len,
+                                   progress=(f"eval {task} after {stage.name}"
+                                             if cfg.progress and accelerator.is_main_process else False))
+            if accelerator.is_main_process:
+                atomic_write_jsonl(stage_dir / "predictions" / f"{task}.jsonl", result.predictions)
+            rows.append({"stage": stage.index, "after_task": stage.name, "eval_task": task,
+                         "metric": metric, "score": result.score, "n": len(td.test),
+                         "split": td.test_split})
+        if accelerator.is_main_process:
+            save_file(lora_state_dict(model), str(stage_dir / "adapter.safetensors"))
+            atomic_write_csv(stage_dir / "steps.csv", ctx.steps)  # type: ignore[attr-defined]
+            atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
+            atomic_write_json(stage_dir / "stage.json", {
+                "stage": stage.index, "name": stage.name, "train_tasks": list(stage.train_tasks),
+                "inner_steps": ctx.total_steps, "optimizer_steps": ctx.optimizer_steps,
+                "merges": len(ctx.merges), "memory_size": len(ctx.memory_examples),
+                "truncation": ctx.counter.as_dict()})
+        return rows
+
+    def _write_results(self, tasks: list[str], state: dict) -> None:
+        from aimm.metrics import cl_metrics
+
+        rows = state["scores"]
+        atomic_write_csv(self.run_dir / "scores.csv", rows)
+        stage_names = [s.name for s in self.method.stages(tasks)]
+        index = {name: j for j, name in enumerate(stage_names)}
+        col = {t: i for i, t in enumerate(tasks)}
+        matrix = [[float("nan")] * len(tasks) for _ in stage_names]
+        for r in rows:
+            matrix[index[r["after_task"]]][col[r["eval_task"]]] = r["score"]
+        matrix_rows = [{"after_task": name, **{t: matrix[j][i] for i, t in enumerate(tasks)}}
+                       for j, name in enumerate(stage_names)]
+        atomic_write_csv(self.run_dir / "scores_matrix.csv", matrix_rows)
+        complete = len(state["completed"]) == len(stage_names)
+        metrics: dict[str, Any] = {"method": self.cfg.method, "complete": complete,
+                                   "stages_done": len(state["completed"])}
+        if complete:
+            if self.method.joint:
+                metrics["OP"] = sum(matrix[-1]) / len(tasks)
+            elif self.method.fresh_adapter_per_stage:
+                metrics["single_task"] = {t: matrix[j][j] for j, t in enumerate(tasks)}
+                metrics["OP"] = sum(matrix[j][j] for j in range(len(tasks))) / len(tasks)
+            else:
+                metrics.update(cl_metrics(matrix))
+        metrics["merges_per_stage"] = _merges_per_stage(self.run_dir)
+        atomic_write_json(self.run_dir / "metrics.json", metrics)
+
+
+def _merges_per_stage(run_dir: Path) -> dict[str, int]:
+    from aimm.runs import read_json
+
+    out = {}
+    for path in sorted((run_dir / "stages").glob("*/stage.json")):
+        info = read_json(path)
+        out[info["name"]] = info.get("merges", 0)
+    return out
+
+
+class _NullBar:
+    def update(self, n: int = 1) -> None: ...
+    def set_postfix(self, *a, **k) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def run(cfg: RunConfig | dict) -> Path:
+    """Run (or resume) an experiment; returns its run directory."""
+    if isinstance(cfg, dict):
+        cfg = RunConfig.from_dict(cfg)
+    with pywarnings.catch_warnings():
+        pywarnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        return Engine(cfg).run()
+
+
+__all__ = ["Engine", "NonFiniteLossError", "TrainContext", "run", "plan_micro_batches", "lr_lambda"]
+

@@ -1,0 +1,245 @@
+"""Classification by label likelihood: pick the option whose target is most probable.
+
+For every prompt and every option the score is ``log p(target | prompt)`` where the target is
+encoded exactly as in training (:func:`aimm.encoding.encode_targets`): decoder-only
+``" " + label + EOS`` after the prompt, seq2seq ``label + EOS`` as decoder labels. The prediction
+is the argmax (ties -> the earlier option).
+
+Length normalisation (``length_normalize``): False (default) sums the token log-probs, i.e. the
+log-likelihood of the whole target, which is what training maximises and what the greedy
+decoder approximates; True divides by the number of target tokens (EOS included), which removes
+the bias of the sum towards labels with fewer tokens (e.g. ``Album`` vs ``Mean of
+Transportation``) but is no longer a probability.
+
+Batching: ``batch_size`` prompts form a group; the group's prompts run through the model once
+and all (prompt, option) pairs of the group are scored in one more forward:
+
+* decoder-only (``share_prompt=True``): the left-padded prompts are run once with a KV cache, the
+  cache is repeated once per option and only the option tokens are fed (explicit position ids).
+  The cache copy holds ``batch_size * len(options) * prompt_len`` positions: lower ``batch_size``
+  for long prompts with many options. ``share_prompt=False`` (or a model whose cache cannot be
+  repeated) feeds every full ``prompt + target`` pair instead (right padded).
+* seq2seq: the encoder runs once per prompt; its states are repeated per option for the decoder.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+from aimm.encoding import TruncationCounter, encode_prompts, encode_targets, pad_batch
+
+from ._util import check_nonempty, inference, length_sorted_batches, model_device, progress_bar
+
+_NO_CUT = 1 << 30
+
+
+def _option_targets(tokenizer, options: Sequence[str], is_seq2seq: bool) -> list[list[int]]:
+    options = [str(o) for o in options]
+    if not options:
+        raise ValueError("label scoring needs at least one option")
+    if len(set(options)) != len(options):
+        raise ValueError(f"duplicate options: {options}")
+    return encode_targets(tokenizer, options, is_seq2seq=is_seq2seq, max_target_len=_NO_CUT)
+
+
+def _token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tokens] without materialising the full log-softmax."""
+    logits = logits.float()
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _forward_params(model) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return set(inspect.signature(base.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _cache_keyword(model) -> str:
+    """``cache`` (transformers >= 5.2x) or the older ``past_key_values`` forward argument."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def _output_cache(out):
+    keys = out.keys() if hasattr(out, "keys") else ()
+    for key in ("cache", "past_key_values"):
+        if key in keys:
+            return out[key]
+    return None
+
+
+def _pad_targets(targets: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad_batch(targets, pad_id, left=False)
+
+
+def _decoder_shared(model, prompts, targets, pad_id, device) -> torch.Tensor | None:
+    """(B, K) summed log-probs via one prompt pass + cache repeated per option; None if the
+    model's cache cannot be repeated."""
+    b, k = len(prompts), len(targets)
+    p_ids, p_mask = pad_batch(prompts, pad_id, left=True)
+    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    # only the last position's logits are needed from the prompt pass
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    out = model(
+        input_ids=p_ids.to(device),
+        attention_mask=p_mask.to(device),
+        position_ids=p_pos.to(device),
+        use_cache=True,
+        **keep,
+    )
+    cache = _output_cache(out)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    first = torch.tensor([t[0] for t in targets], device=device)  # (K,)
+    # left padding: the last column holds every prompt's last token
+    total = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)[:, first]  # (B, K)
+    inputs = [t[:-1] for t in targets]  # feed all but the last token (EOS) ...
+    if max(len(x) for x in inputs) == 0:
+        return total
+    t_ids, t_mask = _pad_targets(inputs, pad_id)  # (K, Lt)
+    nxt, _ = _pad_targets([t[1:] for t in targets], pad_id)  # ... to predict tokens 1..
+    cache.batch_repeat_interleave(k)
+    lens = p_mask.sum(-1)  # (B,)
+    pos = lens.repeat_interleave(k)[:, None] + torch.arange(t_ids.shape[1])[None, :]
+    mask = torch.cat([p_mask.repeat_interleave(k, 0), t_mask.repeat(b, 1)], dim=1)
+    out2 = model(
+        input_ids=t_ids.repeat(b, 1).to(device),
+        attention_mask=mask.to(device),
+        position_ids=pos.to(device),
+        use_cache=True,
+        **{_cache_keyword(model): cache},
+    )
+    lp = _token_logprobs(out2.logits, nxt.repeat(b, 1).to(device))  # (B*K, Lt)
+    lp = (lp * t_mask.repeat(b, 1).to(device)).sum(-1).view(b, k)
+    return total + lp
+
+
+def _decoder_full(model, prompts, targets, pad_id, device) -> torch.Tensor:
+    """(B, K) summed log-probs, one right-padded row per (prompt, option) pair."""
+    b, k = len(prompts), len(targets)
+    rows = [p + t for p in prompts for t in targets]
+    ids, mask = pad_batch(rows, pad_id, left=False)
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    width = max(len(t) for t in targets)
+    gather_pos = torch.zeros((b * k, width), dtype=torch.long)
+    tokens = torch.full((b * k, width), pad_id, dtype=torch.long)
+    valid = torch.zeros((b * k, width))
+    for r, (p, t) in enumerate((p, t) for p in prompts for t in targets):
+        n = len(t)
+        gather_pos[r, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
+        tokens[r, :n] = torch.tensor(t)
+        valid[r, :n] = 1
+    picked = logits.gather(1, gather_pos.to(device)[..., None].expand(-1, -1, logits.shape[-1]))
+    lp = _token_logprobs(picked, tokens.to(device)) * valid.to(device)
+    return lp.sum(-1).view(b, k)
+
+
+def _seq2seq(model, prompts, targets, pad_id, device) -> torch.Tensor:
+    from transformers.modeling_outputs import BaseModelOutput
+
+    b, k = len(prompts), len(targets)
+    e_ids, e_mask = pad_batch(prompts, pad_id, left=False)
+    e_ids, e_mask = e_ids.to(device), e_mask.to(device)
+    hidden = model.get_encoder()(input_ids=e_ids, attention_mask=e_mask).last_hidden_state
+    start = getattr(model.config, "decoder_start_token_id", None)
+    start = pad_id if start is None else start
+    labels, l_mask = _pad_targets(targets, pad_id)  # (K, Lt)
+    dec_in, _ = _pad_targets([[start] + t[:-1] for t in targets], pad_id)
+    out = model(
+        encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0)),
+        attention_mask=e_mask.repeat_interleave(k, 0),
+        decoder_input_ids=dec_in.repeat(b, 1).to(device),
+        use_cache=False,
+    )
+    lp = _token_logprobs(out.logits, labels.repeat(b, 1).to(device))
+    return (lp * l_mask.repeat(b, 1).to(device)).sum(-1).view(b, k)
+
+
+def label_logprobs(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    options: Sequence[str],
+    *,
+    is_seq2seq: bool,
+    batch_size: int = 8,
+    max_input_len: int = 512,
+    length_normalize: bool = False,
+    share_prompt: bool = True,
+    progress: bool | str = False,
+    counter: TruncationCounter | None = None,
+) -> list[list[float]]:
+    """``scores[n][k]`` = log p(option k | prompt n), summed over the option's tokens (EOS
+    included), or averaged per token with ``length_normalize=True``. Eval mode, inference mode;
+    the model's train/eval flags are restored afterwards."""
+    prompts = list(prompts)
+    targets = _option_targets(tokenizer, options, is_seq2seq)
+    if not prompts:
+        return []
+    encoded = encode_prompts(
+        tokenizer, prompts, is_seq2seq=is_seq2seq, max_input_len=max_input_len, counter=counter
+    )
+    check_nonempty(encoded, is_seq2seq)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = model_device(model)
+    lengths = torch.tensor([len(t) for t in targets], dtype=torch.float64)
+    result: list[list[float] | None] = [None] * len(prompts)
+    bar = progress_bar(len(prompts), progress, unit="ex")
+    try:
+        with inference(model):
+            for idx in length_sorted_batches([len(e) for e in encoded], batch_size):
+                group = [encoded[i] for i in idx]
+                if is_seq2seq:
+                    scores = _seq2seq(model, group, targets, pad_id, device)
+                else:
+                    scores = _decoder_shared(model, group, targets, pad_id, device) if share_prompt else None
+                    if scores is None:
+                        scores = _decoder_full(model, group, targets, pad_id, device)
+                scores = scores.double().cpu()
+                if length_normalize:
+                    scores = scores / lengths
+                for i, row in zip(idx, scores.tolist()):
+                    result[i] = row
+                if bar is not None:
+                    bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+    return result  # type: ignore[return-value]
+
+
+def label_scores(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    options: Sequence[str],
+    *,
+    is_seq2seq: bool,
+    batch_size: int = 8,
+    max_input_len: int = 512,
+    length_normalize: bool = False,
+    share_prompt: bool = True,
+    progress: bool | str = False,
+    counter: TruncationCounter | None = None,
+) -> list[str]:
+    """The most likely option for each prompt (see :func:`label_logprobs`)."""
+    options = [str(o) for o in options]
+    table = label_logprobs(
+        model,
+        tokenizer,
+        prompts,
+        options,
+        is_seq2seq=is_seq2seq,
+        batch_size=batch_size,
+        max_input_len=max_input_len,
+        length_normalize=length_normalize,
+        share_prompt=share_prompt,
+        progress=progress,
+        counter=counter,
+    )
+    return [options[max(range(len(row)), key=row.__getitem__)] for row in table]

@@ -1,0 +1,33 @@
+"""The training loss: token-level cross-entropy on the target tokens only.
+
+Decoder-only batches are LEFT-padded (see :func:`aimm.encoding.collate`), so every row's target
+sits at the end of the sequence. The LM head then only needs the last ``K`` positions
+(``logits_to_keep``), where ``K`` is the longest target in the batch plus one: with a 49k-token
+vocabulary and ~200-token prompts this avoids materialising ~98% of the logits, which dominate
+memory and time of the forgetting-signal probes and rehearsal steps. The value equals the
+model's own mean cross-entropy over the labelled tokens (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aimm.encoding import IGNORE_INDEX
+
+
+def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], is_seq2seq: bool) -> torch.Tensor:
+    """Mean cross-entropy over the labelled (target) tokens of ``batch``."""
+    if is_seq2seq:
+        return model(**batch).loss
+    labels = batch["labels"]
+    keep = int((labels != IGNORE_INDEX).sum(dim=1).max()) + 1
+    keep = min(keep, labels.shape[1])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, logits_to_keep=keep).logits
+    tail = labels[:, -keep:]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        tail[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )

@@ -1,0 +1,103 @@
+"""The plug-in interface between the training engine and a continual-learning method.
+
+The engine owns the loop (tasks -> inner optimiser steps -> evaluation -> run store); a method
+only reacts to hooks. A new method is one file with a :class:`Method` subclass plus one line in
+``aimm/methods/__init__.py``; it never edits the engine.
+
+Hooks, in the order the engine calls them::
+
+    stages(tasks)                      -> which tasks each stage trains and evaluates
+    training_examples(ctx, stage)      -> the examples of the stage's inner phase
+    on_stage_start(ctx)                -> e.g. reset a controller, snapshot parameters
+    before_optimizer_step(ctx)         -> gradients of the inner step are available
+    after_step(ctx, record)            -> after every inner optimiser step; may add fields to the
+                                          step's trajectory record, run rehearsal, merge
+    on_stage_end(ctx)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from aimm.config import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aimm.engine import TrainContext
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training phase: train on ``train_tasks``, then evaluate ``eval_tasks``."""
+
+    index: int
+    name: str
+    train_tasks: tuple[str, ...]
+    eval_tasks: tuple[str, ...]
+
+
+@dataclass
+class NoOptions:
+    """A method without options."""
+
+
+class Method:
+    """Base class: plain sequential LoRA fine-tuning, no memory, no merging."""
+
+    name: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions
+    uses_memory: ClassVar[bool] = False  # build a memory buffer of earlier tasks
+    joint: ClassVar[bool] = False  # one stage over all tasks (metrics: OP only)
+    fresh_adapter_per_stage: ClassVar[bool] = False  # single-task reference
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    # ---------------------------------------------------------------- configuration
+    @classmethod
+    def parse_options(cls, values: dict[str, Any]) -> Any:
+        """Validate ``method_options``; unknown names raise with a suggestion."""
+        names = [f.name for f in dataclasses.fields(cls.Options)]
+        for key in values:
+            if key not in names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                raise ConfigError(
+                    f"{cls.name}: unknown option '{key}'"
+                    + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                    + (f"; options: {', '.join(names)}" if names else "; this method has no options")
+                )
+        opts = cls.Options(**values)
+        check = getattr(opts, "validate", None)
+        if check is not None:
+            check()
+        return opts
+
+    # ---------------------------------------------------------------- hooks
+    def stages(self, tasks: list[str]) -> list[Stage]:
+        return [Stage(i, t, (t,), tuple(tasks[: i + 1])) for i, t in enumerate(tasks)]
+
+    def training_examples(self, ctx: "TrainContext", stage: Stage) -> list:
+        return [ex for t in stage.train_tasks for ex in ctx.data[t].train]
+
+    def on_stage_start(self, ctx: "TrainContext") -> None:
+        pass
+
+    def before_optimizer_step(self, ctx: "TrainContext") -> None:
+        """Called after backward, before clipping and the inner optimiser step (grads live)."""
+
+    def after_step(self, ctx: "TrainContext", record: dict[str, Any]) -> None:
+        """Called after every inner optimiser step. Base: optional forgetting-signal probe."""
+        if ctx.cfg.probe_history and ctx.has_memory:
+            record["history_loss"] = ctx.probe_loss()
+
+    def on_stage_end(self, ctx: "TrainContext") -> None:
+        pass
+
+    # ---------------------------------------------------------------- resume within a stage
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

