@@ -46,13 +46,14 @@ def _run_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--run-dir", help="run directory (re-running an existing one resumes it)")
     p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--dtype", help="base-model weights: float32 (default) | bfloat16 (LoRA stays float32)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
 
 
 FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train", "max_test",
                "epochs", "lr", "batch_size", "grad_accum", "max_input_len", "eval_mode",
                "eval_batch_size", "buffer_mode", "probe_history", "checkpoint_every",
-               "nan_policy", "seed", "run_dir", "device")
+               "nan_policy", "seed", "run_dir", "device", "dtype")
 
 
 def config_from_args(args) -> RunConfig:

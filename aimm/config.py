@@ -37,6 +37,7 @@ class RunConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None  # default by architecture (T5: q, v)
+    dtype: str = "float32"  # base-model weights: float32 | bfloat16 (LoRA stays float32)
     # how to train (spec §6)
     epochs: float = 1.0
     lr: float = 3e-4
@@ -151,6 +152,7 @@ class RunConfig:
              "choose generate or label_scoring")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", "choose stop or skip")
         need(self.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
+        need(self.dtype in ("float32", "bfloat16"), "dtype", "choose float32 or bfloat16")
         need(isinstance(self.method_options, dict), "method_options", "must be a mapping")
         need(self.tasks is None or (isinstance(self.tasks, list) and self.tasks
                                     and all(isinstance(t, str) for t in self.tasks)),

@@ -98,7 +98,10 @@ class TrainContext:
     memory_examples: list = field(default_factory=list)
     memory: EncodedExamples | None = None
     memory_rng: random.Random = field(default_factory=random.Random)
+    steps: list[dict] = field(default_factory=list)  # trajectory records of this stage
     merges: list[dict] = field(default_factory=list)
+    callbacks: list = field(default_factory=list)
+    nonfinite: int = 0
     warnings: list[str] = field(default_factory=list)
     counter: TruncationCounter = field(default_factory=TruncationCounter)
     optimizer_steps: int = 0  # inner + outer, for overhead accounting
@@ -162,16 +165,22 @@ class TrainContext:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def log_merge(self, event: dict[str, Any]) -> None:
-        self.merges.append({"task": self.stage.name, "stage": self.stage.index, **event})
+        event = {"task": self.stage.name, "stage": self.stage.index, **event}
+        self.merges.append(event)
+        notify(self.callbacks, "on_merge", event)
 
 
 # ------------------------------------------------------------------------------------------
 class Engine:
     """Runs one configured experiment into its run directory (resuming if it exists)."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, callbacks: list | None = None) -> None:
+        """``callbacks``: objects with any of ``on_step(record)``, ``on_merge(event)``,
+        ``on_stage_end(stage, score_rows)`` (e.g. a live plot in a notebook)."""
         cfg.validate()
         self.cfg = cfg
+        self.callbacks = list(callbacks or [])
+        self.loss_hook = None  # tests: inject a NaN loss
         run_id = cfg.run_id or (Path(cfg.run_dir).name if cfg.run_dir else new_run_id(cfg.method))
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / run_id
         self.cfg = cfg.replace(run_id=run_id, run_dir=str(self.run_dir))
@@ -211,7 +220,7 @@ class Engine:
     def _load_model(self):
         from aimm.models import attach_lora, load_model
 
-        bundle = load_model(self.cfg.model, seed=self.cfg.seed)
+        bundle = load_model(self.cfg.model, seed=self.cfg.seed, dtype=getattr(torch, self.cfg.dtype))
         torch.manual_seed(self.cfg.seed)
         return attach_lora(bundle, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha,
                            dropout=self.cfg.lora_dropout, targets=self.cfg.lora_targets)
@@ -256,6 +265,7 @@ class Engine:
             ctx = self._run_stage(stage, tasks, data, model, bundle, accelerator, initial_lora,
                                   global_offset=sum(state["stage_steps"]))
             rows = self._evaluate(ctx, stage, data, accelerator)
+            notify(ctx.callbacks, "on_stage_end", stage, rows)
             state["scores"].extend(rows)
             state["completed"].append(stage.name)
             state["stage_steps"].append(ctx.total_steps)
@@ -269,6 +279,8 @@ class Engine:
                 self._write_results(tasks, state)
                 self.store.write_warnings(self._all_warnings())
                 self.store.write_state(state)  # last: the resume point
+                ckpt = self.store.root / "checkpoints" / f"stage-{stage.index + 1:02d}.pt"
+                ckpt.unlink(missing_ok=True)
         if accelerator.is_main_process:
             self._write_results(tasks, state)
             self.store.write_warnings(self._all_warnings())
@@ -305,7 +317,8 @@ class Engine:
             load_lora_state_dict(model, initial_lora)
         ctx = TrainContext(cfg=cfg, model=model, tokenizer=bundle.tokenizer,
                            is_seq2seq=bundle.is_seq2seq, accelerator=accelerator, data=data,
-                           stage=stage, memory_rng=random.Random(stage_seed))
+                           stage=stage, memory_rng=random.Random(stage_seed),
+                           callbacks=self.callbacks if accelerator.is_main_process else [])
         encode = dict(is_seq2seq=bundle.is_seq2seq, max_input_len=cfg.max_input_len,
                       max_target_len=cfg.max_target_len, counter=ctx.counter)
         ctx.memory_examples = self._memory_for(stage, tasks, data)
@@ -328,17 +341,20 @@ class Engine:
         ctx.optimizer, ctx.scheduler, ctx.total_steps = optimizer, scheduler, total
 
         self.method.on_stage_start(ctx)
+        ckpt_path = self.store.root / "checkpoints" / f"stage-{stage.index + 1:02d}.pt"
+        start = self._restore_checkpoint(ckpt_path, ctx, model)
         model.train()
-        steps: list[dict] = []
-        nonfinite = 0
         bar = _progress(total, f"train {stage.index + 1}/{len(self.method.stages(tasks))} "
                                f"{stage.name} [{cfg.method}]", cfg.progress and accelerator.is_main_process)
-        for step_index in range(total):
+        bar.update(start)
+        for step_index in range(start, total):
             chunk = plan[step_index * cfg.grad_accum : (step_index + 1) * cfg.grad_accum]
             losses = []
             for micro in chunk:
                 batch = ctx.to_device(train.batch(micro))
                 loss = lm_loss(model, batch, bundle.is_seq2seq)
+                if self.loss_hook is not None:
+                    loss = self.loss_hook(ctx, loss)
                 losses.append(float(loss.detach()))
                 accelerator.backward(loss / len(chunk))
             step_loss = sum(losses) / len(losses)
@@ -347,36 +363,68 @@ class Engine:
             record = {"task": stage.name, "stage": stage.index, "step": ctx.step,
                       "global_step": global_offset + ctx.step, "loss": step_loss, "lr": lr}
             if not math.isfinite(step_loss):
-                nonfinite += 1
+                ctx.nonfinite += 1
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.nan_policy == "stop":
                     bar.close()
                     raise NonFiniteLossError(
-                        f"stage {stage.name} step {ctx.step}: training loss is {step_loss}; "
-                        f"run stopped, the last completed stage in {self.run_dir} is intact "
-                        "(use nan_policy='skip' to skip such steps)")
+                        f"stage {stage.name} step {ctx.step}: training loss is {step_loss}; run "
+                        f"stopped before the update. {self.run_dir} keeps the completed stages"
+                        + (" and the last within-stage checkpoint" if cfg.checkpoint_every else "")
+                        + " intact (nan_policy='skip' skips such steps instead)")
                 record["skipped"] = 1
                 scheduler.step()
-                steps.append(record)
-                bar.update(1)
-                continue
-            self.method.before_optimizer_step(ctx)
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            ctx.optimizer_steps += 1
-            self.method.after_step(ctx, record)
-            steps.append(record)
+            else:
+                self.method.before_optimizer_step(ctx)
+                if cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                ctx.optimizer_steps += 1
+                self.method.after_step(ctx, record)
+            ctx.steps.append(record)
+            notify(ctx.callbacks, "on_step", record)
             bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
             bar.update(1)
+            if cfg.checkpoint_every and (ctx.step % cfg.checkpoint_every == 0 or ctx.step == total):
+                self._save_checkpoint(ckpt_path, ctx, model)
         bar.close()
         self.method.on_stage_end(ctx)
-        if nonfinite:
-            ctx.warnings.append(f"stage {stage.name}: skipped {nonfinite} steps with a non-finite loss")
-        ctx.steps = steps  # type: ignore[attr-defined]
+        if ctx.nonfinite:
+            ctx.warnings.append(f"stage {stage.name}: skipped {ctx.nonfinite} steps with a non-finite loss")
         return ctx
+
+    def _save_checkpoint(self, path: Path, ctx: TrainContext, model) -> None:
+        from aimm.checkpoint import capture_rng, save_checkpoint
+        from aimm.models import lora_state_dict
+
+        if not ctx.accelerator.is_main_process:
+            return
+        save_checkpoint(path, {
+            "stage": ctx.stage.index, "step": ctx.step, "lora": lora_state_dict(model),
+            "optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(),
+            "rng": capture_rng(ctx.memory_rng), "method": self.method.state_dict(),
+            "steps": ctx.steps, "merges": ctx.merges, "optimizer_steps": ctx.optimizer_steps,
+            "nonfinite": ctx.nonfinite})
+
+    def _restore_checkpoint(self, path: Path, ctx: TrainContext, model) -> int:
+        """Continue a stage from its checkpoint; returns the number of steps already done."""
+        from aimm.checkpoint import load_checkpoint, restore_rng
+        from aimm.models import load_lora_state_dict
+
+        ckpt = load_checkpoint(path) if self.cfg.checkpoint_every else None
+        if ckpt is None or ckpt["stage"] != ctx.stage.index:
+            return 0
+        load_lora_state_dict(model, ckpt["lora"])
+        ctx.optimizer.load_state_dict(ckpt["optimizer"])
+        ctx.scheduler.load_state_dict(ckpt["scheduler"])
+        self.method.load_state_dict(ckpt["method"], ctx)
+        restore_rng(ckpt["rng"], ctx.memory_rng)
+        ctx.steps, ctx.merges = list(ckpt["steps"]), list(ckpt["merges"])
+        ctx.optimizer_steps, ctx.nonfinite = ckpt["optimizer_steps"], ckpt["nonfinite"]
+        ctx.step = ckpt["step"]
+        return ctx.step
 
     # ---------------------------------------------------------------- evaluation + writing
     def _evaluate(self, ctx: TrainContext, stage: Stage, data: dict, accelerator) -> list[dict]:
@@ -405,7 +453,7 @@ class Engine:
                          "split": td.test_split})
         if accelerator.is_main_process:
             save_file(lora_state_dict(model), str(stage_dir / "adapter.safetensors"))
-            atomic_write_csv(stage_dir / "steps.csv", ctx.steps)  # type: ignore[attr-defined]
+            atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
             atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
             atomic_write_json(stage_dir / "stage.json", {
                 "stage": stage.index, "name": stage.name, "train_tasks": list(stage.train_tasks),
@@ -467,13 +515,20 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, leave=False)
 
 
-def run(cfg: RunConfig | dict) -> Path:
+def notify(callbacks: list, hook: str, *args: Any) -> None:
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(*args)
+
+
+def run(cfg: RunConfig | dict, callbacks: list | None = None) -> Path:
     """Run (or resume) an experiment; returns its run directory."""
     if isinstance(cfg, dict):
         cfg = RunConfig.from_dict(cfg)
     with pywarnings.catch_warnings():
         pywarnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        return Engine(cfg).run()
+        return Engine(cfg, callbacks).run()
 
 
 __all__ = ["Engine", "NonFiniteLossError", "TrainContext", "run", "plan_micro_batches", "lr_lambda"]

@@ -125,4 +125,15 @@ class AIMMerging(Method):
         ctx.log_merge(event)
 
     def state_dict(self) -> dict:
-        return {"controller": None if self.controller is None else self.controller.state_dict()}
+        if self.controller is None:
+            return {}
+        return {"controller": self.controller.state_dict(), "theta_t": self.theta_t,
+                "outer_opt": None if self.outer_opt is None else self.outer_opt.state_dict()}
+
+    def load_state_dict(self, state: dict, ctx) -> None:
+        if not state:
+            return
+        self.controller = MergeController.from_state_dict(state["controller"])
+        self.theta_t = state["theta_t"]
+        if self.outer_opt is not None and state["outer_opt"] is not None:
+            self.outer_opt.load_state_dict(state["outer_opt"])

@@ -99,5 +99,5 @@ class Method:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any], ctx: "TrainContext") -> None:
+        """Restore :meth:`state_dict` inside a stage (after ``on_stage_start``)."""

@@ -104,6 +104,21 @@ class RecurrentKIF(Method):
         self.last_merge = ctx.step
         record["merged"] = 1
 
+    def state_dict(self) -> dict:
+        if not self.active:
+            return {}
+        return {"theta_t": self.theta_t, "ipt_in": self.ipt_in, "ipt_out": self.ipt_out,
+                "last_merge": self.last_merge,
+                "outer_opt": None if self.outer_opt is None else self.outer_opt.state_dict()}
+
+    def load_state_dict(self, state: dict, ctx) -> None:
+        if not state:
+            return
+        self.theta_t, self.ipt_in, self.ipt_out = state["theta_t"], state["ipt_in"], state["ipt_out"]
+        self.last_merge = state["last_merge"]
+        if self.outer_opt is not None and state["outer_opt"] is not None:
+            self.outer_opt.load_state_dict(state["outer_opt"])
+
     def _outer_grads(self, ctx) -> None:
         self.ipt_out = self._update(self.ipt_out, ctx)
 
