@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from aimm.faults import crash_point
+
 
 def capture_rng(memory_rng: random.Random) -> dict[str, Any]:
     import numpy as np
@@ -46,6 +48,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        crash_point("checkpoint_write")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -24,6 +24,7 @@ import torch
 
 from aimm.config import RunConfig
 from aimm.encoding import EncodedExamples, TruncationCounter
+from aimm.faults import crash_point
 from aimm.loss import lm_loss
 from aimm.methods import Method, Stage, build_method
 from aimm.runs import (
@@ -191,6 +192,7 @@ class Engine:
     # ---------------------------------------------------------------- set-up
     def _check_resume(self) -> dict:
         self.store.ensure_writable()
+        self.store.remove_stale_temporaries()
         if not self.store.exists():
             return {"completed": [], "scores": [], "stage_steps": []}
         old = self.store.read_config()
@@ -278,6 +280,7 @@ class Engine:
             if accelerator.is_main_process:
                 self._write_results(tasks, state)
                 self.store.write_warnings(self._all_warnings())
+                crash_point("stage_end")
                 self.store.write_state(state)  # last: the resume point
                 ckpt = self.store.root / "checkpoints" / f"stage-{stage.index + 1:02d}.pt"
                 ckpt.unlink(missing_ok=True)
@@ -384,6 +387,7 @@ class Engine:
                 ctx.optimizer_steps += 1
                 self.method.after_step(ctx, record)
             ctx.steps.append(record)
+            crash_point("train_step")
             notify(ctx.callbacks, "on_step", record)
             bar.set_postfix(loss=f"{step_loss:.3f}", refresh=False)
             bar.update(1)
@@ -448,6 +452,7 @@ class Engine:
                                              if cfg.progress and accelerator.is_main_process else False))
             if accelerator.is_main_process:
                 atomic_write_jsonl(stage_dir / "predictions" / f"{task}.jsonl", result.predictions)
+            crash_point("eval")
             rows.append({"stage": stage.index, "after_task": stage.name, "eval_task": task,
                          "metric": metric, "score": result.score, "n": len(td.test),
                          "split": td.test_split})

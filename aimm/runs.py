@@ -180,6 +180,13 @@ class RunStore:
         except OSError as exc:
             raise RunDirError(f"{self.root}: run directory is not writable ({exc.strerror or exc})") from exc
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete half-written ``.<name>.*.tmp`` files left by a killed process."""
+        stale = [p for p in self.root.rglob(".*.tmp") if p.is_file()]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return stale
+
     def exists(self) -> bool:
         return self.config_path.is_file()
 

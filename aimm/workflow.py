@@ -1,10 +1,10 @@
 """Glue between the notebooks (01 -> 04) and the package: parameters, runs, tables, explorer.
 
-The four notebooks share one parameters cell (papermill's ``parameters`` tag). Their first code
-cell is ``from aimm import workflow; _before = set(globals())``; after the parameters (and
-papermill's injected cell) ``workflow.notebook_parameters(globals(), _before)`` collects every
-name defined there, so a mistyped name passed by papermill is caught too, and
-:func:`validate_parameters` checks them all before anything is trained::
+The four notebooks share one parameters cell (papermill's ``parameters`` tag) whose first line
+is ``_before = set(globals())``; after it (and papermill's injected cell)
+``workflow.notebook_parameters(globals(), _before)`` collects the parameters, so a mistyped name
+passed by papermill is caught too, and :func:`validate_parameters` checks them all before
+anything is trained::
 
     params = workflow.validate_parameters(workflow.notebook_parameters(globals(), _before))
 
@@ -68,7 +68,8 @@ class NotebookParams:
     # notebook behaviour
     interactive: bool = True  # papermill passes False: static figures, no widgets, no bars
     output_dir: str | None = None  # default <run_root>/<run_name>
-    fig_dir: str = "Fig"  # where notebook 04 (and reproduce) exports figures
+    fig_dir: str = "Fig"  # where notebooks 01, 03 and 04 export their figures
+    fig_formats: list[str] = field(default_factory=lambda: ["html", "png", "pdf", "svg"])
     raw_data_dir: str | None = None  # notebook 01: raw O-LoRA/Instances data to convert
 
     # -------------------------------------------------------------------- derived
@@ -129,8 +130,11 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "output_dir": (_opt(lambda v: isinstance(v, (str, os.PathLike))), "a path or None"),
     "fig_dir": (lambda v: isinstance(v, (str, os.PathLike)) and str(v) != "", "a path"),
     "raw_data_dir": (_opt(lambda v: isinstance(v, (str, os.PathLike))), "a path or None"),
+    "fig_formats": (lambda v: _str_list(v) and all(f in FIG_FORMATS for f in v),
+                    "a list of formats from html, png, pdf, svg, jpg, webp (empty: no export)"),
 }
 
+FIG_FORMATS = ("html", "png", "pdf", "svg", "jpg", "jpeg", "webp")
 PARAMETER_NAMES = tuple(f.name for f in dataclasses.fields(NotebookParams))
 assert set(_TYPES) == set(PARAMETER_NAMES)
 
@@ -141,17 +145,22 @@ def _hint(name: str, choices: Iterable[str]) -> str:
 
 
 def notebook_parameters(namespace: dict[str, Any], before: Iterable[str]) -> dict[str, Any]:
-    """The names a notebook's parameters cell (and papermill's injected cell) defined.
+    """The parameters a notebook defined: every known parameter name found in ``namespace``,
+    plus any other public name that did not exist in ``before`` (the names before the
+    parameters cell), so that a mistyped name, e.g. one passed by papermill, is reported.
 
-    ``before``: the names that existed before the parameters cell. Private names (``_x``),
-    modules and IPython's own (``In``, ``Out``, ...) are left out.
+    Private names (``_x``), modules, callables and IPython's own (``In``, ``Out``) are ignored.
     """
     import types
 
     before = set(before)
-    return {k: v for k, v in namespace.items()
-            if k not in before and not k.startswith("_") and k not in ("In", "Out", "exit", "quit")
-            and not isinstance(v, types.ModuleType)}
+    found = {k: namespace[k] for k in PARAMETER_NAMES if k in namespace}
+    for k, v in namespace.items():
+        if (k in found or k in before or k.startswith("_") or k in ("In", "Out", "exit", "quit")
+                or isinstance(v, (types.ModuleType, type)) or callable(v)):
+            continue
+        found[k] = v
+    return found
 
 
 def validate_parameters(params: dict[str, Any] | NotebookParams) -> NotebookParams:
@@ -179,7 +188,7 @@ def validate_parameters(params: dict[str, Any] | NotebookParams) -> NotebookPara
     from aimm.methods import METHODS
 
     values = dict(params)
-    for key in ("methods", "seeds", "tasks"):
+    for key in ("methods", "seeds", "tasks", "fig_formats"):
         if isinstance(values.get(key), tuple):
             values[key] = list(values[key])
     for key in ("run_root", "data_dir", "output_dir", "fig_dir", "raw_data_dir"):
@@ -297,6 +306,48 @@ def train_all(params: NotebookParams | dict[str, Any],
     return done
 
 
+def plan_table(params: NotebookParams):
+    """One row per planned run: what it trains and whether its run dir already holds stages."""
+    import pandas as pd
+
+    rows = []
+    for cfg in configs(params):
+        state = Path(cfg.run_dir) / "state.json"
+        done = len(json.loads(state.read_text(encoding="utf-8")).get("completed", [])) \
+            if state.is_file() else 0
+        rows.append({"run": cfg.run_id, "method": cfg.method, "seed": cfg.seed, "model": cfg.model,
+                     "tasks": " → ".join(cfg.task_names()), "max_train": cfg.max_train,
+                     "max_test": cfg.max_test, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+                     "probe_history": cfg.probe_history,
+                     "method_options": json.dumps(cfg.method_options) if cfg.method_options else "",
+                     "stages_done": done, "run_dir": cfg.run_dir})
+    return pd.DataFrame(rows)
+
+
+def training_callbacks(params: NotebookParams) -> Callable[[RunConfig], list]:
+    """The ``callbacks_factory`` of notebook 02.
+
+    Interactive: a :class:`aimm.plots.LiveTrainingPlot` per run, displayed when the run starts
+    (kept in ``factory.live[label]``). Headless (papermill): one printed line per stage.
+    """
+    live: dict[str, Any] = {}
+
+    def factory(cfg: RunConfig) -> list:
+        if not params.interactive:
+            return [stage_ended_printer(cfg.run_id)]
+        from IPython.display import display
+
+        from aimm import plots
+
+        plot = plots.LiveTrainingPlot(every=5, title=cfg.run_id)
+        live[cfg.run_id] = plot
+        display(plot.widget)
+        return [plot]
+
+    factory.live = live  # type: ignore[attr-defined]
+    return factory
+
+
 def write_runs_index(params: NotebookParams, runs: dict[str, Path]) -> Path:
     from aimm.runs import atomic_write_json
 
@@ -391,14 +442,34 @@ def read_splits(data_dir: str | Path, benchmark: str, tasks: list[str]) -> dict[
     return out
 
 
+GENERATION_LABEL = "(free text)"
+
+
+def check_data(data_root: str | Path, show: int = 20):
+    """:func:`aimm.data.inspect_benchmark` with a printed summary (first ``show`` warnings);
+    raises :class:`aimm.data.DataError` with every error line when the folder is invalid."""
+    from aimm.data import DataError, inspect_benchmark
+
+    report = inspect_benchmark(data_root)
+    print(f"{data_root}: {report.n_files} files, {report.n_records} records, "
+          f"{len(report.warnings)} warning(s), {len(report.errors)} error(s)")
+    for line in report.warnings[:show]:
+        print(f"  warning: {line}")
+    if len(report.warnings) > show:
+        print(f"  ... and {len(report.warnings) - show} more warning(s)")
+    if report.errors:
+        raise DataError(report.errors)
+    return report
+
+
 def data_statistics(tasks_data: dict[str, Any], tokenizer, max_tokenized: int | None = 1000,
                     seed: int = 0):
     """Label counts and token lengths of a benchmark's tasks.
 
     ``tasks_data``: task -> {split: [Example]} (see :func:`read_splits`) or task ->
     :class:`aimm.data.TaskData` (its train and test lists). Returns ``(stats_df, lengths_df)``:
-    ``stats_df[task, split, label, count]`` (label = the output string; generation tasks give
-    many labels) and ``lengths_df[task, split, tokens, target_tokens]`` (prompt and target
+    ``stats_df[task, split, label, count]`` (label = the output string; all outputs of a
+    generation task count as one label, ``"(free text)"``) and ``lengths_df[task, split, tokens, target_tokens]`` (prompt and target
     lengths with ``tokenizer``, on at most ``max_tokenized`` examples per split).
     """
     import random
@@ -406,11 +477,16 @@ def data_statistics(tasks_data: dict[str, Any], tokenizer, max_tokenized: int | 
 
     import pandas as pd
 
+    from aimm.data import is_classification_like
+
     stats, lengths = [], []
     for task, data in tasks_data.items():
         splits = data if isinstance(data, dict) else {"train": data.train, data.test_split: data.test}
+        generation = not is_classification_like(
+            e.output for examples in splits.values() for e in examples)
         for split, examples in splits.items():
-            for label, count in sorted(Counter(e.output for e in examples).items()):
+            outputs = (GENERATION_LABEL if generation else e.output for e in examples)
+            for label, count in sorted(Counter(outputs).items()):
                 stats.append({"task": task, "split": split, "label": label, "count": count})
             sample = list(examples)
             if max_tokenized is not None and len(sample) > max_tokenized:
@@ -448,6 +524,91 @@ def summary_table(stats_df, lengths_df, max_input_len: int | None = None):
 
 # ------------------------------------------------------------------------------------------
 # notebook 04: metrics
+
+
+def trained_tasks(steps) -> list[str]:
+    """Tasks of a trajectory in stage order."""
+    if steps is None or steps.empty or "task" not in steps:
+        return []
+    s = steps.sort_values(["stage", "step"]) if "stage" in steps else steps
+    return [str(t) for t in dict.fromkeys(s["task"])]
+
+
+def trajectory_figures(runs: dict[str, Path], merging_method: str = "aimmerging",
+                       baseline_method: str = "seq_lora") -> dict[str, dict[str, Any]]:
+    """Notebook 03's figures (spec §10) for every task after the first:
+    ``{"signals": {...}, "interval": {...}, "history_loss": {...}}``, keyed by file stem.
+
+    Signals and interval come from the first ``merging_method`` run; the history-loss panels put
+    the first ``baseline_method`` run (trained with ``probe_history``) against it, with linear
+    fits. Sections without the runs they need are empty.
+    """
+    from aimm import plots
+    from aimm.plots.theme import safe_key
+    from aimm.runs import load_trajectory
+
+    out: dict[str, dict[str, Any]] = {"signals": {}, "interval": {}, "history_loss": {}}
+    merging = runs_of(runs, merging_method)
+    baseline = runs_of(runs, baseline_method)
+    traj = {}
+    if baseline:
+        traj[baseline_method] = load_trajectory(next(iter(baseline.values())))
+    if merging:
+        traj[merging_method] = load_trajectory(next(iter(merging.values())))
+    if not traj:
+        return out
+    steps_m, merges_m = traj.get(merging_method, (None, None))
+    tasks = trained_tasks(steps_m if merging else traj[baseline_method][0])
+    for task in tasks[1:]:
+        key = safe_key(task)
+        if merging:
+            out["signals"][f"signals_{key}"] = plots.signals_figure(
+                steps_m, merges_m, task, title=f"{plots.method_label(merging_method)}: {task}")
+            out["interval"][f"interval_{key}"] = plots.interval_figure(
+                steps_m, merges_m, task, title=f"Merge interval: {task}")
+        out["history_loss"][f"history_loss_{key}"] = plots.history_loss_figure(
+            {m: t[0] for m, t in traj.items()}, task, title=f"History loss: {task}")
+    return out
+
+
+def result_figures(runs: dict[str, Path], metrics: Any = None) -> dict[str, Any]:
+    """Notebook 04's figures, keyed by file stem: ``heatmap_<label>`` per run, ``task1_curve``
+    (score on task 1 after each task; the Multi-task line from an ``mtl`` run) and
+    ``metrics_bars`` (from ``metrics``, a :func:`metrics_table`, else each run's metrics.json)."""
+    import pandas as pd
+
+    from aimm import plots
+    from aimm.plots.theme import safe_key
+    from aimm.runs import load_metrics, load_scores_matrix
+
+    labels = display_labels(runs)
+    matrices = {label: load_scores_matrix(d) for label, d in labels.items()}
+    methods = {label: run_method(d) for label, d in labels.items()}
+    figs: dict[str, Any] = {}
+    for label, matrix in matrices.items():
+        figs[f"heatmap_{safe_key(label)}"] = plots.scores_heatmap(
+            matrix, title=f"{plots.method_label(label)}: scores[j][i]")
+    sequential = {lab: m for lab, m in matrices.items()
+                  if methods[lab] not in ("mtl", "single_task") and not m.empty}
+    multitask = None
+    first = next((m.columns[0] for m in sequential.values() if len(m.columns)), None)
+    for lab, m in matrices.items():
+        if methods[lab] == "mtl" and not m.empty:
+            col = first if first in m.columns else m.columns[0]
+            values = pd.to_numeric(m[col], errors="coerce").dropna()
+            multitask = float(values.iloc[-1]) if len(values) else None
+            break
+    figs["task1_curve"] = plots.task1_figure(sequential, multitask=multitask,
+                                             title=f"Score on the first task ({first})")
+    if metrics is None:
+        bars = {lab: load_metrics(d) for lab, d in labels.items() if (d / "metrics.json").is_file()}
+    else:
+        table = metrics.set_index("run")
+        inverse = {str(d): lab for lab, d in labels.items()}
+        bars = {inverse.get(str(runs[r]), r): {k: table.loc[r, k] for k in ("OP", "BWT", "FWT", "forgetting")}
+                for r in table.index if r in runs}
+    figs["metrics_bars"] = plots.metrics_bars(bars, title="Continual-learning metrics")
+    return figs
 
 
 def metrics_table(runs: dict[str, Path]):
@@ -497,7 +658,7 @@ def to_markdown(df, floatfmt: str = ".4f") -> str:
         if v is None or (isinstance(v, float) and math.isnan(v)):
             return "–"
         if isinstance(v, float):
-            return format(v, floatfmt)
+            return str(int(v)) if v.is_integer() else format(v, floatfmt).rstrip("0").rstrip(".")
         return str(v).replace("|", "\\|")
 
     cols = [str(c) for c in df.columns]
@@ -518,20 +679,21 @@ def write_table(df, out_dir: str | Path, name: str) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
-def export_all(figures: dict[str, Any], fig_dir: str | Path, prefix: str = "",
-               formats: tuple[str, ...] | None = None, width: str = "one") -> list[Path]:
-    """Export each figure with :func:`aimm.plots.export` as ``<fig_dir>/<prefix><name>.*``."""
+def export_all(figures: dict[str, Any], fig_dir: str | Path, formats: Iterable[str] | None = None,
+               prefix: str = "", width: str | None = None) -> list[Path]:
+    """Export each figure as ``<fig_dir>/<prefix><name>.<fmt>`` (:func:`aimm.plots.export_figures`,
+    the many-figure form of :func:`aimm.plots.export`: one browser start). ``formats`` empty:
+    nothing is written. Returns the files written."""
     from aimm import plots
 
+    formats = list(("html", "png", "pdf", "svg") if formats is None else formats)
+    if not formats or not figures:
+        return []
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for name, fig in figures.items():
-        kwargs = {"width": width}
-        if formats is not None:
-            kwargs["formats"] = formats
-        written.extend(plots.export(fig, fig_dir / f"{prefix}{name}", **kwargs))
-    return written
+    named = {f"{prefix}{name}": fig for name, fig in figures.items()}
+    written = plots.export_figures(named, fig_dir, formats=formats, width=width)
+    return [p for paths in written.values() for p in paths]
 
 
 # ------------------------------------------------------------------------------------------
@@ -667,7 +829,8 @@ def run_explorer(run_root: str | Path, initial: tuple[str, str] | None = None):
 
 
 __all__ = [
-    "NotebookParams", "PARAMETER_NAMES", "SMOKE_MODEL", "configs", "data_statistics",
+    "NotebookParams", "PARAMETER_NAMES", "SMOKE_MODEL", "check_data", "configs",
+    "result_figures", "trained_tasks", "trajectory_figures", "plan_table", "training_callbacks", "data_statistics",
     "display_labels", "experiments", "export_all", "find_or_convert_data", "label_for",
     "load_runs", "metrics_table", "notebook_parameters", "read_splits", "run_dirs",
     "run_explorer", "run_method", "runs_of", "stage_ended_printer", "summary_table",

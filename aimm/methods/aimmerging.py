@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from aimm.config import ConfigError
+from aimm.faults import crash_point
 from aimm.merging import MergeController
 from aimm.merging import fusion as F
 from aimm.methods.base import Method
@@ -115,6 +116,7 @@ class AIMMerging(Method):
         delta_in = F.delta(theta_k, self.theta_t)
         for _ in range(c.outer_steps):
             ctx.rehearsal_step(self.outer_opt)
+            crash_point("merge")
         delta_out = F.delta(F.snapshot(params), theta_k)
         fused = F.weighted_fusion(self.theta_t, delta_in, delta_out, w_in, w_out)
         F.apply_(params, fused)

@@ -97,13 +97,35 @@ def _axis_style(title_standoff: int = 4) -> dict[str, Any]:
                 tickfont=dict(size=FONT_SIZE - 1))
 
 
+def paper_template() -> go.layout.Template:
+    """The paper look as a plotly template: settings a figure makes itself take precedence."""
+    axis = _axis_style()
+    return go.layout.Template(layout=dict(
+        font=dict(family=FONT_FAMILY, size=FONT_SIZE, color="black"),
+        paper_bgcolor="white", plot_bgcolor="white", colorway=list(METHOD_COLORS.values()) + PALETTE,
+        margin=dict(l=8, r=8, t=8, b=8, pad=0),
+        legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0,
+                    bgcolor="rgba(255,255,255,0)", borderwidth=0, font=dict(size=FONT_SIZE - 1),
+                    itemwidth=30, tracegroupgap=2),
+        title=dict(font=dict(size=FONT_SIZE + 1), x=0, xanchor="left", xref="paper",
+                   y=1, yref="container", yanchor="top", pad=dict(t=4, l=2)),
+        hoverlabel=dict(font=dict(family=FONT_FAMILY)),
+        xaxis=axis, yaxis=axis,
+    ))
+
+
+PAPER_TEMPLATE = paper_template()
+
+
 def apply_paper_theme(fig: go.Figure, width: str | None = "one", height: int | None = None) -> go.Figure:
     """Style ``fig`` for a paper (in place; returns it).
 
     ``width``: ``"one"`` (one column, 3.5 in = 336 px at 96 dpi) or ``"two"`` (7 in = 672 px);
     ``None`` keeps the width the figure was built for. ``height`` defaults to the figure's own
     aspect (set by the builders) or 0.75 / 0.42 of the width. Serif font, white background, light
-    grid, compact margins, legend in a row above the plotting area so it never covers data.
+    grid, compact margins, legend in a row above the plotting area so it never covers data. The
+    style is a template, so what a figure sets itself (no grid, a coloured axis) is kept, and
+    theming twice (e.g. again by :func:`export`) gives the same figure.
     """
     width = width or get_meta(fig, "aimm_width", "one")
     if width not in WIDTHS:
@@ -112,25 +134,9 @@ def apply_paper_theme(fig: go.Figure, width: str | None = "one", height: int | N
     if height is None:
         aspect = (get_meta(fig, "aimm_aspect") or {}).get(width, ASPECT[width])
         height = int(round(px * aspect))
-    fig.update_layout(
-        width=px, height=height, autosize=False,
-        font=dict(family=FONT_FAMILY, size=FONT_SIZE, color="black"),
-        paper_bgcolor="white", plot_bgcolor="white",
-        margin=dict(l=8, r=8, t=8 if not fig.layout.title.text else 24, b=8, pad=0),
-        legend=dict(orientation="h", yanchor="bottom", y=1.01, xanchor="left", x=0,
-                    bgcolor="rgba(255,255,255,0)", borderwidth=0, font=dict(size=FONT_SIZE - 1),
-                    itemwidth=30, tracegroupgap=2),
-        title=dict(font=dict(size=FONT_SIZE + 1), x=0, xanchor="left", xref="paper",
-                   y=1, yref="container", yanchor="top", pad=dict(t=4, l=2), automargin=True),
-        hoverlabel=dict(font=dict(family=FONT_FAMILY)),
-    )
-    fig.update_xaxes(**_axis_style())
-    fig.update_yaxes(**_axis_style())
-    # the right-hand twin axis carries no grid of its own (it would cross the left one's)
-    for name in ("yaxis2",):
-        axis = fig.layout[name] if name in fig.layout else None
-        if axis is not None and axis.overlaying:
-            axis.update(showgrid=False)
+    fig.update_layout(template=PAPER_TEMPLATE, width=px, height=height, autosize=False)
+    if fig.layout.margin.t is None:  # room for the title above the legend
+        fig.layout.margin.t = 24 if fig.layout.title.text else 8
     set_meta(fig, aimm_width=width)
     return fig
 

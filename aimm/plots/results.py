@@ -1,0 +1,182 @@
+"""Figures of the results (scores matrix, metrics) and of the prepared data."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from aimm.plots.theme import (
+    PALETTE,
+    apply_paper_theme,
+    is_number,
+    method_color,
+    method_label,
+    no_data_figure,
+    set_meta,
+)
+
+METRIC_KEYS = (("OP", "OP"), ("BWT", "BWT"), ("FWT", "FWT"), ("forgetting", "Forgetting"))
+
+
+def task1_figure(matrices: Mapping[str, pd.DataFrame], multitask: float | None = None,
+                 title: str | None = None, colors: Mapping[str, str] | None = None) -> go.Figure:
+    """Score on the FIRST task after training on each task, one line per method (the paper's
+    forgetting figure), plus a dashed "Multi-task" reference line when ``multitask`` is given."""
+    colors = dict(colors or {})
+    fig = go.Figure()
+    order: list[str] = []
+    for i, (label, matrix) in enumerate((matrices or {}).items()):
+        if matrix is None or matrix.empty or len(matrix.columns) == 0:
+            continue
+        first = matrix.columns[0]
+        col = pd.to_numeric(matrix[first], errors="coerce")
+        ok = col.notna()
+        if not ok.any():
+            continue
+        x = [str(v) for v in matrix.index[ok.to_numpy()]]
+        order += [v for v in x if v not in order]
+        color = colors.get(label) or method_color(label, i)
+        name = method_label(label)
+        fig.add_trace(go.Scatter(
+            x=x, y=col[ok].to_numpy(), mode="lines+markers", name=name,
+            line=dict(color=color, width=1.5), marker=dict(color=color, size=6),
+            meta={"first_task": str(first)},
+            hovertemplate=f"{name}<br>after %{{x}}<br>score on {first}: %{{y:.3f}}<extra></extra>"))
+    if not fig.data:
+        return no_data_figure("no data: no scores on task 1", x_title="After training on",
+                              y_title="Score on task 1", title=title)
+    if is_number(multitask):
+        fig.add_trace(go.Scatter(x=[order[0], order[-1]], y=[float(multitask)] * 2, mode="lines",
+                                 name="Multi-task", meta={"multitask": float(multitask)},
+                                 line=dict(color=method_color("mtl"), width=1.2, dash="dash"),
+                                 hovertemplate="Multi-task %{y:.3f}<extra></extra>"))
+    first_tasks = {tr.meta["first_task"] for tr in fig.data if tr.meta and "first_task" in tr.meta}
+    y_title = "Score on task 1" + (f" ({next(iter(first_tasks))})" if len(first_tasks) == 1 else "")
+    fig.update_layout(title=title, xaxis=dict(title="After training on", type="category",
+                                              categoryorder="array", categoryarray=order),
+                      yaxis=dict(title=y_title, rangemode="tozero"))
+    return apply_paper_theme(fig, "one")
+
+
+def scores_heatmap(matrix: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """scores[j][i] as a heatmap: rows after task j (top to bottom), columns task i, values
+    written in the cells (blank where not evaluated), fixed 0-1 colour scale."""
+    if matrix is None or matrix.empty:
+        return no_data_figure("no data: empty scores matrix", x_title="Evaluated task",
+                              y_title="After training on", title=title)
+    z = matrix.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
+    text = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
+    x = [str(c) for c in matrix.columns]
+    y = [str(r) for r in matrix.index]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=x, y=y, text=text, texttemplate="%{text}", zmin=0, zmax=1, colorscale="Blues",
+        xgap=1, ygap=1, hoverongaps=False, textfont=dict(size=9 if len(x) > 8 else 10),
+        colorbar=dict(thickness=8, len=1, outlinewidth=0, tickfont=dict(size=9), x=1.02,
+                      xpad=0, title=dict(text="Score", side="right", font=dict(size=10))),
+        hovertemplate="after %{y}<br>on %{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=title, xaxis=dict(title="Evaluated task", type="category", side="bottom",
+                                              tickangle=-45 if len(x) > 4 else 0),
+                      yaxis=dict(title="After training on", type="category", autorange="reversed"))
+    fig.update_xaxes(showgrid=False, showline=False, ticks="")
+    fig.update_yaxes(showgrid=False, showline=False, ticks="")
+    n = max(len(x), len(y))
+    set_meta(fig, aimm_aspect={"one": 0.85 if n <= 6 else 1.0, "two": 0.6})
+    return apply_paper_theme(fig, "one")
+
+
+def metrics_bars(metrics: Mapping[str, Mapping[str, Any]], title: str | None = None,
+                 colors: Mapping[str, str] | None = None) -> go.Figure:
+    """OP / BWT / FWT / forgetting per method as grouped bars (missing values skipped)."""
+    colors = dict(colors or {})
+    present = [(k, lab) for k, lab in METRIC_KEYS
+               if any(is_number((m or {}).get(k)) for m in (metrics or {}).values())]
+    fig = go.Figure()
+    for i, (label, m) in enumerate((metrics or {}).items()):
+        m = m or {}
+        pairs = [(lab, float(m[k])) for k, lab in present if is_number(m.get(k))]
+        if not pairs:
+            continue
+        name = method_label(label)
+        fig.add_trace(go.Bar(
+            x=[p[0] for p in pairs], y=[p[1] for p in pairs], name=name,
+            marker=dict(color=colors.get(label) or method_color(label, i), line=dict(width=0)),
+            hovertemplate=f"{name}<br>%{{x}} = %{{y:.3f}}<extra></extra>"))
+    if not fig.data:
+        return no_data_figure("no data: no metrics", y_title="Score", title=title)
+    fig.add_hline(y=0, line=dict(color="black", width=0.8))
+    fig.update_layout(title=title, barmode="group", bargap=0.25, bargroupgap=0.05,
+                      xaxis=dict(title=None, type="category", categoryorder="array",
+                                 categoryarray=[lab for _, lab in present]),
+                      yaxis=dict(title="Score"))
+    fig.update_xaxes(showgrid=False)
+    return apply_paper_theme(fig, "one")
+
+
+# ------------------------------------------------------------------------------------ data prep
+def label_distribution_figure(stats: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Examples per task (and split), stacked by output label. ``stats``: task, split, label,
+    count. The legend lists the labels when there are at most 12 (hover always shows them)."""
+    if stats is None or stats.empty or not {"task", "label", "count"} <= set(stats.columns):
+        return no_data_figure("no data: no label statistics", y_title="Examples", title=title,
+                              width="two")
+    df = stats.copy()
+    df["label"] = df["label"].astype(str)
+    df["task"] = df["task"].astype(str)
+    tasks = list(dict.fromkeys(df["task"]))
+    has_split = "split" in df.columns and df["split"].nunique() > 1
+    if has_split:
+        df["split"] = df["split"].astype(str)
+        splits = list(dict.fromkeys(df["split"]))
+        keys = [(t, sp) for t in tasks for sp in splits
+                if ((df["task"] == t) & (df["split"] == sp)).any()]
+    else:
+        keys = [(t, None) for t in tasks]
+    labels = list(dict.fromkeys(df["label"]))
+    show = len(labels) <= 12
+    fig = go.Figure()
+    for i, label in enumerate(labels):
+        sub = df[df["label"] == label]
+        counts = sub.groupby(["task", "split"] if has_split else ["task"])["count"].sum()
+        y = [float(counts.get(k if has_split else k[0], 0)) for k in keys]
+        x = [[k[0] for k in keys], [k[1] for k in keys]] if has_split else [k[0] for k in keys]
+        fig.add_trace(go.Bar(x=x, y=y, name=label, showlegend=show,
+                             marker=dict(color=PALETTE[i % len(PALETTE)], line=dict(width=0)),
+                             hovertemplate=f"label {label}<br>%{{x}}: %{{y}}<extra></extra>"))
+    fig.update_layout(title=title, barmode="stack", bargap=0.15, yaxis_title="Examples",
+                      xaxis=dict(tickangle=-45 if len(keys) > 10 and not has_split else 0))
+    fig.update_xaxes(showgrid=False)
+    return apply_paper_theme(fig, "two")
+
+
+def token_length_figure(lengths: pd.DataFrame, title: str | None = None,
+                        max_len: int | None = None) -> go.Figure:
+    """Prompt length in tokens per task as box plots, one colour per split. ``lengths``: task,
+    split, tokens. ``max_len`` draws the truncation limit."""
+    if lengths is None or lengths.empty or not {"task", "tokens"} <= set(lengths.columns):
+        return no_data_figure("no data: no token lengths", y_title="Tokens", title=title,
+                              width="two")
+    df = lengths.copy()
+    df["task"] = df["task"].astype(str)
+    if "split" not in df.columns:
+        df["split"] = "all"
+    split_colors = {"train": "#0072B2", "dev": "#E69F00", "test": "#009E73"}
+    fig = go.Figure()
+    for i, (split, sub) in enumerate(df.groupby("split", sort=False)):
+        fig.add_trace(go.Box(x=sub["task"], y=pd.to_numeric(sub["tokens"], errors="coerce"),
+                             name=str(split), boxpoints="outliers",
+                             marker=dict(color=split_colors.get(str(split), PALETTE[i % len(PALETTE)]),
+                                         size=2.5, opacity=0.6),
+                             line=dict(width=1)))
+    if max_len:
+        fig.add_hline(y=max_len, line=dict(color="#CC0000", width=1, dash="dash"),
+                      annotation_text=f"max input {max_len}", annotation_position="top left",
+                      annotation_font_size=9)
+    tasks = list(dict.fromkeys(df["task"]))
+    fig.update_layout(title=title, boxmode="group", yaxis_title="Tokens",
+                      xaxis=dict(type="category", categoryorder="array", categoryarray=tasks,
+                                 tickangle=-45 if len(tasks) > 8 else 0))
+    fig.update_xaxes(showgrid=False)
+    return apply_paper_theme(fig, "two")

@@ -1,0 +1,149 @@
+"""``aimm reproduce``: the notebooks 01 -> 04 end to end with papermill, from a preset.
+
+Each notebook is executed by papermill (kernel: this Python, working directory: the repository
+root) into ``<run_root>/<preset>/notebooks/`` with the preset's parameters; the runs go to
+``<run_root>/<preset>/<method>-s<seed>/``, the tables (``data_stats``, ``metrics``) and
+``runs.json`` to ``<run_root>/<preset>/`` and the figures to ``fig_dir``. Re-running the same
+preset resumes: the engine continues each run after its last completed task (finished runs are
+only read), and the notebooks are cheap to execute again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from aimm.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK_DIR = REPO / "notebooks"
+NOTEBOOKS = ("01_data_prep.ipynb", "02_sequential_training.ipynb",
+             "03_trajectory_visualization.ipynb", "04_metrics.ipynb")
+
+ALL_METHODS = ["seq_lora", "replay", "mtl", "single_task", "aimmerging", "recurrent_kif"]
+#: The release's sizes (spec §6): up to 1000 training examples per task, every test example,
+#: 10 epochs, micro batch 8 x 4 accumulation, 1024 input tokens. GPU-sized runs.
+RELEASE_SIZES: dict[str, Any] = {
+    "max_train": 1000, "max_test": None, "epochs": 10,
+    "extra": {"batch_size": 8, "grad_accum": 4, "max_input_len": 1024, "eval_batch_size": 64},
+}
+
+#: Notebook parameters of each preset (see :class:`aimm.workflow.NotebookParams`). ``demo`` is
+#: the README's main job, sized to finish within 30 minutes on 2 CPU cores.
+PRESETS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "benchmark": "standard_cl", "order": 1, "tasks": None,
+        "methods": ["seq_lora", "aimmerging"], "model": "smollm2-135m",
+        "max_train": 64, "max_test": 40, "epochs": 1, "seeds": [42],
+        "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
+                  "eval_batch_size": 20},
+    },
+    "smoke": {  # tiny random model on three tasks (tests; pass data_dir for a tiny benchmark)
+        "benchmark": "long_sequence", "order": None, "tasks": ["sst-2", "agnews", "rte"],
+        "methods": ["seq_lora", "aimmerging"], "smoke": True, "seeds": [42],
+        "fig_formats": ["html", "png"],
+    },
+    "standard_cl": {"benchmark": "standard_cl", "order": 1, "methods": ALL_METHODS,
+                    "model": "smollm2-135m", "seeds": [42], **RELEASE_SIZES},
+    "long_sequence": {"benchmark": "long_sequence", "order": 4, "methods": ALL_METHODS,
+                      "model": "smollm2-135m", "seeds": [42], **RELEASE_SIZES},
+    "superni": {"benchmark": "superni", "order": 1, "methods": ALL_METHODS,
+                "model": "smollm2-135m", "seeds": [42], **RELEASE_SIZES},
+}
+
+
+def preset_parameters(preset: str, run_root: str | Path = "runs", fig_dir: str | Path = "Fig",
+                      data_dir: str | Path | None = None, model: str | None = None,
+                      smoke: bool = False, **overrides: Any) -> dict[str, Any]:
+    """The notebook parameters of a preset (absolute paths), validated."""
+    from aimm.workflow import validate_parameters
+
+    if preset not in PRESETS:
+        import difflib
+
+        hint = difflib.get_close_matches(preset, list(PRESETS), n=1)
+        raise ConfigError(f"unknown preset '{preset}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                          + f"; choose one of {', '.join(PRESETS)}")
+    params: dict[str, Any] = json.loads(json.dumps(PRESETS[preset]))  # a deep copy
+    params.update(run_root=str(Path(run_root).resolve()), run_name=preset,
+                  fig_dir=str(Path(fig_dir).resolve()), interactive=False, output_dir=None)
+    if data_dir is not None:
+        params["data_dir"] = str(Path(data_dir).resolve())
+    if model is not None:
+        local = Path(model).expanduser()
+        params["model"] = str(local.resolve()) if local.exists() else model
+    if smoke:
+        params["smoke"] = True
+    params.update(overrides)
+    validate_parameters(params)
+    return params
+
+
+def _kernel_name(workdir: Path) -> str:
+    """A kernel that runs this Python: ``python3`` when it does, else a spec written for it."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec("python3")
+        argv0 = spec.argv[0] if spec.argv else ""
+        if argv0 in ("python", "python3") or Path(argv0).resolve() == Path(sys.executable).resolve():
+            return "python3"  # jupyter_client replaces a bare "python" with sys.executable
+    except NoSuchKernel:
+        pass
+    kdir = workdir / "kernels" / "aimm-reproduce"
+    kdir.mkdir(parents=True, exist_ok=True)
+    (kdir / "kernel.json").write_text(json.dumps({
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "aimm (reproduce)", "language": "python"}), encoding="utf-8")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        [str(workdir)] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p])
+    return "aimm-reproduce"
+
+
+def reproduce(preset: str = "demo", run_root: str | Path = "runs", fig_dir: str | Path = "Fig",
+              data_dir: str | Path | None = None, model: str | None = None, smoke: bool = False,
+              notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True,
+              log_output: bool = True, **overrides: Any) -> Path:
+    """Execute notebooks 01-04 with the preset's parameters; returns ``<run_root>/<preset>``.
+
+    ``overrides``: further notebook parameters (e.g. ``methods=[...]``). Raises
+    :class:`aimm.config.ConfigError` for a bad preset or parameter (before anything runs) and
+    ``papermill.PapermillExecutionError`` naming the failing cell when a notebook fails; the
+    executed notebook (with the traceback) stays in ``<run_root>/<preset>/notebooks/``.
+    """
+    import papermill as pm
+
+    params = preset_parameters(preset, run_root=run_root, fig_dir=fig_dir, data_dir=data_dir,
+                               model=model, smoke=smoke, **overrides)
+    out = Path(params["run_root"]) / params["run_name"]
+    nb_out = out / "notebooks"
+    nb_out.mkdir(parents=True, exist_ok=True)
+    Path(params["fig_dir"]).mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"preset": preset, "parameters": params, "notebooks": {}}
+    with tempfile.TemporaryDirectory(prefix="aimm-kernel-") as tmp:
+        kernel = _kernel_name(Path(tmp))
+        for name in notebooks:
+            start = time.perf_counter()
+            if log_output:
+                print(f"[aimm reproduce] {name} -> {nb_out / name}", flush=True)
+            pm.execute_notebook(
+                str(NOTEBOOK_DIR / name), str(nb_out / name), parameters=params,
+                kernel_name=kernel, cwd=str(REPO), progress_bar=progress,
+                log_output=False, stdout_file=sys.stdout if log_output else None,
+                stderr_file=None)
+            summary["notebooks"][name] = {"path": str(nb_out / name),
+                                          "seconds": round(time.perf_counter() - start, 1)}
+    figures = sorted(str(p) for p in Path(params["fig_dir"]).glob("*") if p.is_file())
+    summary["figures"] = figures
+    from aimm.runs import atomic_write_json
+
+    atomic_write_json(out / "reproduce.json", summary)
+    return out
+
+
+__all__ = ["NOTEBOOKS", "PRESETS", "preset_parameters", "reproduce"]
