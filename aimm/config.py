@@ -64,6 +64,8 @@ class RunConfig:
     checkpoint_every: int = 0  # within-task checkpoints every N optimiser steps (0: off)
     nan_policy: str = "stop"  # stop | skip
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model (GPU; warm-up costs a minute or two)
+    fused_optimizer: bool = False  # AdamW(fused=True)
     progress: bool = True
 
     # ----------------------------------------------------------------------------------

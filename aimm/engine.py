@@ -13,7 +13,9 @@ reloaded from the run dir) continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import math
+import os
 import random
+import time
 
 import warnings as pywarnings
 from dataclasses import dataclass, field
@@ -103,6 +105,10 @@ class TrainContext:
     merges: list[dict] = field(default_factory=list)
     callbacks: list = field(default_factory=list)
     nonfinite: int = 0
+    rank_checksums: list = field(default_factory=list)  # sum of LoRA weights on every rank
+    resumed_at: int = 0  # step a within-stage checkpoint resumed from (timings then partial)
+    timers: dict = field(default_factory=lambda: {"train": 0.0, "probe": 0.0, "rehearsal": 0.0,
+                                                  "eval": 0.0})
     warnings: list[str] = field(default_factory=list)
     counter: TruncationCounter = field(default_factory=TruncationCounter)
     optimizer_steps: int = 0  # inner + outer, for overhead accounting
@@ -123,35 +129,45 @@ class TrainContext:
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in batch.items()}
 
-    def memory_batch(self) -> dict[str, torch.Tensor]:
-        """A random batch (``memory_batch_size``) of the memory buffer, already on the device."""
+    def memory_batch(self, size: int | None = None) -> dict[str, torch.Tensor]:
+        """A random batch (default ``memory_batch_size``) of the memory buffer, on the device."""
         if not self.has_memory:
             raise RuntimeError("memory_batch() called without a memory buffer")
-        k = min(self.cfg.memory_batch_size, len(self.memory))
+        k = min(size or self.cfg.memory_batch_size, len(self.memory))
         indices = self.memory_rng.sample(range(len(self.memory)), k)
         return self.to_device(self.memory.batch(indices))
 
-    def probe_loss(self, mode: str = "train") -> float:
+    def probe_loss(self, mode: str = "train", batch_size: int | None = None) -> float:
         """Forgetting signal: one no-grad forward on a random memory batch (spec §2).
 
-        ``mode="train"`` keeps dropout on, as the release does; ``"eval"`` turns it off.
+        ``mode="train"`` keeps dropout on, as the release does; ``"eval"`` turns it off. Under
+        several processes every rank probes the same batch and rank 0's value is used by all,
+        so every rank takes the same merge decision.
         """
-        batch = self.memory_batch()
+        start = time.perf_counter()
+        batch = self.memory_batch(batch_size)
         was_training = self.model.training
         self.model.train(mode == "train")
         with torch.inference_mode():
             loss = lm_loss(self.model, batch, self.is_seq2seq)
         self.model.train(was_training)
-        return float(loss)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast
 
-    def rehearsal_step(self, optimizer=None, on_grads=None) -> float:
+            loss = broadcast(loss.detach().clone().reshape(1), from_process=0)[0]
+        value = float(loss)
+        self.timers["probe"] += time.perf_counter() - start
+        return value
+
+    def rehearsal_step(self, optimizer=None, on_grads=None, batch_size: int | None = None) -> float:
         """One outer optimiser step on a random memory batch (no scheduler step, spec §4b).
 
         ``optimizer`` defaults to the inner one (the release's behaviour); ``on_grads(ctx)`` is
         called with the gradients in place, before clipping.
         """
+        start = time.perf_counter()
         optimizer = optimizer or self.optimizer
-        loss = lm_loss(self.model, self.memory_batch(), self.is_seq2seq)
+        loss = lm_loss(self.model, self.memory_batch(batch_size), self.is_seq2seq)
         self.accelerator.backward(loss)
         if on_grads is not None:
             on_grads(self)
@@ -160,7 +176,9 @@ class TrainContext:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
-        return float(loss.detach())
+        value = float(loss.detach())
+        self.timers["rehearsal"] += time.perf_counter() - start
+        return value
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -192,7 +210,8 @@ class Engine:
     # ---------------------------------------------------------------- set-up
     def _check_resume(self) -> dict:
         self.store.ensure_writable()
-        self.store.remove_stale_temporaries()
+        if int(os.environ.get("RANK", "0")) == 0:
+            self.store.remove_stale_temporaries()
         if not self.store.exists():
             return {"completed": [], "scores": [], "stage_steps": []}
         old = self.store.read_config()
@@ -253,6 +272,8 @@ class Engine:
         initial_lora = lora_state_dict(bundle.model)
         use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         accelerator = Accelerator(cpu=use_cpu)
+        if cfg.compile:
+            bundle.model.compile()  # in place: parameter names (and saved adapters) unchanged
         model = accelerator.prepare_model(bundle.model)
         if accelerator.is_main_process:
             self.store.write_config(self.cfg.to_dict())
@@ -266,7 +287,9 @@ class Engine:
         for stage in stages[done:]:
             ctx = self._run_stage(stage, tasks, data, model, bundle, accelerator, initial_lora,
                                   global_offset=sum(state["stage_steps"]))
-            rows = self._evaluate(ctx, stage, data, accelerator)
+            ctx.rank_checksums = lora_checksums(model, accelerator)
+            rows = self._evaluate(ctx, stage, data, accelerator) if accelerator.is_main_process else []
+            accelerator.wait_for_everyone()
             notify(ctx.callbacks, "on_stage_end", stage, rows)
             state["scores"].extend(rows)
             state["completed"].append(stage.name)
@@ -338,7 +361,8 @@ class Engine:
         total = math.ceil(len(plan) / cfg.grad_accum)
         warmup = min(cfg.warmup_steps, int(cfg.max_warmup_fraction * total))
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      fused=True if cfg.fused_optimizer else None)
         optimizer = accelerator.prepare_optimizer(optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(warmup, total))
         ctx.optimizer, ctx.scheduler, ctx.total_steps = optimizer, scheduler, total
@@ -350,15 +374,17 @@ class Engine:
         bar = _progress(total, f"train {stage.index + 1}/{len(self.method.stages(tasks))} "
                                f"{stage.name} [{cfg.method}]", cfg.progress and accelerator.is_main_process)
         bar.update(start)
+        started = time.perf_counter()
         for step_index in range(start, total):
             chunk = plan[step_index * cfg.grad_accum : (step_index + 1) * cfg.grad_accum]
             losses = []
             for micro in chunk:
+                micro = shard(micro, accelerator)
                 batch = ctx.to_device(train.batch(micro))
                 loss = lm_loss(model, batch, bundle.is_seq2seq)
                 if self.loss_hook is not None:
                     loss = self.loss_hook(ctx, loss)
-                losses.append(float(loss.detach()))
+                losses.append(float(mean_over_ranks(loss.detach(), accelerator)))
                 accelerator.backward(loss / len(chunk))
             step_loss = sum(losses) / len(losses)
             lr = ctx.current_lr()
@@ -395,6 +421,7 @@ class Engine:
                 self._save_checkpoint(ckpt_path, ctx, model)
         bar.close()
         self.method.on_stage_end(ctx)
+        ctx.timers["train"] = time.perf_counter() - started
         if ctx.nonfinite:
             ctx.warnings.append(f"stage {stage.name}: skipped {ctx.nonfinite} steps with a non-finite loss")
         return ctx
@@ -427,7 +454,7 @@ class Engine:
         restore_rng(ckpt["rng"], ctx.memory_rng)
         ctx.steps, ctx.merges = list(ckpt["steps"]), list(ckpt["merges"])
         ctx.optimizer_steps, ctx.nonfinite = ckpt["optimizer_steps"], ckpt["nonfinite"]
-        ctx.step = ckpt["step"]
+        ctx.step = ctx.resumed_at = ckpt["step"]
         return ctx.step
 
     # ---------------------------------------------------------------- evaluation + writing
@@ -442,6 +469,7 @@ class Engine:
         stage_dir = self.store.stage_dir(stage.index, stage.name)
         model = accelerator.unwrap_model(ctx.model)
         rows = []
+        started = time.perf_counter()
         for task in stage.eval_tasks:
             td = data[task]
             metric = task_metric(cfg.benchmark, task)
@@ -456,6 +484,7 @@ class Engine:
             rows.append({"stage": stage.index, "after_task": stage.name, "eval_task": task,
                          "metric": metric, "score": result.score, "n": len(td.test),
                          "split": td.test_split})
+        ctx.timers["eval"] = time.perf_counter() - started
         if accelerator.is_main_process:
             save_file(lora_state_dict(model), str(stage_dir / "adapter.safetensors"))
             atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
@@ -464,6 +493,10 @@ class Engine:
                 "stage": stage.index, "name": stage.name, "train_tasks": list(stage.train_tasks),
                 "inner_steps": ctx.total_steps, "optimizer_steps": ctx.optimizer_steps,
                 "merges": len(ctx.merges), "memory_size": len(ctx.memory_examples),
+                "seconds": {k: round(v, 3) for k, v in ctx.timers.items()},
+                "processes": accelerator.num_processes,
+                "lora_checksum_per_rank": ctx.rank_checksums,
+                "resumed_within_stage": ctx.resumed_at,
                 "truncation": ctx.counter.as_dict()})
         return rows
 
@@ -518,6 +551,28 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False)
+
+
+def lora_checksums(model, accelerator) -> list[float]:
+    """Sum of all LoRA weights on each rank: equal values show the ranks stayed in sync."""
+    from aimm.models import lora_parameters
+
+    total = sum(p.detach().double().sum() for p in lora_parameters(model).values())
+    value = torch.as_tensor(total, dtype=torch.float64, device=accelerator.device).reshape(1)
+    return [float(v) for v in accelerator.gather(value).cpu()]
+
+
+def shard(indices: list[int], accelerator) -> list[int]:
+    """This rank's share of a micro-batch (data parallel: ranks split every batch)."""
+    n = accelerator.num_processes
+    return indices if n == 1 else indices[accelerator.process_index :: n]
+
+
+def mean_over_ranks(value: torch.Tensor, accelerator) -> torch.Tensor:
+    """The loss every rank logs and checks for NaN is the same: the mean over ranks."""
+    if accelerator.num_processes == 1:
+        return value
+    return accelerator.reduce(value.reshape(1).clone(), reduction="mean")[0]
 
 
 def notify(callbacks: list, hook: str, *args: Any) -> None:

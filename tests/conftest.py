@@ -2,42 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 
+from aimm.data.synthetic import SYNTHETIC_TASKS as TINY_TASKS  # noqa: F401
+from aimm.data.synthetic import make_synthetic_benchmark
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = (REPO.parent / "shared" / "benchmarks" / "aimm").resolve()
 
-TINY_TASKS = {
-    # task: (labels, words that make the label guessable)
-    "sst-2": (["positive", "negative"], ["good", "bad"]),
-    "agnews": (["World", "Sports", "Business"], ["war", "goal", "stock"]),
-    "rte": (["entailment", "not_entailment"], ["same", "differ"]),
-}
-
 
 def make_tiny_benchmark(root: Path, n_train: int = 24, n_test: int = 6, seed: int = 0) -> Path:
-    """Write a 3-task classification benchmark in the release layout under ``root``."""
-    rng = random.Random(seed)
-    for task, (labels, cues) in TINY_TASKS.items():
-        for split, n in (("train", n_train), ("dev", n_test), ("test", n_test)):
-            records = []
-            for i in range(n):
-                k = i % len(labels)
-                words = " ".join(rng.choice(["the", "a", "one", "this"]) for _ in range(rng.randint(2, 6)))
-                records.append({
-                    "id": f"{task}_{split}_{i}",
-                    "input": f"What is it? Option: {', '.join(labels)}.\n{words} {cues[k]}\nAnswer:",
-                    "output": labels[k],
-                })
-            path = root / "data_longsequence" / split / f"{task}_T5.json"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(records, indent=1), encoding="utf-8")
-    return root
+    """Write a 3-task classification benchmark (sst-2, agnews, rte) in the release layout."""
+    return make_synthetic_benchmark(root, n_train=n_train, n_test=n_test, seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -184,10 +184,12 @@ def _brute_force_logprob(bundle, prompt: str, option: str) -> float:
     return -float(loss) * len(t)  # mean token NLL -> summed log-likelihood
 
 
-@pytest.mark.parametrize("share_prompt", [True, False])
-def test_label_scoring_matches_brute_force(bundle, share_prompt):
+@pytest.mark.parametrize("strategy", ["packed", "cache", "full"])
+def test_label_scoring_matches_brute_force(bundle, strategy):
+    if bundle.is_seq2seq and strategy != "packed":
+        pytest.skip("seq2seq has one strategy")
     model, tok = bundle.model, bundle.tokenizer
-    kw = dict(is_seq2seq=bundle.is_seq2seq, batch_size=3, share_prompt=share_prompt)
+    kw = dict(is_seq2seq=bundle.is_seq2seq, batch_size=3, strategy=strategy)
     table = label_logprobs(model, tok, PROMPTS, OPTIONS, **kw)
     brute = [[_brute_force_logprob(bundle, p, o) for o in OPTIONS] for p in PROMPTS]
     assert torch.tensor(table) == pytest.approx(torch.tensor(brute), abs=2e-3, rel=1e-4)

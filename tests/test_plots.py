@@ -190,7 +190,8 @@ def test_training_figure_and_live_plot():
     merge_steps = {(r.task, r.step) for r in merges.itertuples()}
     for rec in steps.to_dict("records"):
         if (rec["task"], rec["step"]) in merge_steps:  # the engine reports the merge first
-            live.on_merge(merges[(merges.task == rec["task"]) & (merges.step == rec["step"])].iloc[0].to_dict())
+            row = merges[(merges.task == rec["task"]) & (merges.step == rec["step"])]
+            live.on_merge(row.iloc[0].to_dict())
         live.on_step({k: v for k, v in rec.items() if not (isinstance(v, float) and np.isnan(v))})
         if rec["step"] == 40:
             class Stage:  # noqa: D401 - the engine's Stage

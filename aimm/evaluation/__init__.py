@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from aimm.encoding import TruncationCounter
 
 from .generation import generate, generate_one_by_one, max_new_tokens_for
-from .label_scoring import label_logprobs, label_scores
+from .label_scoring import STRATEGIES, label_logprobs, label_scores
 from .scoring import (
     METRICS,
     check_metric,
@@ -31,6 +31,7 @@ __all__ = [
     "EvalResult",
     "MODES",
     "METRICS",
+    "STRATEGIES",
     "evaluate_task",
     "exact_match",
     "generate",
@@ -96,6 +97,7 @@ def evaluate_task(
     max_input_len: int = 512,
     max_new_tokens: int | None = None,
     length_normalize: bool = False,
+    label_strategy: str = "packed",
     keep_inputs: bool = False,
     progress: bool | str = False,
 ) -> EvalResult:
@@ -105,6 +107,9 @@ def evaluate_task(
     :func:`max_new_tokens_for`) and are the options of label scoring. When None they default to
     the sorted distinct references (the label set, not their frequencies). ``max_new_tokens``
     overrides the budget. ``is_seq2seq`` defaults to the bundle's / the model config's.
+    ``batch_size`` counts prompts in both modes (label scoring scores all options of a group of
+    ``batch_size`` prompts together; ``length_normalize`` and ``label_strategy`` are described in
+    :mod:`aimm.evaluation.label_scoring`). ``keep_inputs`` adds each prompt to its record.
     """
     check_metric(metric)
     if mode not in MODES:
@@ -145,6 +150,7 @@ def evaluate_task(
             batch_size=batch_size,
             max_input_len=max_input_len,
             length_normalize=length_normalize,
+            strategy=label_strategy,
             progress=progress,
             counter=counter,
         )

@@ -11,15 +11,24 @@ decoder approximates; True divides by the number of target tokens (EOS included)
 the bias of the sum towards labels with fewer tokens (e.g. ``Album`` vs ``Mean of
 Transportation``) but is no longer a probability.
 
-Batching: ``batch_size`` prompts form a group; the group's prompts run through the model once
-and all (prompt, option) pairs of the group are scored in one more forward:
+Batching: ``batch_size`` prompts form a group and every (prompt, option) pair of the group is
+scored without running a prompt twice. Decoder-only ``strategy``:
 
-* decoder-only (``share_prompt=True``): the left-padded prompts are run once with a KV cache, the
-  cache is repeated once per option and only the option tokens are fed (explicit position ids).
-  The cache copy holds ``batch_size * len(options) * prompt_len`` positions: lower ``batch_size``
-  for long prompts with many options. ``share_prompt=False`` (or a model whose cache cannot be
-  repeated) feeds every full ``prompt + target`` pair instead (right padded).
-* seq2seq: the encoder runs once per prompt; its states are repeated per option for the decoder.
+* ``"packed"`` (default): ONE forward per group. Each row is the left-padded prompt followed by
+  all options' tokens back to back; a custom 4-D attention mask lets each option see the prompt
+  and its own earlier tokens only, and its position ids restart after the prompt, so every
+  option is scored exactly as if it followed the prompt alone. Costs the prompt tokens plus the
+  option tokens; needs a model that honours a 4-D float mask and explicit position ids
+  (LLaMA/Qwen/Mistral/SmolLM families in transformers 5 do with the sdpa and eager attention;
+  the tests check it against a brute-force loss). Other attention kernels fall back to "cache".
+* ``"cache"``: the prompts are run once with a KV cache, the cache is repeated once per option
+  (``batch_size * len(options) * prompt_len`` cached positions: memory-hungry) and only the option
+  tokens are fed.
+* ``"full"``: one right-padded row per full ``prompt + option`` pair (``len(options)`` times the
+  prompt compute); the simplest path, works with any causal LM.
+
+Seq2seq: the encoder runs once per prompt; its states are repeated per option for the decoder
+(``strategy`` is ignored).
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from aimm.encoding import TruncationCounter, encode_prompts, encode_targets, pad
 from ._util import check_nonempty, inference, length_sorted_batches, model_device, progress_bar
 
 _NO_CUT = 1 << 30
+STRATEGIES = ("packed", "cache", "full")
 
 
 def _option_targets(tokenizer, options: Sequence[str], is_seq2seq: bool) -> list[list[int]]:
@@ -119,6 +129,71 @@ def _decoder_shared(model, prompts, targets, pad_id, device) -> torch.Tensor | N
     return total + lp
 
 
+def _honours_4d_mask(model) -> bool:
+    """Flash/flex-style kernels ignore a custom dense mask: use the cache path for them."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    return impl in ("sdpa", "eager")
+
+
+def _decoder_packed(model, prompts, targets, pad_id, device) -> torch.Tensor:
+    """(B, K) summed log-probs, one forward: [prompt | opt_1 | ... | opt_K] per row with a
+    block mask (each option sees the prompt and itself) and per-option position ids."""
+    b, k = len(prompts), len(targets)
+    p_ids, p_mask = pad_batch(prompts, pad_id, left=True)  # (B, Lp); prompt ends at column Lp-1
+    lp_width = p_ids.shape[1]
+    feeds = [t[:-1] for t in targets]  # option k feeds all its tokens but the last (EOS)
+    starts, offset = [], lp_width
+    for f in feeds:
+        starts.append(offset)
+        offset += len(f)
+    width = offset
+    opt_ids = torch.tensor([tok for f in feeds for tok in f], dtype=torch.long)
+    ids = torch.cat([p_ids, opt_ids.expand(b, -1)], dim=1)
+
+    lens = p_mask.sum(-1)  # (B,)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    pos[:, :lp_width] = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    allowed = torch.zeros((b, width, width), dtype=torch.bool)
+    causal = torch.ones((lp_width, lp_width), dtype=torch.bool).tril()
+    allowed[:, :lp_width, :lp_width] = causal & p_mask.bool()[:, None, :]
+    for f, st in zip(feeds, starts):
+        n = len(f)
+        if n == 0:
+            continue
+        pos[:, st : st + n] = lens[:, None] + torch.arange(n)[None, :]
+        allowed[:, st : st + n, :lp_width] = p_mask.bool()[:, None, :]
+        allowed[:, st : st + n, st : st + n] = torch.ones((n, n), dtype=torch.bool).tril()
+    # rows of left padding see themselves, so no softmax row is empty
+    idx = torch.arange(lp_width)
+    allowed[:, idx, idx] = True
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros((b, 1, width, width), dtype=dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    keep = width - lp_width + 1  # logits from the prompt's last column on
+    extra = {"logits_to_keep": keep} if "logits_to_keep" in _forward_params(model) else {}
+    logits = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=pos.to(device),
+        use_cache=False,
+        **extra,
+    ).logits[:, -keep:, :]  # column c <-> sequence position lp_width - 1 + c
+
+    # token j of option k is predicted at position (lp_width-1 if j == 0 else starts[k] + j - 1)
+    cols, toks, owner = [], [], []
+    for kk, (t, st) in enumerate(zip(targets, starts)):
+        for j, tok in enumerate(t):
+            cols.append(0 if j == 0 else st + j - lp_width)
+            toks.append(tok)
+            owner.append(kk)
+    picked = logits[:, torch.tensor(cols, device=device), :]  # (B, N, V)
+    lp = _token_logprobs(picked, torch.tensor(toks, device=device).expand(b, -1))  # (B, N)
+    out = torch.zeros((b, k), dtype=lp.dtype, device=device)
+    out.index_add_(1, torch.tensor(owner, device=device), lp)
+    return out
+
+
 def _decoder_full(model, prompts, targets, pad_id, device) -> torch.Tensor:
     """(B, K) summed log-probs, one right-padded row per (prompt, option) pair."""
     b, k = len(prompts), len(targets)
@@ -170,13 +245,15 @@ def label_logprobs(
     batch_size: int = 8,
     max_input_len: int = 512,
     length_normalize: bool = False,
-    share_prompt: bool = True,
+    strategy: str = "packed",
     progress: bool | str = False,
     counter: TruncationCounter | None = None,
 ) -> list[list[float]]:
     """``scores[n][k]`` = log p(option k | prompt n), summed over the option's tokens (EOS
     included), or averaged per token with ``length_normalize=True``. Eval mode, inference mode;
     the model's train/eval flags are restored afterwards."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     prompts = list(prompts)
     targets = _option_targets(tokenizer, options, is_seq2seq)
     if not prompts:
@@ -197,8 +274,12 @@ def label_logprobs(
                 if is_seq2seq:
                     scores = _seq2seq(model, group, targets, pad_id, device)
                 else:
-                    scores = _decoder_shared(model, group, targets, pad_id, device) if share_prompt else None
-                    if scores is None:
+                    scores = None
+                    if strategy == "packed" and _honours_4d_mask(model):
+                        scores = _decoder_packed(model, group, targets, pad_id, device)
+                    elif strategy in ("packed", "cache"):
+                        scores = _decoder_shared(model, group, targets, pad_id, device)
+                    if scores is None:  # "full", or a cache that cannot be repeated
                         scores = _decoder_full(model, group, targets, pad_id, device)
                 scores = scores.double().cpu()
                 if length_normalize:
@@ -223,7 +304,7 @@ def label_scores(
     batch_size: int = 8,
     max_input_len: int = 512,
     length_normalize: bool = False,
-    share_prompt: bool = True,
+    strategy: str = "packed",
     progress: bool | str = False,
     counter: TruncationCounter | None = None,
 ) -> list[str]:
@@ -238,7 +319,7 @@ def label_scores(
         batch_size=batch_size,
         max_input_len=max_input_len,
         length_normalize=length_normalize,
-        share_prompt=share_prompt,
+        strategy=strategy,
         progress=progress,
         counter=counter,
     )

@@ -44,7 +44,11 @@ class AIMMergingOptions:
     outer_optimizer: str = "shared"  # shared (release) | separate
     outer_lr: float = 1e-3  # for outer_optimizer="separate"
     probe_mode: str = "train"  # train (release) | eval
-    probe_every: int = 1  # fast setting: probe every k-th inner step (release: 1)
+    probe_every: int = 1  # probe (and observe) every k-th inner step (release: 1)
+    probe_batch_size: int | None = None  # None: the run's memory_batch_size (release: 32)
+    rehearsal_batch_size: int | None = None  # None: the run's memory_batch_size (release: 32)
+    fast: bool = False  # cheap signals: probe_every=2, probe batch = batch_size // 2,
+    #                     rehearsal batch = batch_size (see README, "fast")
     controller: dict = field(default_factory=dict)  # further MergeController keywords
 
     def validate(self) -> None:
@@ -60,6 +64,17 @@ class AIMMergingOptions:
             self.make_controller()
         except (TypeError, ValueError) as exc:
             raise ConfigError(str(exc)) from exc
+
+    def resolved(self, batch_size: int) -> "AIMMergingOptions":
+        """Apply the ``fast`` preset (explicit values win)."""
+        if not self.fast:
+            return self
+        from dataclasses import replace
+
+        return replace(self, fast=False,
+                       probe_every=self.probe_every if self.probe_every != 1 else 2,
+                       probe_batch_size=self.probe_batch_size or max(1, batch_size // 2),
+                       rehearsal_batch_size=self.rehearsal_batch_size or batch_size)
 
     def make_controller(self) -> MergeController:
         return MergeController(
@@ -86,6 +101,7 @@ class AIMMerging(Method):
         self.controller = None
         if not ctx.has_memory:  # task 1: plain LoRA
             return
+        self.options = self.options.resolved(ctx.cfg.batch_size)
         self.controller = self.options.make_controller()
         self.theta_t = F.snapshot(ctx.lora_params())
         self.outer_opt = None
@@ -99,7 +115,7 @@ class AIMMerging(Method):
             return super().after_step(ctx, record)
         if ctx.step % self.options.probe_every:
             return
-        loss = ctx.probe_loss(self.options.probe_mode)
+        loss = ctx.probe_loss(self.options.probe_mode, self.options.probe_batch_size)
         merge_now = c.observe(ctx.step, loss)
         record.update(history_loss=loss, threshold=c.threshold, activations=c.activations,
                       interval=c.interval, planned_step=c.planned_step)
@@ -115,7 +131,7 @@ class AIMMerging(Method):
         theta_k = F.snapshot(params)
         delta_in = F.delta(theta_k, self.theta_t)
         for _ in range(c.outer_steps):
-            ctx.rehearsal_step(self.outer_opt)
+            ctx.rehearsal_step(self.outer_opt, batch_size=self.options.rehearsal_batch_size)
             crash_point("merge")
         delta_out = F.delta(F.snapshot(params), theta_k)
         fused = F.weighted_fusion(self.theta_t, delta_in, delta_out, w_in, w_out)

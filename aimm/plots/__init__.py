@@ -8,6 +8,7 @@ Trajectory (spec §10): :func:`signals_figure`, :func:`interval_figure`,
 :func:`export` (HTML + PNG/PDF/SVG through kaleido and a local Chromium).
 """
 
+from aimm.plots.live import LiveTrainingPlot, live_training_figure
 from aimm.plots.builders import RunData, comparison_figures, load_run_data, run_figures
 from aimm.plots.output import BrowserNotFoundError, export, export_figures, find_browser
 from aimm.plots.results import (
@@ -28,11 +29,9 @@ from aimm.plots.theme import (
     no_data_figure,
 )
 from aimm.plots.trajectory import (
-    LiveTrainingPlot,
     history_loss_figure,
     interval_figure,
     linear_fit,
-    live_training_figure,
     signals_figure,
     training_figure,
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -20,7 +21,6 @@ from typing import Any, Iterable, Mapping
 import plotly.graph_objects as go
 
 from aimm.plots.theme import WIDTHS, apply_paper_theme, get_meta
-from aimm.runs import atomic_write_bytes
 
 STATIC_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp")
 ALL_FORMATS = ("html",) + STATIC_FORMATS
@@ -43,6 +43,26 @@ INSTALL_HINT = ("install one (Debian/Ubuntu: `apt-get install chromium`), or poi
 
 class BrowserNotFoundError(RuntimeError):
     """Static export (PNG/PDF/SVG) needs a Chrome/Chromium and none was found."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, then ``os.replace``; usual permissions (umask)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _is_exe(path: str | os.PathLike | None) -> bool:
@@ -116,7 +136,8 @@ def render_static(jobs: list[tuple[dict, dict]], timeout: float | None = 120) ->
     try:
         return _run_async(work)
     except ChromeNotFoundError as exc:
-        raise BrowserNotFoundError(f"kaleido could not start {browser!r} ({exc}); {INSTALL_HINT}") from exc
+        raise BrowserNotFoundError(
+            f"kaleido could not start {browser!r} ({exc}); {INSTALL_HINT}") from exc
 
 
 def _normalise_formats(formats: Iterable[str] | str) -> list[str]:
@@ -176,7 +197,8 @@ def export_figures(figures: Mapping[str, go.Figure], directory: str | Path,
     return {name: sorted(paths, key=lambda p: order[p.suffix[1:]]) for name, paths in written.items()}
 
 
-def export(fig: go.Figure, path: str | Path, formats: Iterable[str] | str = ("html", "png", "pdf", "svg"),
+def export(fig: go.Figure, path: str | Path,
+           formats: Iterable[str] | str = ("html", "png", "pdf", "svg"),
            width: str | None = None, scale: float = 3) -> list[Path]:
     """Write ``path.with_suffix('.<fmt>')`` for each format; returns the paths written.
 

@@ -68,23 +68,27 @@ def scores_heatmap(matrix: pd.DataFrame, title: str | None = None) -> go.Figure:
         return no_data_figure("no data: empty scores matrix", x_title="Evaluated task",
                               y_title="After training on", title=title)
     z = matrix.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=float)
-    text = [["" if np.isnan(v) else f"{v:.2f}" for v in row] for row in z]
     x = [str(c) for c in matrix.columns]
     y = [str(r) for r in matrix.index]
+    n = max(len(x), len(y))
+    big = n > 8  # long sequences: two columns wide, values as integer percentages
+    text = [["" if np.isnan(v) else (f"{100 * v:.0f}" if big else f"{v:.2f}") for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
         z=z, x=x, y=y, text=text, texttemplate="%{text}", zmin=0, zmax=1, colorscale="Blues",
-        xgap=1, ygap=1, hoverongaps=False, textfont=dict(size=9 if len(x) > 8 else 10),
+        xgap=1, ygap=1, hoverongaps=False, textfont=dict(size=9 if big else 10),
         colorbar=dict(thickness=8, len=1, outlinewidth=0, tickfont=dict(size=9), x=1.02,
-                      xpad=0, title=dict(text="Score", side="right", font=dict(size=10))),
+                      xpad=0, title=dict(text="Score (%)" if big else "Score", side="right",
+                                         font=dict(size=10)),
+                      tickvals=[0, 0.25, 0.5, 0.75, 1] if big else None,
+                      ticktext=["0", "25", "50", "75", "100"] if big else None),
         hovertemplate="after %{y}<br>on %{x}: %{z:.3f}<extra></extra>"))
     fig.update_layout(title=title, xaxis=dict(title="Evaluated task", type="category", side="bottom",
                                               tickangle=-45 if len(x) > 4 else 0),
                       yaxis=dict(title="After training on", type="category", autorange="reversed"))
     fig.update_xaxes(showgrid=False, showline=False, ticks="")
     fig.update_yaxes(showgrid=False, showline=False, ticks="")
-    n = max(len(x), len(y))
-    set_meta(fig, aimm_aspect={"one": 0.85 if n <= 6 else 1.0, "two": 0.6})
-    return apply_paper_theme(fig, "one")
+    set_meta(fig, aimm_aspect={"one": 0.85 if n <= 6 else 1.0, "two": 0.72 if big else 0.6})
+    return apply_paper_theme(fig, "two" if big else "one")
 
 
 def metrics_bars(metrics: Mapping[str, Mapping[str, Any]], title: str | None = None,
@@ -118,36 +122,60 @@ def metrics_bars(metrics: Mapping[str, Mapping[str, Any]], title: str | None = N
 # ------------------------------------------------------------------------------------ data prep
 def label_distribution_figure(stats: pd.DataFrame, title: str | None = None) -> go.Figure:
     """Examples per task (and split), stacked by output label. ``stats``: task, split, label,
-    count. The legend lists the labels when there are at most 12 (hover always shows them)."""
+    count. Up to 24 bars: one axis of (task, split) bars; more: one row per split. With at most
+    12 labels the legend lists them and each label keeps its colour; with more, the segments of
+    a bar are coloured by the label's rank within its task (hover names the label)."""
     if stats is None or stats.empty or not {"task", "label", "count"} <= set(stats.columns):
         return no_data_figure("no data: no label statistics", y_title="Examples", title=title,
                               width="two")
+    from plotly.subplots import make_subplots
+
     df = stats.copy()
     df["label"] = df["label"].astype(str)
     df["task"] = df["task"].astype(str)
+    df["count"] = pd.to_numeric(df["count"], errors="coerce").fillna(0)
+    if "split" not in df.columns:
+        df["split"] = ""
+    df["split"] = df["split"].astype(str)
     tasks = list(dict.fromkeys(df["task"]))
-    has_split = "split" in df.columns and df["split"].nunique() > 1
-    if has_split:
-        df["split"] = df["split"].astype(str)
-        splits = list(dict.fromkeys(df["split"]))
-        keys = [(t, sp) for t in tasks for sp in splits
-                if ((df["task"] == t) & (df["split"] == sp)).any()]
-    else:
-        keys = [(t, None) for t in tasks]
+    splits = list(dict.fromkeys(df["split"]))
     labels = list(dict.fromkeys(df["label"]))
-    show = len(labels) <= 12
-    fig = go.Figure()
-    for i, label in enumerate(labels):
-        sub = df[df["label"] == label]
-        counts = sub.groupby(["task", "split"] if has_split else ["task"])["count"].sum()
-        y = [float(counts.get(k if has_split else k[0], 0)) for k in keys]
-        x = [[k[0] for k in keys], [k[1] for k in keys]] if has_split else [k[0] for k in keys]
-        fig.add_trace(go.Bar(x=x, y=y, name=label, showlegend=show,
-                             marker=dict(color=PALETTE[i % len(PALETTE)], line=dict(width=0)),
-                             hovertemplate=f"label {label}<br>%{{x}}: %{{y}}<extra></extra>"))
-    fig.update_layout(title=title, barmode="stack", bargap=0.15, yaxis_title="Examples",
-                      xaxis=dict(tickangle=-45 if len(keys) > 10 and not has_split else 0))
-    fig.update_xaxes(showgrid=False)
+    keys = [(t, sp) for t in tasks for sp in splits if ((df["task"] == t) & (df["split"] == sp)).any()]
+    rows = len(splits) if len(splits) > 1 and len(keys) > 24 else 1
+    multicat = rows == 1 and len(splits) > 1
+    legend = len(labels) <= 12
+    rank = {(t, lab): i for t, g in df.groupby("task", sort=False)
+            for i, lab in enumerate(dict.fromkeys(g["label"]))}
+    counts = df.groupby(["task", "split", "label"])["count"].sum()
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.04) if rows > 1 \
+        else go.Figure()
+    for r in range(rows):
+        row_keys = [k for k in keys if rows == 1 or k[1] == splits[r]]
+        for i, label in enumerate(labels):
+            y = [float(counts.get((t, sp, label), 0)) for t, sp in row_keys]
+            if not any(y):
+                continue
+            x = [[t for t, _ in row_keys], [sp for _, sp in row_keys]] if multicat \
+                else [t for t, _ in row_keys]
+            color = PALETTE[i % len(PALETTE)] if legend else \
+                [PALETTE[rank.get((t, label), 0) % len(PALETTE)] for t, _ in row_keys]
+            bar = go.Bar(x=x, y=y, name=label, legendgroup=label, showlegend=legend and r == 0,
+                         marker=dict(color=color, line=dict(width=0)),
+                         hovertemplate=f"label {label}<br>%{{x}}: %{{y}}<extra></extra>")
+            if rows > 1:
+                fig.add_trace(bar, row=r + 1, col=1)
+            else:
+                fig.add_trace(bar)
+    fig.update_layout(title=title, barmode="stack", bargap=0.15)
+    fig.update_xaxes(showgrid=False, type="multicategory" if multicat else "category")
+    if rows > 1:
+        for r, split in enumerate(splits):
+            fig.update_yaxes(title_text=f"Examples ({split})", row=r + 1, col=1)
+        fig.update_xaxes(tickangle=-45 if len(tasks) > 10 else 0, row=rows, col=1)
+        set_meta(fig, aimm_aspect={"one": 1.2, "two": 0.25 + 0.17 * rows})
+    else:
+        fig.update_layout(yaxis_title="Examples")
+        fig.update_xaxes(tickangle=-45 if len(keys) > 10 and not multicat else 0)
     return apply_paper_theme(fig, "two")
 
 

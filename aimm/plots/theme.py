@@ -27,8 +27,8 @@ METHOD_NAMES: dict[str, str] = {
 }
 # colour of a merge event by its kind (controller: early / planned / forced; Recurrent-KIF: fixed)
 KIND_COLORS: dict[str, str] = {
-    "early": "#009E73",
-    "planned": "#0072B2",
+    "early": "#E69F00",
+    "planned": "#009E73",
     "forced": "#CC79A7",
     "fixed": "#7F7F7F",
 }

@@ -54,6 +54,13 @@ def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
     return pd.to_numeric(df[column], errors="coerce")
 
 
+def _kinds(merges: pd.DataFrame) -> pd.Series:
+    """Merge kind per row (``merge`` where not recorded)."""
+    if "kind" not in merges.columns:
+        return pd.Series(["merge"] * len(merges), index=merges.index)
+    return merges["kind"].fillna("merge").astype(str)
+
+
 def merge_lambda(merges: pd.DataFrame) -> pd.Series:
     """Λ per merge: the ``lambda`` column (``lam``), else l1 / interval_before (spec §4)."""
     for col in ("lambda", "lam"):
@@ -92,7 +99,7 @@ def merge_event_traces(steps_x: pd.Series, kinds: pd.Series, hover: str = "merge
             x=x, y=y, yaxis=EVENTS_AXIS, mode="lines", name=f"merge ({kind})",
             line=dict(color=KIND_COLORS.get(kind, "#7F7F7F"), width=0.9, dash="dot"),
             hovertemplate=hover + f" ({kind})<extra></extra>", showlegend=showlegend,
-            legendgroup="merges"))
+            legendgroup="merges", legendrank=1000 + len(traces)))
     return traces
 
 
@@ -115,18 +122,18 @@ def signals_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
     add_event_axis(fig)
     if has_merges:
         m = m.sort_values("step")
-        for tr in merge_event_traces(m["step"], m["kind"] if "kind" in m.columns else pd.Series(["merge"] * len(m))):
+        for tr in merge_event_traces(m["step"], _kinds(m)):
             fig.add_trace(tr)
     if has_hist:
         ok = hist.notna()
         fig.add_trace(go.Scatter(
-            x=s.loc[ok, "step"], y=hist[ok], mode="markers", name="Forgetting signal",
+            x=s.loc[ok, "step"], y=hist[ok], mode="markers", name="Forgetting signal", legendrank=1,
             marker=dict(color=FORGETTING_COLOR, size=4, opacity=0.75, line=dict(width=0)),
             hovertemplate="step %{x}<br>memory loss %{y:.4f}<extra></extra>", yaxis="y"))
         thr = _numeric(s, "threshold")
         if show_threshold and thr.notna().any():
             fig.add_trace(go.Scatter(
-                x=s["step"], y=thr, mode="lines", name="Threshold δ", yaxis="y",
+                x=s["step"], y=thr, mode="lines", name="Threshold δ", yaxis="y", legendrank=3,
                 line=dict(color=THRESHOLD_COLOR, width=1, dash="dash", shape="hv"),
                 connectgaps=False, hovertemplate="step %{x}<br>δ %{y:.4f}<extra></extra>"))
     if has_merges:
@@ -135,7 +142,7 @@ def signals_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
         if ok.any():
             fig.add_trace(go.Scatter(
                 x=m.loc[ok, "step"], y=lam[ok], mode="lines+markers", name="Learning signal Λ",
-                yaxis="y2", line=dict(color=LEARNING_COLOR, width=1.4),
+                legendrank=2, yaxis="y2", line=dict(color=LEARNING_COLOR, width=1.4),
                 marker=dict(color=LEARNING_COLOR, size=5, symbol="diamond"),
                 hovertemplate="merge at step %{x}<br>Λ %{y:.4g}<extra></extra>"))
     fig.update_layout(
@@ -148,6 +155,7 @@ def signals_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
                     tickfont=dict(color=LEARNING_COLOR), linecolor=LEARNING_COLOR,
                     tickcolor=LEARNING_COLOR),
     )
+    set_meta(fig, aimm_aspect={"one": 0.85, "two": 0.45})  # room for a 2-3 row legend
     return apply_paper_theme(fig, "one")
 
 
@@ -180,8 +188,8 @@ def interval_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
                              hovertemplate="step %{x}<br>S = %{y}<extra></extra>"))
     if not m.empty and "step" in m.columns:
         m = m.sort_values("step")
-        kinds = m["kind"].fillna("merge").astype(str) if "kind" in m.columns else pd.Series(["merge"] * len(m), index=m.index)
-        after = _numeric(m, "interval_after") if "interval_after" in m.columns else pd.Series(np.nan, index=m.index)
+        kinds = _kinds(m)
+        after = _numeric(m, "interval_after")
         for kind in sorted(set(kinds)):
             sel = (kinds == kind).to_numpy()
             fig.add_trace(go.Scatter(
@@ -269,7 +277,8 @@ def _stage_bounds(steps: pd.DataFrame) -> list[tuple[str, float, float]]:
     key = "stage" if "stage" in steps.columns else "task"
     out = []
     for _, g in steps.groupby(key, sort=False):
-        out.append((str(g["task"].iloc[0]), float(g["global_step"].min()), float(g["global_step"].max())))
+        out.append((str(g["task"].iloc[0]), float(g["global_step"].min()),
+                    float(g["global_step"].max())))
     return sorted(out, key=lambda t: t[1])
 
 
@@ -303,138 +312,22 @@ def training_figure(steps: pd.DataFrame, merges: pd.DataFrame | None = None,
     _training_layout(fig)
     if not m.empty and "step" in m.columns:
         m = _merge_global_steps(s, m)
-        kinds = m["kind"] if "kind" in m.columns else pd.Series(["merge"] * len(m), index=m.index)
-        for tr in merge_event_traces(m["global_step"], kinds, hover="merge at global step %{x}"):
+        for tr in merge_event_traces(m["global_step"], _kinds(m), hover="merge at global step %{x}"):
             fig.add_trace(tr)
     loss = _numeric(s, "loss")
     fig.add_trace(go.Scatter(x=s["global_step"], y=loss, mode="lines", name="Training loss",
+                             legendrank=1,
                              line=dict(color="#333333", width=1.1),
                              hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"))
     hist = _numeric(s, "history_loss")
     if hist.notna().any():
         ok = hist.notna()
         fig.add_trace(go.Scatter(
-            x=s.loc[ok, "global_step"], y=hist[ok], mode="markers", name="History loss",
+            x=s.loc[ok, "global_step"], y=hist[ok], mode="markers", name="History loss", legendrank=2,
             marker=dict(color=FORGETTING_COLOR, size=3.5, opacity=0.7, line=dict(width=0)),
             hovertemplate="step %{x}<br>memory loss %{y:.4f}<extra></extra>"))
     for i, (name, start, _end) in enumerate(_stage_bounds(s)):
         add_stage_boundary(fig, name, start, first=(i == 0))
-    fig.update_layout(title=title, margin_t=40 if title else 18)  # task names above the plot
+    fig.update_layout(title=title, margin_t=34 if title else 18)  # task names above the plot
     set_meta(fig, aimm_aspect={"one": 0.75, "two": 0.38})
     return apply_paper_theme(fig, "two")
-
-
-def live_training_figure(title: str | None = None) -> go.FigureWidget:
-    """An empty FigureWidget laid out like :func:`training_figure` (traces: training loss,
-    history loss, merges); :class:`LiveTrainingPlot` fills it."""
-    fig = go.Figure()
-    _training_layout(fig)
-    fig.add_trace(go.Scatter(x=[], y=[], mode="lines", name="Training loss",
-                             line=dict(color="#333333", width=1.1)))
-    fig.add_trace(go.Scatter(x=[], y=[], mode="markers", name="History loss",
-                             marker=dict(color=FORGETTING_COLOR, size=3.5, opacity=0.7)))
-    fig.add_trace(go.Scatter(x=[], y=[], yaxis=EVENTS_AXIS, mode="lines", name="merge",
-                             line=dict(color=KIND_COLORS["planned"], width=0.9, dash="dot"),
-                             hoverinfo="skip"))
-    fig.update_layout(title=title, margin_t=40)  # the title shows the scores after each stage
-    set_meta(fig, aimm_aspect={"one": 0.75, "two": 0.38})
-    apply_paper_theme(fig, "two")
-    return go.FigureWidget(fig)
-
-
-class LiveTrainingPlot:
-    """Engine callback that draws the training into a FigureWidget while it runs.
-
-    ``aimm.engine.run(cfg, callbacks=[plot])``; show ``plot.widget`` in the notebook. Points are
-    buffered and sent to the widget every ``every`` steps in one ``batch_update``. Without a
-    widget frontend (papermill, plain Python) it still works; use :meth:`figure` for a static copy.
-    """
-
-    def __init__(self, every: int = 10, title: str | None = None,
-                 widget: go.FigureWidget | None = None) -> None:
-        self.every = max(1, int(every))
-        self.widget = widget if widget is not None else live_training_figure(title)
-        self.steps: list[dict] = []
-        self.merges: list[dict] = []
-        self.stage_scores: list[dict] = []
-        self._x: list[float] = []
-        self._loss: list[float] = []
-        self._hx: list[float] = []
-        self._hy: list[float] = []
-        self._mx: list[Any] = []
-        self._my: list[Any] = []
-        self._pending = 0
-        self._last: dict | None = None
-        self._stage_starts: dict[Any, tuple[str, float]] = {}
-
-    @property
-    def fig(self) -> go.FigureWidget:
-        return self.widget
-
-    def _ipython_display_(self) -> None:  # pragma: no cover - notebook display
-        from IPython.display import display
-
-        display(self.widget)
-
-    # engine callbacks
-    def on_step(self, record: dict) -> None:
-        rec = dict(record)
-        self.steps.append(rec)
-        gs = rec.get("global_step", len(self.steps))
-        stage = rec.get("stage", rec.get("task"))
-        if stage not in self._stage_starts:
-            self._stage_starts[stage] = (str(rec.get("task", stage)), float(gs))
-        self._x.append(gs)
-        self._loss.append(rec.get("loss"))
-        hist = rec.get("history_loss")
-        if hist is not None and np.isfinite(hist):
-            self._hx.append(gs)
-            self._hy.append(hist)
-        self._last = rec
-        self._pending += 1
-        if self._pending >= self.every:
-            self.flush()
-
-    def on_merge(self, event: dict) -> None:
-        ev = dict(event)
-        # merges arrive before the step's own record: global = stage offset + step in stage
-        last = self._last
-        if last is not None and last.get("stage") == ev.get("stage", last.get("stage")):
-            offset = last.get("global_step", 0) - last.get("step", 0)
-        else:
-            offset = last.get("global_step", 0) if last is not None else 0
-        ev.setdefault("global_step", offset + ev.get("step", 0))
-        self.merges.append(ev)
-        self._mx += [ev["global_step"], ev["global_step"], None]
-        self._my += [0, 1, None]
-
-    def on_stage_end(self, stage: Any, rows: list[dict] | None = None) -> None:
-        name = getattr(stage, "name", str(stage))
-        scores = {r.get("eval_task"): r.get("score") for r in rows or []}
-        self.stage_scores.append({"stage": name, **scores})
-        self.flush()
-        index = getattr(stage, "index", None)
-        start = self._stage_starts.get(index, self._stage_starts.get(name))
-        if start is not None:
-            with self.widget.batch_update():
-                add_stage_boundary(self.widget, name, start[1], first=not self.stage_scores[:-1])
-                if scores:
-                    txt = ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if v is not None)
-                    self.widget.layout.title = f"after {name}: {txt}"
-
-    def flush(self) -> None:
-        """Send the buffered points to the widget (one batched update)."""
-        self._pending = 0
-        with self.widget.batch_update():
-            self.widget.data[0].x, self.widget.data[0].y = list(self._x), list(self._loss)
-            self.widget.data[1].x, self.widget.data[1].y = list(self._hx), list(self._hy)
-            self.widget.data[2].x, self.widget.data[2].y = list(self._mx), list(self._my)
-
-    # results
-    def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
-        return pd.DataFrame(self.steps), pd.DataFrame(self.merges)
-
-    def figure(self) -> go.Figure:
-        """The static :func:`training_figure` of what has been seen so far."""
-        steps, merges = self.frames()
-        return training_figure(steps, merges)
