@@ -25,6 +25,18 @@ from typing import Any, Callable, Iterable
 
 from aimm.config import ConfigError, RunConfig
 
+
+def chdir_to_project() -> Path:
+    """Work from the project root when a notebook runs in its ``notebooks/`` folder (JupyterLab
+    starts kernels there), so that relative paths (``runs``, ``Fig``, ``data/aimm``) mean the same
+    as under ``aimm reproduce`` and the CLI. Returns the working directory."""
+    cwd = Path.cwd()
+    if cwd.name == "notebooks" and (cwd.parent / "pyproject.toml").is_file() \
+            and (cwd.parent / "aimm").is_dir():
+        os.chdir(cwd.parent)
+    return Path.cwd()
+
+
 # ------------------------------------------------------------------------------------------
 # parameters
 
@@ -445,18 +457,26 @@ def read_splits(data_dir: str | Path, benchmark: str, tasks: list[str]) -> dict[
 GENERATION_LABEL = "(free text)"
 
 
-def check_data(data_root: str | Path, show: int = 20):
-    """:func:`aimm.data.inspect_benchmark` with a printed summary (first ``show`` warnings);
-    raises :class:`aimm.data.DataError` with every error line when the folder is invalid."""
+def check_data(data_root: str | Path, tasks: Iterable[str] = (), show: int = 20):
+    """:func:`aimm.data.inspect_benchmark` with a printed summary: the warnings about ``tasks``
+    (those trained) first, at most ``show`` lines. Raises :class:`aimm.data.DataError` with every
+    error line when the folder is invalid."""
+    import re
+
     from aimm.data import DataError, inspect_benchmark
 
     report = inspect_benchmark(data_root)
     print(f"{data_root}: {report.n_files} files, {report.n_records} records, "
           f"{len(report.warnings)} warning(s), {len(report.errors)} error(s)")
-    for line in report.warnings[:show]:
+    names = [re.escape(t) for t in tasks]
+    pattern = re.compile(r"(^|[/'\s])(" + "|".join(names) + r")([_:'\s]|$)") if names else None
+    ours = [w for w in report.warnings if pattern and pattern.search(w)]
+    rest = [w for w in report.warnings if w not in ours]
+    for line in (ours + rest)[:show]:
         print(f"  warning: {line}")
     if len(report.warnings) > show:
-        print(f"  ... and {len(report.warnings) - show} more warning(s)")
+        print(f"  ... and {len(report.warnings) - show} more warning(s) "
+              f"({len(ours)} about the tasks of this run)")
     if report.errors:
         raise DataError(report.errors)
     return report
@@ -469,8 +489,9 @@ def data_statistics(tasks_data: dict[str, Any], tokenizer, max_tokenized: int | 
     ``tasks_data``: task -> {split: [Example]} (see :func:`read_splits`) or task ->
     :class:`aimm.data.TaskData` (its train and test lists). Returns ``(stats_df, lengths_df)``:
     ``stats_df[task, split, label, count]`` (label = the output string; all outputs of a
-    generation task count as one label, ``"(free text)"``) and ``lengths_df[task, split, tokens, target_tokens]`` (prompt and target
-    lengths with ``tokenizer``, on at most ``max_tokenized`` examples per split).
+    generation task count as one label, ``"(free text)"``) and
+    ``lengths_df[task, split, tokens, target_tokens]`` (prompt and target lengths with
+    ``tokenizer``, on at most ``max_tokenized`` examples per split).
     """
     import random
     from collections import Counter
@@ -734,14 +755,17 @@ def run_explorer(run_root: str | Path, initial: tuple[str, str] | None = None):
         return cache[path]
 
     group0 = initial[0] if initial and initial[0] in groups else next(iter(groups))
-    run_dd = W.Dropdown(options=list(groups), value=group0, description="run")
-    method_dd = W.Dropdown(options=list(groups[group0]), description="method")
+    style, width = {"description_width": "56px"}, W.Layout(width="250px")
+    run_dd = W.Dropdown(options=list(groups), value=group0, description="run", style=style,
+                        layout=width)
+    method_dd = W.Dropdown(options=list(groups[group0]), description="method", style=style,
+                           layout=width)
     if initial and initial[1] in groups[group0]:
         method_dd.value = initial[1]
-    task_dd = W.Dropdown(description="task")
-    signal_dd = W.Dropdown(description="signal")
-    slider = W.IntRangeSlider(description="steps", min=0, max=1, value=(0, 1),
-                              continuous_update=False, layout=W.Layout(width="480px"))
+    task_dd = W.Dropdown(description="task", style=style, layout=width)
+    signal_dd = W.Dropdown(description="signal", style=style, layout=width)
+    slider = W.IntRangeSlider(description="steps", min=0, max=1, value=(0, 1), style=style,
+                              continuous_update=False, layout=W.Layout(width="420px"))
     fig = go.FigureWidget()
     fig.update_layout(height=360, margin=dict(l=60, r=20, t=40, b=50), template="plotly_white",
                       xaxis_title="step", showlegend=False)
@@ -829,11 +853,11 @@ def run_explorer(run_root: str | Path, initial: tuple[str, str] | None = None):
 
 
 __all__ = [
-    "NotebookParams", "PARAMETER_NAMES", "SMOKE_MODEL", "check_data", "configs",
-    "result_figures", "trained_tasks", "trajectory_figures", "plan_table", "training_callbacks", "data_statistics",
-    "display_labels", "experiments", "export_all", "find_or_convert_data", "label_for",
-    "load_runs", "metrics_table", "notebook_parameters", "read_splits", "run_dirs",
-    "run_explorer", "run_method", "runs_of", "stage_ended_printer", "summary_table",
-    "to_markdown", "tokenizer_for", "train_all", "validate_parameters", "write_runs_index",
-    "write_table",
+    "FIG_FORMATS", "NotebookParams", "PARAMETER_NAMES", "SMOKE_MODEL", "chdir_to_project",
+    "check_data", "configs", "data_statistics", "display_labels", "experiments", "export_all",
+    "find_or_convert_data", "label_for", "load_runs", "metrics_table", "notebook_parameters",
+    "plan_table", "read_splits", "result_figures", "run_dirs", "run_explorer", "run_method",
+    "runs_of", "stage_ended_printer", "summary_table", "to_markdown", "tokenizer_for",
+    "train_all", "trained_tasks", "training_callbacks", "trajectory_figures",
+    "validate_parameters", "write_runs_index", "write_table",
 ]

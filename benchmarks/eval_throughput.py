@@ -107,6 +107,8 @@ def main(argv=None) -> dict:
             out, wall, cpu = _timed(methods[name])
             walls[name].append(wall)
             cpus[name].append(cpu)
+            print(f"[round {r + 1}/{args.repeats}] {name}: {wall:.1f} s wall, {cpu:.1f} s cpu, "
+                  f"{len(prompts) / wall:.2f} ex/s", flush=True)
             stable &= preds.setdefault(name, out) == out
 
     def acc(p):

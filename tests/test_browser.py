@@ -110,6 +110,30 @@ def lab(tmp_path):
         log.close()
 
 
+def _run_all(page, attempts: int = 3) -> None:
+    """Run → Run All Cells once the kernel is connected and idle (the status bar says so).
+
+    A busy machine can make JupyterLab ask "Select Kernel" (accepted with its default, Python 3)
+    or drop the request while the kernel connects; then Run All is tried again.
+    """
+    started = ".jp-CodeCell .jp-InputPrompt:has-text('[*]'), .jp-CodeCell .jp-InputPrompt:has-text('[1]')"
+    accept = page.locator(".jp-Dialog .jp-mod-accept")
+    for _ in range(attempts):
+        if accept.count():
+            accept.first.click()
+        page.wait_for_selector(".jp-StatusBar-TextItem:has-text('| Idle')", timeout=120_000)
+        page.click("li.lm-MenuBar-item:has-text('Run')")
+        page.click("li.lm-Menu-item[data-command='runmenu:run-all']")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if page.locator(started).count():
+                return
+            if accept.count():
+                accept.first.click()
+            page.wait_for_timeout(500)
+    raise AssertionError(f"no cell started after {attempts} Run All attempts")
+
+
 def test_notebook03_renders_figures_and_explorer_in_jupyterlab(tmp_path, lab):
     try:
         from playwright.sync_api import sync_playwright
@@ -130,29 +154,34 @@ def test_notebook03_renders_figures_and_explorer_in_jupyterlab(tmp_path, lab):
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS,
                                      headless=True)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page = browser.new_page(viewport={"width": 1400, "height": 1500})
             page.goto(f"{url}/lab/tree/{NOTEBOOK}?token={token}", timeout=90_000)
             page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-Cell", timeout=90_000)
-            # the kernel must be up before "Run All" (the toolbar shows its idle status)
-            page.wait_for_selector(".jp-NotebookPanel .jp-Notebook-ExecutionIndicator"
-                                   "[data-status='idle']", timeout=90_000)
-            page.click("li.lm-MenuBar-item:has-text('Run')")
-            page.click("li.lm-Menu-item[data-command='runmenu:run-all']")
-            explorer = page.wait_for_selector(".jupyter-widgets .js-plotly-plot", timeout=180_000)
-            page.wait_for_selector(".widget-dropdown select", timeout=30_000)
-            page.wait_for_selector(".widget-slider", timeout=30_000)
+            _run_all(page)
+            # JupyterLab skips painting cells out of view (content-visibility): wait for the
+            # outputs to be attached, then scroll the explorer into view
+            explorer = page.wait_for_selector(".jupyter-widgets .js-plotly-plot", state="attached",
+                                              timeout=180_000)
             page.wait_for_selector(".jp-NotebookPanel .jp-Notebook-ExecutionIndicator"
                                    "[data-status='idle']", timeout=120_000)
+            explorer.scroll_into_view_if_needed()
+            page.wait_for_selector(".widget-dropdown select", timeout=30_000)
+            page.wait_for_selector(".widget-slider", timeout=30_000)
+            explorer.wait_for_element_state("visible", timeout=30_000)
             plots = page.locator(".jp-OutputArea .js-plotly-plot")
             widgets = page.locator(".jupyter-widgets")
             dropdowns = page.locator(".widget-dropdown select")
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
             n_plots, n_dropdowns, n_widgets = plots.count(), dropdowns.count(), widgets.count()
             error_text = [errors.nth(i).inner_text() for i in range(errors.count())]
-            explorer.scroll_into_view_if_needed()
-            page.mouse.wheel(0, 250)
-            page.wait_for_timeout(1500)  # let plotly finish drawing after the scroll
+            page.mouse.move(700, 700)
+            page.mouse.wheel(0, -700)  # the last static figure above the explorer, too
+            page.mouse.move(5, 1400)  # no hover toolbar over a figure
+            page.wait_for_timeout(2000)  # let plotly finish drawing after the scroll
             page.screenshot(path=str(shot))
+        except Exception:
+            page.screenshot(path=str(tmp_path / "failure.png"))  # what the page showed
+            raise
         finally:
             browser.close()
     SCREENSHOT_COPY.parent.mkdir(parents=True, exist_ok=True)

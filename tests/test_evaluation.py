@@ -125,7 +125,7 @@ def test_batched_equals_one_by_one_and_manual_greedy(bundle):
     single = generate_one_by_one(model, tok, PROMPTS, **kw)
     assert batched == single
     assert len(set(batched)) >= 8 and all(batched)  # non-trivial, prompt-dependent answers
-    for k in (0, 5, 9):  # shortest-but-one, longest, empty body
+    for k in (0, 5, 9):  # short, longest, empty body
         assert batched[k] == _manual_greedy(bundle, PROMPTS[k], NEW_TOKENS)
     # order restored whatever the batch size
     assert generate(model, tok, PROMPTS[::-1], batch_size=16, **kw) == batched[::-1]
@@ -184,14 +184,19 @@ def _brute_force_logprob(bundle, prompt: str, option: str) -> float:
     return -float(loss) * len(t)  # mean token NLL -> summed log-likelihood
 
 
+@pytest.fixture(scope="module")
+def brute(bundle):
+    """log p(option | prompt) for every pair, one unpadded forward each (the reference)."""
+    return [[_brute_force_logprob(bundle, p, o) for o in OPTIONS] for p in PROMPTS]
+
+
 @pytest.mark.parametrize("strategy", ["packed", "cache", "full"])
-def test_label_scoring_matches_brute_force(bundle, strategy):
+def test_label_scoring_matches_brute_force(bundle, brute, strategy):
     if bundle.is_seq2seq and strategy != "packed":
         pytest.skip("seq2seq has one strategy")
     model, tok = bundle.model, bundle.tokenizer
     kw = dict(is_seq2seq=bundle.is_seq2seq, batch_size=3, strategy=strategy)
     table = label_logprobs(model, tok, PROMPTS, OPTIONS, **kw)
-    brute = [[_brute_force_logprob(bundle, p, o) for o in OPTIONS] for p in PROMPTS]
     assert torch.tensor(table) == pytest.approx(torch.tensor(brute), abs=2e-3, rel=1e-4)
     preds = label_scores(model, tok, PROMPTS, OPTIONS, **kw)
     assert preds == [OPTIONS[max(range(len(OPTIONS)), key=row.__getitem__)] for row in brute]

@@ -139,7 +139,8 @@ def test_rerunning_the_training_notebook_resumes_instead_of_retraining(reproduce
     ({"max_train": "64"}, "max_train='64': must be a positive integer"),
     ({"seeds": 42}, "seeds=42: must be a non-empty list"),
     ({"smoke": "yes"}, "smoke='yes': must be True or False"),
-    ({"extra": {"batch_sise": 4}}, "extra: unknown RunConfig field 'batch_sise' (did you mean 'batch_size'?)"),
+    ({"extra": {"batch_sise": 4}},
+     "extra: unknown RunConfig field 'batch_sise' (did you mean 'batch_size'?)"),
     ({"extra": {"method": "replay"}}, "extra: 'method' is set by its own parameter"),
     ({"extra": {"batch_size": 0}}, "batch_size=0: must be a positive integer"),
     ({"method_options": {"aimmerging": {"initial_intervl": 4}}},
@@ -237,3 +238,27 @@ def test_explorer_redraws_for_each_control(reproduced):
     assert "lambda" not in c["signal"].options and "history_loss" in c["signal"].options
     c["task"].value = "sst-2"
     assert c["signal"].options and "history_loss" not in c["signal"].options
+
+
+# ------------------------------------------------------------------------------- tables / figures
+@pytest.mark.slow
+def test_metrics_table_takes_fwt_from_single_task_and_task1_curve_the_mtl_line(tmp_path, bench):
+    p = workflow.validate_parameters({
+        "benchmark": "long_sequence", "order": None, "tasks": ["sst-2", "agnews"], "smoke": True,
+        "methods": ["seq_lora", "mtl", "single_task"], "data_dir": str(bench),
+        "run_root": str(tmp_path), "run_name": "t", "interactive": False})
+    runs = workflow.train_all(p)
+    assert json.loads((tmp_path / "t" / "runs.json").read_text()) == {k: str(v) for k, v in runs.items()}
+    table = workflow.metrics_table(runs).set_index("method")
+    single = json.loads((runs["single_task-s42"] / "metrics.json").read_text())["single_task"]
+    matrix = pd.read_csv(runs["seq_lora-s42"] / "scores_matrix.csv", index_col=0)
+    expected = sum(matrix.iloc[i, i] - single[t] for i, t in enumerate(["sst-2", "agnews"])) / 2
+    assert table.loc["seq_lora", "FWT"] == pytest.approx(expected)
+    assert pd.isna(table.loc["mtl", "BWT"]) and table.loc["mtl", "OP"] >= 0
+    figs = workflow.result_figures(runs, metrics=workflow.metrics_table(runs))
+    assert {"heatmap_seq_lora", "heatmap_mtl", "heatmap_single_task", "task1_curve",
+            "metrics_bars"} <= set(figs)
+    names = [t.name for t in figs["task1_curve"].data]
+    assert "Multi-task" in names and len(names) == 2  # seq_lora + the mtl line
+    traj = workflow.trajectory_figures(runs)
+    assert not traj["signals"] and set(traj["history_loss"]) == {"history_loss_agnews"}

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# GPU speed check: AIMMerging training overhead (T5-large and Qwen3-1.7B shapes, eager and
+# torch.compile) and evaluation throughput, in one script with a total budget (default 300 s).
+#
+#   bash benchmarks/gpu_check.sh               # on a CUDA machine (writes ${OUT:-runs/gpu_check})
+#   bash benchmarks/gpu_check.sh --cpu-smoke   # the same logic on CPU with tiny models, ~2 min
+#
+# Needs: torch with CUDA, transformers, peft, accelerate, pandas, pyyaml (no rouge-score / gguf /
+# nltk / plotly, no internet). The package is used from the working tree (PYTHONPATH=$PWD); the
+# SmolLM2 tokenizer must be at $AIMM_CACHE/smollm2-135m-tokenizer (default: ./.cache/aimm when
+# that folder holds it, else ~/.cache/aimm; e.g. `mkdir -p .cache/aimm && cp -r
+# ~/.cache/aimm/smollm2-135m-tokenizer .cache/aimm/` and carry `.cache/aimm` to the GPU machine).
+# Models are random-init shapes (random:t5-large,
+# random:qwen3-1.7b), bf16 weights, synthetic batches of 8 x ~256 tokens.
+#
+# Every sub-benchmark runs under `timeout`, sized from what is left of BUDGET_S; a failure or a
+# timeout is recorded and the script goes on. train_overhead rewrites its JSON after every run,
+# so a timed-out one still leaves its finished runs ("partial": true). Exit status: 0 when the
+# pre-flight passed (see summary.json for each sub-benchmark's status), 2 otherwise.
+set -u
+
+MODE=gpu
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-smoke) MODE=cpu ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
+
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+BUDGET_S=${BUDGET_S:-300}
+START=$(date +%s)
+
+if [ -z "${PYTHON:-}" ]; then
+  if [ "$MODE" = cpu ] && [ -x "$ROOT/.venv/bin/python" ]; then PYTHON=$ROOT/.venv/bin/python; else PYTHON=python3; fi
+fi
+if [ -z "${AIMM_CACHE:-}" ]; then
+  if [ -d "$ROOT/.cache/aimm/smollm2-135m-tokenizer" ]; then AIMM_CACHE=$ROOT/.cache/aimm; else AIMM_CACHE=$HOME/.cache/aimm; fi
+fi
+export AIMM_CACHE PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::FutureWarning}
+
+STATUS_FILE=$OUT/status.tsv
+: > "$STATUS_FILE"
+log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" >&2; }
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+
+# run_bench NAME PLANNED_S CMD...: run under timeout min(PLANNED_S, what is left - 5 s reserve)
+run_bench() {
+  local name=$1 planned=$2; shift 2
+  local remain=$(( $(left) - 5 ))
+  local limit=$(( planned < remain ? planned : remain ))
+  if [ "$limit" -lt 10 ]; then
+    log "$name: skipped (budget spent)"
+    printf '%s\tskipped\t0\t0\n' "$name" >> "$STATUS_FILE"
+    return
+  fi
+  log "$name: start (timeout ${limit}s)"
+  local t0=$(date +%s)
+  timeout --signal=TERM --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  local status=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then status=timeout; elif [ "$rc" -ne 0 ]; then status=failed; fi
+  log "$name: $status (rc $rc, ${dt}s)"
+  [ "$status" = ok ] || tail -n 5 "$OUT/$name.log" | sed "s/^/    /" >&2
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$dt" >> "$STATUS_FILE"
+}
+
+# ---------------------------------------------------------------------------- pre-flight
+log "mode $MODE, python $PYTHON, AIMM_CACHE $AIMM_CACHE, out $OUT, budget ${BUDGET_S}s"
+timeout 60 "$PYTHON" - "$MODE" "$OUT/preflight.json" <<'EOF'
+import json, os, sys
+mode, out = sys.argv[1], sys.argv[2]
+import torch
+info = {"torch": torch.__version__, "cuda": torch.cuda.is_available(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+tok = os.path.join(os.environ["AIMM_CACHE"], "smollm2-135m-tokenizer")
+info["tokenizer"] = tok if os.path.isdir(tok) else None
+import aimm.engine, aimm.evaluation, aimm.models, aimm.data.synthetic  # noqa: E401,F401
+info["optional_modules_imported_by_aimm"] = sorted(
+    m for m in ("rouge_score", "nltk", "gguf", "plotly") if m in sys.modules)
+problems = []
+if mode == "gpu" and not info["cuda"]:
+    problems.append("torch sees no CUDA device")
+if info["tokenizer"] is None:
+    problems.append(f"tokenizer folder missing: {tok} (carry it, or set AIMM_CACHE)")
+info["problems"] = problems
+json.dump(info, open(out, "w"), indent=1)
+print(json.dumps(info))
+sys.exit(1 if problems else 0)
+EOF
+if [ $? -ne 0 ]; then
+  log "pre-flight failed (see $OUT/preflight.json)"
+  exit 2
+fi
+
+# ---------------------------------------------------------------------------- sizes
+DATA=$(mktemp -d "${TMPDIR:-/tmp}/aimm-gpu-check-XXXXXX")
+trap 'rm -rf "$DATA"' EXIT
+if [ "$MODE" = gpu ]; then
+  DEV=cuda; T5=random:t5-large; QWEN=random:qwen3-1.7b
+  # 16 inner steps on task 2 (128 examples / batch 8), 4 on task 1 (32 examples: the memory
+  # buffer fills a memory batch of 32), ~256-token prompts, bf16 weights, fused AdamW
+  SIZE=(--dtype bfloat16 --batch-size 8 --max-train 128 --task1-steps 2 --max-input-len 256
+        --prompt-tokens 256 --memory-batch-size 32 --initial-interval 4 --max-test 2)
+  # one process per model: eager (release, fast; 2 repeats), then torch.compile (fast only;
+  # repeat 0 compiles and is discarded, repeat 1 is measured; "steady" leaves out 4 steps)
+  MODES=(--modes eager,compile --repeats 2 --compile-settings fast --compile-repeats 2
+         --discard-first compile --warmup-steps 4)
+  EVAL_N=64; EVAL_WORDS=236
+  P_EVAL=40; P_QWEN=130; P_T5=120
+else
+  DEV=cpu; T5=tiny-seq2seq; QWEN=tiny-causal
+  SIZE=(--dtype bfloat16 --batch-size 3 --max-train 6 --task1-steps 1 --max-input-len 64
+        --prompt-tokens 32 --memory-batch-size 2 --initial-interval 2 --max-test 1)
+  # compiling takes minutes on a CPU: eager only, with the warm-up-repeat logic exercised
+  MODES=(--modes "${SMOKE_MODES:-eager}" --repeats 2 --compile-settings fast --compile-repeats 2
+         --discard-first compile --warmup-steps 1)
+  EVAL_N=4; EVAL_WORDS=20
+  P_EVAL=40; P_QWEN=90; P_T5=90
+fi
+COMMON=(--device "$DEV" --fused-optimizer --settings release,fast "${SIZE[@]}" "${MODES[@]}")
+
+"$PYTHON" -c "
+from aimm.data.synthetic import make_synthetic_benchmark
+make_synthetic_benchmark('$DATA', n_train=2, n_test=$EVAL_N, words=($EVAL_WORDS, $EVAL_WORDS + 4))
+" || log "could not write synthetic eval data"
+
+# ---------------------------------------------------------------------------- benchmarks
+run_bench eval_throughput_qwen3 "$P_EVAL" "$PYTHON" -m benchmarks.eval_throughput \
+  --model "$QWEN" --device "$DEV" --data-dir "$DATA/data_longsequence" --task agnews \
+  --split test --n "$EVAL_N" --batch-size 16 --max-input-len 256 --repeats 2 \
+  --out "$OUT/eval_throughput_qwen3.json"
+run_bench train_overhead_qwen3 "$P_QWEN" "$PYTHON" -m benchmarks.train_overhead \
+  --model "$QWEN" "${COMMON[@]}" --out "$OUT/train_overhead_qwen3.json"
+run_bench train_overhead_t5 "$P_T5" "$PYTHON" -m benchmarks.train_overhead \
+  --model "$T5" "${COMMON[@]}" --out "$OUT/train_overhead_t5.json"
+
+# ---------------------------------------------------------------------------- summary
+"$PYTHON" - "$OUT" "$(( $(date +%s) - START ))" <<'EOF'
+import json, sys
+from pathlib import Path
+out, total = Path(sys.argv[1]), int(sys.argv[2])
+rows = [line.split("\t") for line in (out / "status.tsv").read_text().splitlines() if line]
+summary = {"total_s": total, "benchmarks": {}}
+def f(x, spec="6.3f"):
+    return format(x, spec) if isinstance(x, (int, float)) else "-"
+print(f"\n{'benchmark':<30}{'status':>8}{'s':>5}  details")
+for name, status, rc, dt in rows:
+    path = out / f"{name}.json"
+    data = json.loads(path.read_text()) if path.is_file() else None
+    entry = {"status": status, "rc": int(rc), "seconds": int(dt), "json": path.name if data else None}
+    if data is not None and data.get("partial"):
+        entry["partial"] = True
+    summary["benchmarks"][name] = entry
+    print(f"{name:<30}{status:>8}{dt:>5}  " + ("(partial JSON)" if entry.get("partial") else "")
+          + ("(no JSON)" if data is None else ""))
+    if data and name.startswith("train_overhead") and data.get("summary"):
+        s, r = data["summary"], data.get("ratios", {})
+        for v, sv in s.items():
+            rv = r.get(v, {})
+            peak = sv.get("peak_memory_bytes")
+            print(f"    {v:<25} train {f(sv['train_s'], '7.2f')}s  opt {f(sv['optimizer_steps'], '3.0f')}"
+                  f"  s/opt {f(sv['s_per_optimizer_step'], '7.4f')}  x/opt {f(rv.get('time_per_optimizer_step'), '5.2f')}"
+                  f"  xtrain {f(rv.get('stage2_train_time'), '5.2f')}"
+                  f"  steady x/opt {f(rv.get('steady_time_per_optimizer_step'), '5.2f')}"
+                  f"  peak {f(peak / 2**30 if peak else None, '6.2f')} GiB")
+            entry.setdefault("ratios", {})[v] = rv
+    if data and name.startswith("eval_throughput"):
+        keys = [k for k in data if k.startswith("speedup")]
+        b = data.get("batched", {})
+        print(f"    batched {f(b.get('examples_per_s'), '8.1f')} ex/s  "
+              + "  ".join(f"{k} {f(data[k], '6.2f')}" for k in keys))
+        entry["batched_examples_per_s"] = b.get("examples_per_s")
+        entry.update({k: data[k] for k in keys})
+print(f"total {total}s")
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
+EOF
+exit 0
