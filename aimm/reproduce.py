@@ -41,7 +41,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": ["seq_lora", "aimmerging"], "model": "smollm2-135m",
         "max_train": 64, "max_test": 40, "epochs": 1, "seeds": [42],
         "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
-                  "eval_batch_size": 20},
+                  "eval_batch_size": 20, "dtype": "bfloat16"},
     },
     "smoke": {  # tiny random model on three tasks (tests; pass data_dir for a tiny benchmark)
         "benchmark": "long_sequence", "order": None, "tasks": ["sst-2", "agnews", "rte"],

@@ -42,6 +42,7 @@ class RunDirError(OSError):
 
 # ---------------------------------------------------------------------------------- atomic I/O
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, fsync, then ``os.replace``; usual permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
@@ -50,6 +51,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

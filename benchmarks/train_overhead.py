@@ -193,6 +193,16 @@ def run_variant(name: str, setting: str, args, base: dict, work: Path, memory: P
         "step_s": [round(x, 4) for x in steps_s], "merge_events": meter.merges,
         "truncation": info.get("truncation"),
     }
+    if method == "aimmerging":  # what the probes and rehearsal steps actually used
+        from dataclasses import asdict
+
+        from aimm.methods.aimmerging import AIMMergingOptions
+
+        o = AIMMergingOptions(**opts).resolved(cfg.batch_size)
+        out["resolved_options"] = {k: v for k, v in asdict(o).items() if k in (
+            "probe_every", "probe_batch_size", "rehearsal_batch_size", "probe_mode",
+            "outer_optimizer", "initial_interval", "outer_ratio")}
+        out["resolved_options"]["memory_batch_size"] = cfg.memory_batch_size
     w = args.warmup_steps
     if w and len(steps_s) > w:
         outer_after = sum(m["outer_steps"] or 0 for m in meter.merges if (m["step"] or 0) > w)

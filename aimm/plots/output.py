@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -21,6 +20,7 @@ from typing import Any, Iterable, Mapping
 import plotly.graph_objects as go
 
 from aimm.plots.theme import WIDTHS, apply_paper_theme, get_meta
+from aimm.runs import atomic_write_bytes
 
 STATIC_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg", "webp")
 ALL_FORMATS = ("html",) + STATIC_FORMATS
@@ -43,26 +43,6 @@ INSTALL_HINT = ("install one (Debian/Ubuntu: `apt-get install chromium`), or poi
 
 class BrowserNotFoundError(RuntimeError):
     """Static export (PNG/PDF/SVG) needs a Chrome/Chromium and none was found."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, then ``os.replace``; usual permissions (umask)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _is_exe(path: str | os.PathLike | None) -> bool:
