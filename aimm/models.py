@@ -248,7 +248,8 @@ def resolve_model_path(spec: str) -> Path:
     if not path.exists():
         raise ModelError(
             f"model '{spec}': no such folder, and not one of the aliases "
-            f"{SMOLLM2_ALIAS}, {', '.join(TINY_SPECS)}"
+            f"{SMOLLM2_ALIAS}, {', '.join(TINY_SPECS)}, "
+            f"{', '.join('random:' + k for k in RANDOM_SHAPES)}"
         )
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelError(f"{path}: holds no Hugging Face model (config.json missing)")
