@@ -17,13 +17,16 @@
 # timeout is recorded and the script goes on. train_overhead rewrites its JSON after every run,
 # so a timed-out one still leaves its finished runs ("partial": true). Exit status: 0 when the
 # pre-flight passed (see summary.json for each sub-benchmark's status), 2 otherwise.
+# Knobs (environment): OUT, BUDGET_S (300), P_EVAL / P_QWEN / P_T5 (planned seconds per
+# sub-benchmark: 40 / 130 / 120), PYTHON, AIMM_CACHE; SMOKE_MODES=eager,compile adds
+# torch.compile to --cpu-smoke (several minutes on a CPU).
 set -u
 
 MODE=gpu
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) MODE=cpu ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -115,7 +118,7 @@ if [ "$MODE" = gpu ]; then
   MODES=(--modes eager,compile --repeats 2 --compile-settings fast --compile-repeats 2
          --discard-first compile --warmup-steps 4)
   EVAL_N=64; EVAL_WORDS=236
-  P_EVAL=40; P_QWEN=130; P_T5=120
+  P_EVAL=${P_EVAL:-40}; P_QWEN=${P_QWEN:-130}; P_T5=${P_T5:-120}
 else
   DEV=cpu; T5=tiny-seq2seq; QWEN=tiny-causal
   SIZE=(--dtype bfloat16 --batch-size 3 --max-train 6 --task1-steps 1 --max-input-len 64
@@ -124,7 +127,7 @@ else
   MODES=(--modes "${SMOKE_MODES:-eager}" --repeats 2 --compile-settings fast --compile-repeats 2
          --discard-first compile --warmup-steps 1)
   EVAL_N=4; EVAL_WORDS=20
-  P_EVAL=40; P_QWEN=90; P_T5=90
+  P_EVAL=${P_EVAL:-40}; P_QWEN=${P_QWEN:-90}; P_T5=${P_T5:-90}
 fi
 COMMON=(--device "$DEV" --fused-optimizer --settings release,fast "${SIZE[@]}" "${MODES[@]}")
 
