@@ -101,26 +101,6 @@ def pad_batch(
     return ids, mask
 
 
-def encode_training_batch(
-    tokenizer,
-    inputs: Sequence[str],
-    outputs: Sequence[str],
-    *,
-    is_seq2seq: bool,
-    max_input_len: int,
-    max_target_len: int,
-    counter: TruncationCounter | None = None,
-) -> dict[str, torch.Tensor]:
-    """One training batch: ``input_ids``, ``attention_mask``, ``labels``."""
-    prompt_ids = encode_prompts(
-        tokenizer, inputs, is_seq2seq=is_seq2seq, max_input_len=max_input_len, counter=counter
-    )
-    target_ids = encode_targets(
-        tokenizer, outputs, is_seq2seq=is_seq2seq, max_target_len=max_target_len, counter=counter
-    )
-    return collate(prompt_ids, target_ids, is_seq2seq=is_seq2seq, pad_id=tokenizer.pad_token_id)
-
-
 class EncodedExamples:
     """Examples tokenised once; ``batch(indices)`` pads a batch without re-tokenising.
 

@@ -15,6 +15,8 @@ notebooks' outputs (``runs.json``, ``data_stats.csv``, ``metrics.csv``, ``metric
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import difflib
 import json
@@ -769,47 +771,52 @@ def run_explorer(run_root: str | Path, initial: tuple[str, str] | None = None):
     fig = go.FigureWidget()
     fig.update_layout(height=360, margin=dict(l=60, r=20, t=40, b=50), template="plotly_white",
                       xaxis_title="step", showlegend=False)
-    busy = {"on": False}
+    busy = {"on": False}  # widget callbacks fire while we set options: ignore those
+
+    @contextlib.contextmanager
+    def updating():
+        busy["on"] = True
+        try:
+            yield
+        finally:
+            busy["on"] = False
 
     def current():
-        steps, merges = trajectory(groups[run_dd.value][method_dd.value])
-        return steps, merges
+        return trajectory(groups[run_dd.value][method_dd.value])
 
     def refresh_methods(*_):
-        busy["on"] = True
-        method_dd.options = list(groups[run_dd.value])
-        busy["on"] = False
+        with updating():
+            method_dd.options = list(groups[run_dd.value])
         refresh_tasks()
 
     def refresh_tasks(*_):
         if busy["on"]:
             return
-        busy["on"] = True
-        steps, merges = current()
-        tasks = list(dict.fromkeys(steps["task"])) if not steps.empty else []
-        task_dd.options = tasks
-        if tasks:
-            task_dd.value = tasks[-1] if len(tasks) > 1 else tasks[0]
-        busy["on"] = False
+        with updating():
+            steps, _ = current()
+            tasks = list(dict.fromkeys(steps["task"])) if not steps.empty else []
+            task_dd.options = tasks
+            if tasks:
+                task_dd.value = tasks[-1]
         refresh_signals()
 
     def refresh_signals(*_):
         if busy["on"]:
             return
-        busy["on"] = True
-        steps, merges = current()
-        t_steps = steps[steps["task"] == task_dd.value] if not steps.empty else steps
-        available = [s for s in SIGNALS if s != "lambda" and s in t_steps and t_steps[s].notna().any()]
-        if not merges.empty and "lambda" in merges and (merges["task"] == task_dd.value).any():
-            available.append("lambda")
-        keep = signal_dd.value
-        signal_dd.options = available or ["loss"]
-        signal_dd.value = keep if keep in signal_dd.options else signal_dd.options[0]
-        n = int(t_steps["step"].max()) if not t_steps.empty else 1
-        slider.max = max(n, 1)
-        slider.min = 1 if n >= 1 else 0
-        slider.value = (slider.min, slider.max)
-        busy["on"] = False
+        with updating():
+            steps, merges = current()
+            t_steps = steps[steps["task"] == task_dd.value] if not steps.empty else steps
+            available = [s for s in SIGNALS
+                         if s != "lambda" and s in t_steps and t_steps[s].notna().any()]
+            if not merges.empty and "lambda" in merges and (merges["task"] == task_dd.value).any():
+                available.append("lambda")
+            keep = signal_dd.value
+            signal_dd.options = available or ["loss"]
+            signal_dd.value = keep if keep in signal_dd.options else signal_dd.options[0]
+            n = int(t_steps["step"].max()) if not t_steps.empty else 1
+            slider.max = max(n, 1)
+            slider.min = 1 if n >= 1 else 0
+            slider.value = (slider.min, slider.max)
         redraw()
 
     def redraw(*_):
