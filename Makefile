@@ -24,11 +24,12 @@ test: setup  ## the whole test suite (what CI runs)
 test-fast:
 	$(PY) -m pytest -q -x --deselect tests/test_notebooks.py
 
-bench:  ## speed benchmarks, CPU-sized (~20 min on 2 cores): JSONs in runs/bench/ (GPU: benchmarks/gpu_check.sh)
-	$(PY) -m benchmarks.eval_throughput --out runs/bench/eval_throughput.json
+bench:  ## speed benchmarks, CPU-sized (~13 min on 2 idle cores): JSONs in runs/bench/ (GPU: benchmarks/gpu_check.sh)
+	$(PY) -m benchmarks.eval_throughput --model smollm2-135m --label-strategies packed,cache,full \
+	  --out runs/bench/eval_throughput.json
 	$(PY) -m benchmarks.train_overhead --model smollm2-135m --dtype bfloat16 --batch-size 8 \
 	  --max-input-len 256 --prompt-tokens 64 --max-train 64 --memory-batch-size 32 \
-	  --initial-interval 4 --settings release,fast --repeats 1 --out runs/bench/train_overhead.json
+	  --initial-interval 4 --settings release,fast --repeats 3 --out runs/bench/train_overhead.json
 	$(PY) -m benchmarks.merge_ops --model smollm2-135m --repeats 50 --out runs/bench/merge_ops.json
 
 clean-runs:

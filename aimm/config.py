@@ -65,6 +65,8 @@ class RunConfig:
     nan_policy: str = "stop"  # stop | skip
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model (GPU; warm-up costs a minute or two)
+    compile_backend: str = "inductor"  # torch.compile backend ("eager": trace only, for debugging)
+    pad_to_multiple_of: int = 0  # pad batch widths to a multiple (0: 64 under compile, else off)
     fused_optimizer: bool = False  # AdamW(fused=True)
     progress: bool = True
 
@@ -116,6 +118,17 @@ class RunConfig:
         cfg.validate()
         return cfg
 
+    def sequence_multiple(self) -> int:
+        """Batch widths are padded to a multiple of this (1: no extra padding).
+
+        Under ``compile`` the default is 64, so a task compiles a few graphs (one per width
+        bucket) instead of one per distinct batch length; the loss is unchanged (the extra
+        positions are padding, masked out and unlabelled).
+        """
+        if self.pad_to_multiple_of:
+            return self.pad_to_multiple_of
+        return 64 if self.compile else 1
+
     # ----------------------------------------------------------------------------------
     def validate(self, *, source: str = "config") -> None:
         errors: list[str] = []
@@ -134,7 +147,7 @@ class RunConfig:
                      "eval_batch_size", "max_input_len", "max_target_len"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, name, "must be a positive integer")
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "pad_to_multiple_of"):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, name, "must be a non-negative integer")
         for name in ("max_train", "max_test"):
@@ -161,6 +174,8 @@ class RunConfig:
              "tasks", "must be a non-empty list of task names")
         need(self.order is None or is_int(self.order), "order", "must be an integer")
         need(isinstance(self.model, str) and bool(self.model), "model", "must be a model spec")
+        need(isinstance(self.compile_backend, str) and bool(self.compile_backend), "compile_backend",
+             "must be a torch.compile backend name, e.g. inductor")
 
         from aimm.data import ORDERS
         from aimm.methods import METHODS

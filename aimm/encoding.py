@@ -85,11 +85,16 @@ def encode_targets(
     return out
 
 
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple`` (``multiple`` <= 1: ``n``)."""
+    return n if multiple <= 1 else -(-n // multiple) * multiple
+
+
 def pad_batch(
-    sequences: list[list[int]], pad_id: int, *, left: bool = False
+    sequences: list[list[int]], pad_id: int, *, left: bool = False, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad to a rectangle; returns (ids, attention_mask)."""
-    width = max(len(s) for s in sequences)
+    """Pad to a rectangle whose width is a multiple of ``multiple``; returns (ids, attention_mask)."""
+    width = round_up(max(len(s) for s in sequences), multiple)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -105,25 +110,30 @@ class EncodedExamples:
     """Examples tokenised once; ``batch(indices)`` pads a batch without re-tokenising.
 
     Memory buffers are probed after every inner step, so their tokenisation is done here once
-    per task instead of once per probe.
+    per task instead of once per probe. ``pad_to_multiple_of`` > 1 pads every batch to a width
+    that is a multiple of it (few distinct shapes: ``torch.compile`` then compiles a handful of
+    graphs instead of one per batch length).
     """
 
     def __init__(self, prompt_ids: list[list[int]], target_ids: list[list[int]], *,
-                 is_seq2seq: bool, pad_id: int) -> None:
+                 is_seq2seq: bool, pad_id: int, pad_to_multiple_of: int = 1) -> None:
         self.prompt_ids = prompt_ids
         self.target_ids = target_ids
         self.is_seq2seq = is_seq2seq
         self.pad_id = pad_id
+        self.pad_to_multiple_of = pad_to_multiple_of
 
     @classmethod
     def from_texts(cls, tokenizer, inputs: Sequence[str], outputs: Sequence[str], *,
                    is_seq2seq: bool, max_input_len: int, max_target_len: int,
-                   counter: TruncationCounter | None = None) -> "EncodedExamples":
+                   counter: TruncationCounter | None = None,
+                   pad_to_multiple_of: int = 1) -> "EncodedExamples":
         prompts = encode_prompts(tokenizer, inputs, is_seq2seq=is_seq2seq,
                                  max_input_len=max_input_len, counter=counter)
         targets = encode_targets(tokenizer, outputs, is_seq2seq=is_seq2seq,
                                  max_target_len=max_target_len, counter=counter)
-        return cls(prompts, targets, is_seq2seq=is_seq2seq, pad_id=tokenizer.pad_token_id)
+        return cls(prompts, targets, is_seq2seq=is_seq2seq, pad_id=tokenizer.pad_token_id,
+                   pad_to_multiple_of=pad_to_multiple_of)
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -131,26 +141,33 @@ class EncodedExamples:
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         prompts = [self.prompt_ids[i] for i in indices]
         targets = [self.target_ids[i] for i in indices]
-        return collate(prompts, targets, is_seq2seq=self.is_seq2seq, pad_id=self.pad_id)
+        return collate(prompts, targets, is_seq2seq=self.is_seq2seq, pad_id=self.pad_id,
+                       pad_to_multiple_of=self.pad_to_multiple_of)
 
 
 def collate(prompt_ids: list[list[int]], target_ids: list[list[int]], *, is_seq2seq: bool,
-            pad_id: int) -> dict[str, torch.Tensor]:
+            pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor | int]:
     """Pad encoded prompts/targets into ``input_ids``, ``attention_mask``, ``labels``.
 
     Decoder-only rows are left-padded (targets aligned at the end, see :mod:`aimm.loss`) and
-    get explicit ``position_ids`` so padding does not shift the positions.
+    get explicit ``position_ids`` so padding does not shift the positions, plus
+    ``logits_to_keep``: a plain ``int`` (the longest target + 1, rounded up to a multiple of 8
+    when padding to multiples), known here on the host so the loss never has to read the
+    labels back from the device.
     """
+    multiple = pad_to_multiple_of
     if is_seq2seq:
-        ids, mask = pad_batch(prompt_ids, pad_id)
-        labels, label_mask = pad_batch(target_ids, pad_id)
+        ids, mask = pad_batch(prompt_ids, pad_id, multiple=multiple)
+        labels, label_mask = pad_batch(target_ids, pad_id, multiple=multiple)
         labels[label_mask == 0] = IGNORE_INDEX
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
     full = [p + t for p, t in zip(prompt_ids, target_ids)]
-    ids, mask = pad_batch(full, pad_id, left=True)
+    ids, mask = pad_batch(full, pad_id, left=True, multiple=multiple)
     labels = torch.full_like(ids, IGNORE_INDEX)
     width = ids.shape[1]
     for row, t in enumerate(target_ids):
         labels[row, width - len(t):] = torch.tensor(t, dtype=torch.long)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+    keep = round_up(max(len(t) for t in target_ids) + 1, 8 if multiple > 1 else 1)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "labels": labels,
+            "logits_to_keep": min(keep, width)}

@@ -12,6 +12,8 @@ reloaded from the run dir) continues exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import os
 import random
@@ -126,8 +128,10 @@ class TrainContext:
 
         return lora_parameters(self.model)
 
-    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.device) for k, v in batch.items()}
+    def to_device(self, batch: dict) -> dict:
+        """Tensors to the device (non-blocking); host values (``logits_to_keep``) stay."""
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                for k, v in batch.items()}
 
     def memory_batch(self, size: int | None = None) -> dict[str, torch.Tensor]:
         """A random batch (default ``memory_batch_size``) of the memory buffer, on the device."""
@@ -159,11 +163,13 @@ class TrainContext:
         self.timers["probe"] += time.perf_counter() - start
         return value
 
-    def rehearsal_step(self, optimizer=None, on_grads=None, batch_size: int | None = None) -> float:
+    def rehearsal_step(self, optimizer=None, on_grads=None,
+                       batch_size: int | None = None) -> torch.Tensor:
         """One outer optimiser step on a random memory batch (no scheduler step, spec §4b).
 
         ``optimizer`` defaults to the inner one (the release's behaviour); ``on_grads(ctx)`` is
-        called with the gradients in place, before clipping.
+        called with the gradients in place, before clipping. Returns the detached loss as a
+        0-dim tensor: nothing is read back from the device, so rehearsal steps queue up.
         """
         start = time.perf_counter()
         optimizer = optimizer or self.optimizer
@@ -176,9 +182,8 @@ class TrainContext:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
-        value = float(loss.detach())
         self.timers["rehearsal"] += time.perf_counter() - start
-        return value
+        return loss.detach()
 
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -273,7 +278,7 @@ class Engine:
         use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         accelerator = Accelerator(cpu=use_cpu)
         if cfg.compile:
-            bundle.model.compile()  # in place: parameter names (and saved adapters) unchanged
+            bundle.model.compile(backend=cfg.compile_backend)  # in place: parameter names (and saved adapters) unchanged
         model = accelerator.prepare_model(bundle.model)
         if accelerator.is_main_process:
             self.store.write_config(self.cfg.to_dict())
@@ -346,7 +351,8 @@ class Engine:
                            stage=stage, memory_rng=random.Random(stage_seed),
                            callbacks=self.callbacks if accelerator.is_main_process else [])
         encode = dict(is_seq2seq=bundle.is_seq2seq, max_input_len=cfg.max_input_len,
-                      max_target_len=cfg.max_target_len, counter=ctx.counter)
+                      max_target_len=cfg.max_target_len, counter=ctx.counter,
+                      pad_to_multiple_of=cfg.sequence_multiple())
         ctx.memory_examples = self._memory_for(stage, tasks, data)
         if ctx.memory_examples:
             ctx.memory = EncodedExamples.from_texts(
@@ -384,9 +390,11 @@ class Engine:
                 loss = lm_loss(model, batch, bundle.is_seq2seq)
                 if self.loss_hook is not None:
                     loss = self.loss_hook(ctx, loss)
-                losses.append(float(mean_over_ranks(loss.detach(), accelerator)))
+                losses.append(loss.detach())
                 accelerator.backward(loss / len(chunk))
-            step_loss = sum(losses) / len(losses)
+            # the one host read of an inner step: the NaN policy must see the loss before the
+            # update, and the trajectory records it (the probe, when a method probes, is the other)
+            step_loss = float(mean_over_ranks(torch.stack(losses).mean(), accelerator))
             lr = ctx.current_lr()
             ctx.step = step_index + 1
             record = {"task": stage.name, "stage": stage.index, "step": ctx.step,
@@ -470,20 +478,23 @@ class Engine:
         model = accelerator.unwrap_model(ctx.model)
         rows = []
         started = time.perf_counter()
-        for task in stage.eval_tasks:
-            td = data[task]
-            metric = task_metric(cfg.benchmark, task)
-            result = evaluate_task(model, ctx.tokenizer, td.test, is_seq2seq=ctx.is_seq2seq,
-                                   metric=metric, labels=td.label_set, mode=cfg.eval_mode,
-                                   batch_size=cfg.eval_batch_size, max_input_len=cfg.max_input_len,
-                                   progress=(f"eval {task} after {stage.name}"
-                                             if cfg.progress and accelerator.is_main_process else False))
-            if accelerator.is_main_process:
-                atomic_write_jsonl(stage_dir / "predictions" / f"{task}.jsonl", result.predictions)
-            crash_point("eval")
-            rows.append({"stage": stage.index, "after_task": stage.name, "eval_task": task,
-                         "metric": metric, "score": result.score, "n": len(td.test),
-                         "split": td.test_split})
+        # a compiled model evaluates eagerly: generation's ever-changing shapes would recompile
+        stance = torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext()
+        with stance:
+            for task in stage.eval_tasks:
+                td = data[task]
+                metric = task_metric(cfg.benchmark, task)
+                result = evaluate_task(model, ctx.tokenizer, td.test, is_seq2seq=ctx.is_seq2seq,
+                                       metric=metric, labels=td.label_set, mode=cfg.eval_mode,
+                                       batch_size=cfg.eval_batch_size, max_input_len=cfg.max_input_len,
+                                       progress=(f"eval {task} after {stage.name}"
+                                                 if cfg.progress and accelerator.is_main_process else False))
+                if accelerator.is_main_process:
+                    atomic_write_jsonl(stage_dir / "predictions" / f"{task}.jsonl", result.predictions)
+                crash_point("eval")
+                rows.append({"stage": stage.index, "after_task": stage.name, "eval_task": task,
+                             "metric": metric, "score": result.score, "n": len(td.test),
+                             "split": td.test_split})
         ctx.timers["eval"] = time.perf_counter() - started
         if accelerator.is_main_process:
             save_file(lora_state_dict(model), str(stage_dir / "adapter.safetensors"))

@@ -6,6 +6,10 @@ sits at the end of the sequence. The LM head then only needs the last ``K`` posi
 vocabulary and ~200-token prompts this avoids materialising ~98% of the logits, which dominate
 memory and time of the forgetting-signal probes and rehearsal steps. The value equals the
 model's own mean cross-entropy over the labelled tokens (tested).
+
+``K`` comes from the batch (``logits_to_keep``, a host ``int`` set by the collator): reading it
+from the labels would be a device-to-host sync before every forward, which on a GPU stalls the
+queue of kernels (tested: ``lm_loss`` reads nothing back from the device).
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ import torch.nn.functional as F
 from aimm.encoding import IGNORE_INDEX
 
 
-def lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], is_seq2seq: bool) -> torch.Tensor:
-    """Mean cross-entropy over the labelled (target) tokens of ``batch``."""
+def lm_loss(model: torch.nn.Module, batch: dict, is_seq2seq: bool) -> torch.Tensor:
+    """Mean cross-entropy over the labelled (target) tokens of ``batch`` (a 0-dim tensor)."""
+    keep = batch.get("logits_to_keep")
     if is_seq2seq:
-        return model(**batch).loss
+        return model(**{k: v for k, v in batch.items() if k != "logits_to_keep"}).loss
     labels = batch["labels"]
-    keep = int((labels != IGNORE_INDEX).sum(dim=1).max()) + 1
-    keep = min(keep, labels.shape[1])
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if keep is None:  # a hand-made batch: derive K from the labels (one host read)
+        keep = int((labels != IGNORE_INDEX).sum(dim=1).max()) + 1
+    keep = min(int(keep), labels.shape[1])
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
     logits = model(**inputs, logits_to_keep=keep).logits
     tail = labels[:, -keep:]
     return F.cross_entropy(

@@ -5,6 +5,11 @@
 Takes the first ``n`` examples of a task's split after a seeded shuffle, decodes them with each
 method on the same model and writes examples/s, accuracy and agreement rates as JSON.
 
+``--adapter <run>/stages/<NN_task>/adapter.safetensors`` evaluates with a LoRA adapter trained
+by ``aimm run`` (its rank / alpha / targets are read from ``<run>/config.json``): agreement
+between generation and label scoring means little for an untrained model, which mostly does not
+answer with a label at all.
+
 Timing on a shared machine is noisy, so ``--repeats R`` runs every method R times in a rotated
 order and reports the best (least disturbed) and the median wall time, plus the process CPU time;
 the speed ratios use the best wall times.
@@ -44,6 +49,22 @@ def load_examples(data_dir: str, task: str, split: str, n: int, seed: int):
     return rows[:n], labels, str(path)
 
 
+def with_adapter(bundle, adapter: Path):
+    """``bundle`` with the LoRA adapter a run saved at ``adapter`` (config from the run dir)."""
+    from safetensors.torch import load_file
+
+    from aimm.models import attach_lora, load_lora_state_dict
+
+    if not adapter.is_file():
+        raise SystemExit(f"{adapter}: no such adapter file")
+    config_path = adapter.parent.parent.parent / "config.json"
+    cfg = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    bundle = attach_lora(bundle, r=cfg.get("lora_r", 8), alpha=cfg.get("lora_alpha", 32),
+                         targets=cfg.get("lora_targets"))
+    load_lora_state_dict(bundle.model, load_file(str(adapter)))
+    return bundle
+
+
 def _timed(fn):
     wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
@@ -69,6 +90,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-input-len", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    ap.add_argument("--adapter", help="adapter.safetensors of a run's stage (LoRA config from the run)")
     ap.add_argument("--skip-one-by-one", action="store_true")
     args = ap.parse_args(argv)
 
@@ -79,6 +101,8 @@ def main(argv=None) -> dict:
 
     load_start = time.perf_counter()
     bundle = load_model(args.model)
+    if args.adapter:
+        bundle = with_adapter(bundle, Path(args.adapter))
     bundle.model.to(device)
     load_s = time.perf_counter() - load_start
     model, tok, s2s = bundle.model, bundle.tokenizer, bundle.is_seq2seq
@@ -116,7 +140,7 @@ def main(argv=None) -> dict:
 
     n = len(prompts)
     result = {
-        "model": args.model, "is_seq2seq": s2s, "data": path, "task": args.task, "n": n,
+        "model": args.model, "adapter": args.adapter, "is_seq2seq": s2s, "data": path, "task": args.task, "n": n,
         "seed": args.seed, "device": device, "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
         "model_load_s": round(load_s, 2), "labels": len(labels), "max_new_tokens": budget,

@@ -24,3 +24,25 @@ def test_eval_throughput_tiny(tmp_path):
     assert data["agreement_batched_vs_one_by_one"] == 1.0
     assert data["agreement_between_label_strategies"] == 1.0
     assert math.isfinite(data["speedup_batched_vs_one_by_one"])
+
+
+def test_eval_throughput_loads_a_runs_adapter(tmp_path):
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from aimm.models import attach_lora, load_model, lora_state_dict
+
+    trained = attach_lora(load_model("tiny-causal"), r=4, alpha=8)
+    state = {k: torch.randn_like(v) for k, v in lora_state_dict(trained.model).items()}
+    stage = tmp_path / "run" / "stages" / "01_agnews"
+    stage.mkdir(parents=True)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"lora_r": 4, "lora_alpha": 8}))
+    save_file(state, str(stage / "adapter.safetensors"))
+
+    bundle = eval_throughput.with_adapter(load_model("tiny-causal"), stage / "adapter.safetensors")
+    loaded = lora_state_dict(bundle.model)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)  # rank 4 from the run's config
+    with pytest.raises(SystemExit, match="no such adapter file"):
+        eval_throughput.with_adapter(load_model("tiny-causal"), stage / "missing.safetensors")
