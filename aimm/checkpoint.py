@@ -2,22 +2,21 @@
 
 A checkpoint holds the LoRA weights, optimiser and scheduler states, every RNG state (torch,
 Python, NumPy, the memory-batch sampler), the method's state (controller, snapshots, importance
-EMAs, outer optimiser) and the trajectory so far. It is written with ``torch.save`` to a
-temporary file and renamed into place, so a process killed mid-write leaves the previous
-checkpoint intact.
+EMAs, outer optimiser) and the trajectory so far. It is written like every file of a run
+(:func:`aimm.runs.atomic_write_bytes`: temporary file, fsync, rename), so a process killed
+mid-write leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
 
-import os
+import io
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aimm.faults import crash_point
+from aimm.runs import atomic_write_bytes
 
 
 def capture_rng(memory_rng: random.Random) -> dict[str, Any]:
@@ -40,19 +39,9 @@ def restore_rng(state: dict[str, Any], memory_rng: random.Random) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        crash_point("checkpoint_write")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue(), fault_point="checkpoint_write")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -13,7 +13,6 @@ reloaded from the run dir) continues exactly like an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-
 import math
 import os
 import random
@@ -34,6 +33,7 @@ from aimm.methods import Method, Stage, build_method
 from aimm.runs import (
     RunDirError,
     RunStore,
+    atomic_write_bytes,
     atomic_write_csv,
     atomic_write_json,
     atomic_write_jsonl,
@@ -310,8 +310,7 @@ class Engine:
                 self.store.write_warnings(self._all_warnings())
                 crash_point("stage_end")
                 self.store.write_state(state)  # last: the resume point
-                ckpt = self.store.root / "checkpoints" / f"stage-{stage.index + 1:02d}.pt"
-                ckpt.unlink(missing_ok=True)
+                self.store.checkpoint_path(stage.index).unlink(missing_ok=True)
         if accelerator.is_main_process:
             self._write_results(tasks, state)
             self.store.write_warnings(self._all_warnings())
@@ -374,7 +373,7 @@ class Engine:
         ctx.optimizer, ctx.scheduler, ctx.total_steps = optimizer, scheduler, total
 
         self.method.on_stage_start(ctx)
-        ckpt_path = self.store.root / "checkpoints" / f"stage-{stage.index + 1:02d}.pt"
+        ckpt_path = self.store.checkpoint_path(stage.index)
         start = self._restore_checkpoint(ckpt_path, ctx, model)
         model.train()
         bar = _progress(total, f"train {stage.index + 1}/{len(self.method.stages(tasks))} "
@@ -467,7 +466,8 @@ class Engine:
 
     # ---------------------------------------------------------------- evaluation + writing
     def _evaluate(self, ctx: TrainContext, stage: Stage, data: dict, accelerator) -> list[dict]:
-        from safetensors.torch import save_file
+        """Score every evaluated task and write the stage's files (main process only)."""
+        from safetensors.torch import save as safetensors_bytes
 
         from aimm.data import task_metric
         from aimm.evaluation import evaluate_task
@@ -478,7 +478,7 @@ class Engine:
         model = accelerator.unwrap_model(ctx.model)
         rows = []
         started = time.perf_counter()
-        # a compiled model evaluates eagerly: generation's ever-changing shapes would recompile
+        # a compiled model evaluates eagerly: evaluation's ever-changing shapes would recompile
         stance = torch.compiler.set_stance("force_eager") if cfg.compile else contextlib.nullcontext()
         with stance:
             for task in stage.eval_tasks:
@@ -487,28 +487,25 @@ class Engine:
                 result = evaluate_task(model, ctx.tokenizer, td.test, is_seq2seq=ctx.is_seq2seq,
                                        metric=metric, labels=td.label_set, mode=cfg.eval_mode,
                                        batch_size=cfg.eval_batch_size, max_input_len=cfg.max_input_len,
-                                       progress=(f"eval {task} after {stage.name}"
-                                                 if cfg.progress and accelerator.is_main_process else False))
-                if accelerator.is_main_process:
-                    atomic_write_jsonl(stage_dir / "predictions" / f"{task}.jsonl", result.predictions)
+                                       progress=f"eval {task} after {stage.name}" if cfg.progress else False)
+                atomic_write_jsonl(stage_dir / "predictions" / f"{task}.jsonl", result.predictions)
                 crash_point("eval")
                 rows.append({"stage": stage.index, "after_task": stage.name, "eval_task": task,
                              "metric": metric, "score": result.score, "n": len(td.test),
                              "split": td.test_split})
         ctx.timers["eval"] = time.perf_counter() - started
-        if accelerator.is_main_process:
-            save_file(lora_state_dict(model), str(stage_dir / "adapter.safetensors"))
-            atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
-            atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
-            atomic_write_json(stage_dir / "stage.json", {
-                "stage": stage.index, "name": stage.name, "train_tasks": list(stage.train_tasks),
-                "inner_steps": ctx.total_steps, "optimizer_steps": ctx.optimizer_steps,
-                "merges": len(ctx.merges), "memory_size": len(ctx.memory_examples),
-                "seconds": {k: round(v, 3) for k, v in ctx.timers.items()},
-                "processes": accelerator.num_processes,
-                "lora_checksum_per_rank": ctx.rank_checksums,
-                "resumed_within_stage": ctx.resumed_at,
-                "truncation": ctx.counter.as_dict()})
+        atomic_write_bytes(stage_dir / "adapter.safetensors", safetensors_bytes(lora_state_dict(model)))
+        atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
+        atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
+        atomic_write_json(stage_dir / "stage.json", {
+            "stage": stage.index, "name": stage.name, "train_tasks": list(stage.train_tasks),
+            "inner_steps": ctx.total_steps, "optimizer_steps": ctx.optimizer_steps,
+            "merges": len(ctx.merges), "memory_size": len(ctx.memory_examples),
+            "seconds": {k: round(v, 3) for k, v in ctx.timers.items()},
+            "processes": accelerator.num_processes,
+            "lora_checksum_per_rank": ctx.rank_checksums,
+            "resumed_within_stage": ctx.resumed_at,
+            "truncation": ctx.counter.as_dict()})
         return rows
 
     def _write_results(self, tasks: list[str], state: dict) -> None:

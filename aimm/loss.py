@@ -22,13 +22,13 @@ from aimm.encoding import IGNORE_INDEX
 
 def lm_loss(model: torch.nn.Module, batch: dict, is_seq2seq: bool) -> torch.Tensor:
     """Mean cross-entropy over the labelled (target) tokens of ``batch`` (a 0-dim tensor)."""
-    keep = batch.get("logits_to_keep")
     if is_seq2seq:
-        return model(**{k: v for k, v in batch.items() if k != "logits_to_keep"}).loss
+        return model(**batch).loss
     labels = batch["labels"]
+    keep = batch.get("logits_to_keep")
     if keep is None:  # a hand-made batch: derive K from the labels (one host read)
         keep = int((labels != IGNORE_INDEX).sum(dim=1).max()) + 1
-    keep = min(int(keep), labels.shape[1])
+    keep = min(keep, labels.shape[1])
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
     logits = model(**inputs, logits_to_keep=keep).logits
     tail = labels[:, -keep:]

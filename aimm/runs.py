@@ -35,14 +35,19 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from aimm.faults import crash_point
+
 
 class RunDirError(OSError):
     """A run directory that cannot be used (not writable, or holds another run)."""
 
 
 # ---------------------------------------------------------------------------------- atomic I/O
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, then ``os.replace``; usual permissions."""
+def atomic_write_bytes(path: Path, data: bytes, *, fault_point: str | None = None) -> None:
+    """Temporary file in the same folder, fsync, then ``os.replace``; usual permissions.
+
+    ``fault_point``: a :func:`aimm.faults.crash_point` reached between the fsync and the rename
+    (the crash-safety tests kill the process there)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
@@ -54,6 +59,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        if fault_point:
+            crash_point(fault_point)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -173,6 +180,10 @@ class RunStore:
 
     def stage_dir(self, index: int, name: str) -> Path:
         return self.root / "stages" / f"{index + 1:02d}_{name}"
+
+    def checkpoint_path(self, index: int) -> Path:
+        """The within-stage checkpoint of stage ``index`` (removed once the stage is done)."""
+        return self.root / "checkpoints" / f"stage-{index + 1:02d}.pt"
 
     # creation / resume
     def ensure_writable(self) -> None:

@@ -16,7 +16,6 @@ notebooks' outputs (``runs.json``, ``data_stats.csv``, ``metrics.csv``, ``metric
 from __future__ import annotations
 
 import contextlib
-
 import dataclasses
 import difflib
 import json
@@ -549,14 +548,6 @@ def summary_table(stats_df, lengths_df, max_input_len: int | None = None):
 # notebook 04: metrics
 
 
-def trained_tasks(steps) -> list[str]:
-    """Tasks of a trajectory in stage order."""
-    if steps is None or steps.empty or "task" not in steps:
-        return []
-    s = steps.sort_values(["stage", "step"]) if "stage" in steps else steps
-    return [str(t) for t in dict.fromkeys(s["task"])]
-
-
 def trajectory_figures(runs: dict[str, Path], merging_method: str = "aimmerging",
                        baseline_method: str = "seq_lora") -> dict[str, dict[str, Any]]:
     """Notebook 03's figures (spec §10) for every task after the first:
@@ -568,29 +559,23 @@ def trajectory_figures(runs: dict[str, Path], merging_method: str = "aimmerging"
     """
     from aimm import plots
     from aimm.plots.theme import safe_key
-    from aimm.runs import load_trajectory
 
     out: dict[str, dict[str, Any]] = {"signals": {}, "interval": {}, "history_loss": {}}
-    merging = runs_of(runs, merging_method)
-    baseline = runs_of(runs, baseline_method)
-    traj = {}
-    if baseline:
-        traj[baseline_method] = load_trajectory(next(iter(baseline.values())))
-    if merging:
-        traj[merging_method] = load_trajectory(next(iter(merging.values())))
-    if not traj:
+    first = {m: next(iter(runs_of(runs, m).values()), None) for m in (baseline_method, merging_method)}
+    data = {m: plots.load_run_data(d) for m, d in first.items() if d is not None}
+    if not data:
         return out
-    steps_m, merges_m = traj.get(merging_method, (None, None))
-    tasks = trained_tasks(steps_m if merging else traj[baseline_method][0])
-    for task in tasks[1:]:
+    merging = data.get(merging_method)
+    for task in (merging or data[baseline_method]).tasks[1:]:
         key = safe_key(task)
-        if merging:
+        if merging is not None:
             out["signals"][f"signals_{key}"] = plots.signals_figure(
-                steps_m, merges_m, task, title=f"{plots.method_label(merging_method)}: {task}")
+                merging.steps, merging.merges, task,
+                title=f"{plots.method_label(merging_method)}: {task}")
             out["interval"][f"interval_{key}"] = plots.interval_figure(
-                steps_m, merges_m, task, title=f"Merge interval: {task}")
+                merging.steps, merging.merges, task, title=f"Merge interval: {task}")
         out["history_loss"][f"history_loss_{key}"] = plots.history_loss_figure(
-            {m: t[0] for m, t in traj.items()}, task, title=f"History loss: {task}")
+            {m: r.steps for m, r in data.items()}, task, title=f"History loss: {task}")
     return out
 
 
@@ -598,33 +583,25 @@ def result_figures(runs: dict[str, Path], metrics: Any = None) -> dict[str, Any]
     """Notebook 04's figures, keyed by file stem: ``heatmap_<label>`` per run, ``task1_curve``
     (score on task 1 after each task; the Multi-task line from an ``mtl`` run) and
     ``metrics_bars`` (from ``metrics``, a :func:`metrics_table`, else each run's metrics.json)."""
-    import pandas as pd
-
     from aimm import plots
+    from aimm.plots.builders import NOT_SEQUENTIAL, multitask_score
     from aimm.plots.theme import safe_key
-    from aimm.runs import load_metrics, load_scores_matrix
 
     labels = display_labels(runs)
-    matrices = {label: load_scores_matrix(d) for label, d in labels.items()}
-    methods = {label: run_method(d) for label, d in labels.items()}
-    figs: dict[str, Any] = {}
-    for label, matrix in matrices.items():
-        figs[f"heatmap_{safe_key(label)}"] = plots.scores_heatmap(
-            matrix, title=f"{plots.method_label(label)}: scores[j][i]")
-    sequential = {lab: m for lab, m in matrices.items()
-                  if methods[lab] not in ("mtl", "single_task") and not m.empty}
-    multitask = None
+    data = {label: plots.load_run_data(d) for label, d in labels.items()}
+    figs: dict[str, Any] = {
+        f"heatmap_{safe_key(label)}": plots.scores_heatmap(
+            r.matrix, title=f"{plots.method_label(label)}: scores[j][i]")
+        for label, r in data.items()}
+    sequential = {lab: r.matrix for lab, r in data.items()
+                  if r.method not in NOT_SEQUENTIAL and not r.matrix.empty}
     first = next((m.columns[0] for m in sequential.values() if len(m.columns)), None)
-    for lab, m in matrices.items():
-        if methods[lab] == "mtl" and not m.empty:
-            col = first if first in m.columns else m.columns[0]
-            values = pd.to_numeric(m[col], errors="coerce").dropna()
-            multitask = float(values.iloc[-1]) if len(values) else None
-            break
-    figs["task1_curve"] = plots.task1_figure(sequential, multitask=multitask,
-                                             title=f"Score on the first task ({first})")
+    mtl = next((r for r in data.values() if r.method == "mtl" and not r.matrix.empty), None)
+    figs["task1_curve"] = plots.task1_figure(
+        sequential, multitask=multitask_score(mtl, first) if mtl is not None else None,
+        title=f"Score on the first task ({first})")
     if metrics is None:
-        bars = {lab: load_metrics(d) for lab, d in labels.items() if (d / "metrics.json").is_file()}
+        bars = {lab: r.metrics for lab, r in data.items() if r.metrics}
     else:
         table = metrics.set_index("run")
         inverse = {str(d): lab for lab, d in labels.items()}
@@ -781,6 +758,13 @@ def run_explorer(run_root: str | Path, initial: tuple[str, str] | None = None):
         finally:
             busy["on"] = False
 
+    def unless_updating(fn):
+        """A widget callback that does nothing while we are setting options ourselves."""
+        def callback(*_):
+            if not busy["on"]:
+                fn()
+        return callback
+
     def current():
         return trajectory(groups[run_dd.value][method_dd.value])
 
@@ -789,9 +773,8 @@ def run_explorer(run_root: str | Path, initial: tuple[str, str] | None = None):
             method_dd.options = list(groups[run_dd.value])
         refresh_tasks()
 
-    def refresh_tasks(*_):
-        if busy["on"]:
-            return
+    @unless_updating
+    def refresh_tasks():
         with updating():
             steps, _ = current()
             tasks = list(dict.fromkeys(steps["task"])) if not steps.empty else []
@@ -800,9 +783,8 @@ def run_explorer(run_root: str | Path, initial: tuple[str, str] | None = None):
                 task_dd.value = tasks[-1]
         refresh_signals()
 
-    def refresh_signals(*_):
-        if busy["on"]:
-            return
+    @unless_updating
+    def refresh_signals():
         with updating():
             steps, merges = current()
             t_steps = steps[steps["task"] == task_dd.value] if not steps.empty else steps
@@ -819,9 +801,8 @@ def run_explorer(run_root: str | Path, initial: tuple[str, str] | None = None):
             slider.value = (slider.min, slider.max)
         redraw()
 
-    def redraw(*_):
-        if busy["on"]:
-            return
+    @unless_updating
+    def redraw():
         steps, merges = current()
         sig, task = signal_dd.value, task_dd.value
         lo, hi = slider.value
@@ -865,6 +846,6 @@ __all__ = [
     "find_or_convert_data", "label_for", "load_runs", "metrics_table", "notebook_parameters",
     "plan_table", "read_splits", "result_figures", "run_dirs", "run_explorer", "run_method",
     "runs_of", "stage_ended_printer", "summary_table", "to_markdown", "tokenizer_for",
-    "train_all", "trained_tasks", "training_callbacks", "trajectory_figures",
+    "train_all", "training_callbacks", "trajectory_figures",
     "validate_parameters", "write_runs_index", "write_table",
 ]

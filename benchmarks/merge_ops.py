@@ -16,7 +16,6 @@ are materialised, with random values.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 import warnings
 from typing import Callable
@@ -24,7 +23,7 @@ from typing import Callable
 import torch
 
 from aimm.merging import fusion as F
-from benchmarks._common import environment, ratio, resolve_device, write_json
+from benchmarks._common import environment, median, ratio, resolve_device, write_json
 
 OPS = ("snapshot", "delta", "weighted_fusion", "apply_", "l1_norm")
 W_IN, W_OUT = 0.4, 0.6
@@ -163,9 +162,6 @@ def main(argv=None) -> dict:
                 for op, v in scratch.items():
                     times[name][op].extend(v)
 
-    def med(xs):
-        return statistics.median(xs) if xs else None
-
     n_params = sum(p.numel() for p in params.values())
     result = {
         "benchmark": "merge_ops",
@@ -176,9 +172,9 @@ def main(argv=None) -> dict:
         "repeats": args.repeats, "warmup": args.warmup,
         "max_abs_diff_fused": max_diff, "l1_rel_diff": l1_rel,
         # snapshot and delta run twice per merge: their medians are per call
-        "median_s": {name: {op: med(v) for op, v in t.items()} for name, t in times.items()},
+        "median_s": {name: {op: median(v) for op, v in t.items()} for name, t in times.items()},
         "min_s": {name: {op: min(v) if v else None for op, v in t.items()} for name, t in times.items()},
-        "ratio_naive_over_foreach": {op: ratio(med(times["naive"][op]), med(times["foreach"][op]))
+        "ratio_naive_over_foreach": {op: ratio(median(times["naive"][op]), median(times["foreach"][op]))
                                      for op in OPS + ("merge_total",)},
     }
     write_json(args.out, result)

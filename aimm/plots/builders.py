@@ -76,7 +76,9 @@ def load_run_data(run_dir: str | Path) -> RunData:
     return data
 
 
-def _multitask_score(run: RunData, first_task: str | None) -> float | None:
+def multitask_score(run: RunData, first_task: str | None) -> float | None:
+    """The ``mtl`` run's final score on ``first_task`` (its first column when absent): the
+    Multi-task line of the task-1 curve."""
     m = run.matrix
     if m.empty:
         return None
@@ -136,7 +138,7 @@ def comparison_figures(run_dirs: Mapping[str, str | Path]) -> dict[str, go.Figur
                   if r.method not in NOT_SEQUENTIAL and not r.matrix.empty}
     first = next((r.matrix.columns[0] for r in sequential.values() if len(r.matrix.columns)), None)
     mtl = next((r for r in runs.values() if r.method == "mtl"), None)
-    multitask = _multitask_score(mtl, first) if mtl is not None else None
+    multitask = multitask_score(mtl, first) if mtl is not None else None
     figs["task1_curve"] = task1_figure({lab: r.matrix for lab, r in sequential.items()},
                                        multitask=multitask, colors=colors)
     figs["metrics_bars"] = metrics_bars({lab: r.metrics for lab, r in runs.items() if r.metrics},
