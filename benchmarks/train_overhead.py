@@ -171,8 +171,8 @@ def run_variant(name: str, setting: str, args, base: dict, work: Path, memory: P
         pywarnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         make_engine(cfg, [meter], cache_model=not args.no_model_cache).run()
     wall = time.perf_counter() - wall
-    stages = sorted(run_dir.glob("stages/*/stage.json"))
-    info = next(json.loads(p.read_text()) for p in stages if json.loads(p.read_text())["stage"] == 1)
+    infos = [json.loads(p.read_text()) for p in sorted(run_dir.glob("stages/*/stage.json"))]
+    info = next(i for i in infos if i["stage"] == 1)
     secs = info["seconds"]
     inner, opt_steps = info["inner_steps"], info["optimizer_steps"]
     train = secs["train"]

@@ -12,6 +12,7 @@ from aimm.plots.theme import FORGETTING_COLOR, apply_paper_theme, set_meta
 from aimm.plots.trajectory import (
     EVENTS_AXIS,
     _training_layout,
+    _vlines,
     add_stage_boundary,
     training_figure,
 )
@@ -54,8 +55,7 @@ class LiveTrainingPlot:
         self._loss: list[float] = []
         self._hx: list[float] = []
         self._hy: list[float] = []
-        self._mx: list[Any] = []
-        self._my: list[Any] = []
+        self._merge_x: list[float] = []
         self._pending = 0
         self._last: dict | None = None
         self._stage_starts: dict[Any, tuple[str, float]] = {}
@@ -98,8 +98,7 @@ class LiveTrainingPlot:
             offset = last.get("global_step", 0) if last is not None else 0
         ev.setdefault("global_step", offset + ev.get("step", 0))
         self.merges.append(ev)
-        self._mx += [ev["global_step"], ev["global_step"], None]
-        self._my += [0, 1, None]
+        self._merge_x.append(ev["global_step"])
 
     def on_stage_end(self, stage: Any, rows: list[dict] | None = None) -> None:
         name = getattr(stage, "name", str(stage))
@@ -121,7 +120,7 @@ class LiveTrainingPlot:
         with self.widget.batch_update():
             self.widget.data[0].x, self.widget.data[0].y = list(self._x), list(self._loss)
             self.widget.data[1].x, self.widget.data[1].y = list(self._hx), list(self._hy)
-            self.widget.data[2].x, self.widget.data[2].y = list(self._mx), list(self._my)
+            self.widget.data[2].x, self.widget.data[2].y = _vlines(self._merge_x)
 
     # results
     def frames(self) -> tuple[pd.DataFrame, pd.DataFrame]:
