@@ -1,4 +1,4 @@
-"""Command line: ``aimm run | report | data convert | data check | reproduce``."""
+"""Command line: ``aimm run | report | data convert | data check | data download | reproduce``."""
 
 from __future__ import annotations
 
@@ -121,7 +121,10 @@ def cmd_report(args) -> int:
 
 def cmd_data(args) -> int:
     from aimm.data.check import main_check, main_convert
+    from aimm.data.download import main_download
 
+    if args.data_cmd == "download":
+        return main_download(args.dest, args.url)
     if args.data_cmd == "check":
         return main_check(args.dir)
     return main_convert(args.src, args.dst)
@@ -149,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst")
     chk = dsub.add_parser("check", help="validate a benchmark folder")
     chk.add_argument("dir")
+    dl = dsub.add_parser("download", help="fetch the release data: verified (sha256), resumable")
+    dl.add_argument("--dest", default="data/aimm", help="target folder (default data/aimm)")
+    dl.add_argument("--url", help="archive URL (default: the GitHub archive of the pinned commit)")
     rp = sub.add_parser("reproduce", help="run the notebooks 01-04 with papermill")
     rp.add_argument("--preset", default="demo",
                     help="demo | smoke | standard_cl | long_sequence | superni")

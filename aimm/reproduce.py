@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aimm.config import ConfigError
+from aimm.data.download import ensure_data
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -120,6 +121,7 @@ def reproduce(preset: str = "demo", run_root: str | Path = "runs", fig_dir: str 
 
     params = preset_parameters(preset, run_root=run_root, fig_dir=fig_dir, data_dir=data_dir,
                                model=model, smoke=smoke, **overrides)
+    params["data_dir"] = str(ensure_data(params.get("data_dir")).resolve())  # found or downloaded
     out = Path(params["run_root"]) / params["run_name"]
     nb_out = out / "notebooks"
     nb_out.mkdir(parents=True, exist_ok=True)
