@@ -112,6 +112,9 @@ def reproduce(preset: str = "demo", run_root: str | Path = "runs", fig_dir: str 
               log_output: bool = True, **overrides: Any) -> Path:
     """Execute notebooks 01-04 with the preset's parameters; returns ``<run_root>/<preset>``.
 
+    Without ``data_dir`` the data is looked up in the documented places and, when none is
+    found, downloaded into ``./data/aimm`` (:func:`aimm.data.download.ensure_data`; with
+    ``AIMM_OFFLINE=1`` a FileNotFoundError names the command to run instead).
     ``overrides``: further notebook parameters (e.g. ``methods=[...]``). Raises
     :class:`aimm.config.ConfigError` for a bad preset or parameter (before anything runs) and
     ``papermill.PapermillExecutionError`` naming the failing cell when a notebook fails; the

@@ -81,7 +81,9 @@ class Server:
     def __init__(self) -> None:
         self.payload = b""
         self.die_after: int | None = None
+        self.ignore_range = False
         self.requests: list[str | None] = []  # the Range header of each request
+        self.paths: list[str] = []  # the request target of each request
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,8 +92,9 @@ class Server:
             def do_GET(self):  # noqa: N802
                 rng = self.headers.get("Range")
                 server.requests.append(rng)
+                server.paths.append(self.path)
                 data, start = server.payload, 0
-                if rng:
+                if rng and not server.ignore_range:
                     start = int(rng.removeprefix("bytes=").split("-")[0])
                     if start >= len(data):
                         self.send_response(416)
@@ -218,6 +221,40 @@ def test_retry_within_one_run_resumes(release, server, tmp_path):
                          progress=False, retry_wait=0)
     assert server.requests == [None, "bytes=1000-"]
     assert result.verified == len(release["files"]) - 1
+
+
+def _preplace_part(url: str, data: bytes) -> Path:
+    part = dl._part_path(url)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    part.write_bytes(data)
+    return part
+
+
+def test_complete_part_file_is_not_fetched_again(release, server, tmp_path):
+    """Killed after the fetch, before the extraction: the server answers 416 bytes */N."""
+    _preplace_part(server.url, release["tar"])
+    assert run(tmp_path / "aimm", server, release) == 0
+    assert server.requests == [f"bytes={len(release['tar'])}-"]
+    assert_placed(tmp_path / "aimm", release)
+
+
+def test_server_ignoring_range_restarts_the_file(release, server, tmp_path):
+    _preplace_part(server.url, release["tar"][:5000])
+    server.ignore_range = True  # answers 200 with the whole archive
+    assert run(tmp_path / "aimm", server, release) == 0
+    assert server.requests == ["bytes=5000-"]
+    assert_placed(tmp_path / "aimm", release)
+
+
+def test_proxy_from_the_environment_is_used(release, server, tmp_path, monkeypatch):
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{server.httpd.server_address[1]}")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    url = "http://data.example.invalid/release.tar.gz"  # resolvable only through the proxy
+    code = dl.main_download(tmp_path / "aimm", url, manifest_path=release["manifest"],
+                            progress=False, retry_wait=0)
+    assert code == 0 and server.paths == [url]  # a proxy request carries the absolute URL
+    assert_placed(tmp_path / "aimm", release)
 
 
 def test_truncated_archive_is_rejected_and_forgotten(release, server, tmp_path, capsys):

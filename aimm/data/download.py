@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO
 
 from .manifest import Entry, Manifest, file_sha256, load_manifest
-from .paths import DATA_ENV, resolve_data_dir
+from .paths import DATA_ENV, FILE_SUFFIX, resolve_data_dir
 
 #: Where the main job downloads to when it finds no data (relative to the working directory).
 DEFAULT_DEST = Path("data") / "aimm"
@@ -69,13 +69,11 @@ def _fill_hint(entry: Entry, dest: Path) -> str:
     """How to fill a missing rebuilt/absent file."""
     if entry.fallback:
         return f"nothing to do: evaluation falls back to {dest / entry.fallback} (recorded as a run warning)"
-    task = Path(entry.path).name.removesuffix("_T5.json")
+    task = Path(entry.path).name.removesuffix(FILE_SUFFIX)
     split = Path(entry.path).parent.name
-    folder = Path(entry.path).parts[0]
     raw = entry.raw or f"CL_Benchmark/<group>/{task}"
-    extra = "" if folder == "data_longsequence" else f" (convert_benchmark(..., '{folder}'))"
     return (f"copy O-LoRA's {raw}/{split}.json and labels.json into a folder named {task}/, "
-            f"then run: aimm data convert {task} {dest}{extra}")
+            f"then run: aimm data convert {task} {dest}")
 
 
 def _missing_line(entry: Entry, dest: Path, why: str) -> str:
@@ -102,7 +100,8 @@ def fetch(url: str, part: Path, *, progress: bool = True, timeout: float = 60.0)
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        # A fresh opener per call: its ProxyHandler reads http(s)_proxy / no_proxy now.
+        response = urllib.request.build_opener().open(request, timeout=timeout)
     except urllib.error.HTTPError as err:
         total = (err.headers.get("Content-Range") or "").rpartition("/")[2]
         if err.code == 416 and total == str(offset):

@@ -5,8 +5,8 @@
 sha256 and size. Each entry has a ``status``:
 
 - ``release``: in the release archive; the download must produce exactly these bytes.
-- ``rebuilt``: the release stores it in Git LFS, so its archive usually holds a pointer; the
-  hash is that of our rebuild (dbpedia test, from O-LoRA's raw CL_Benchmark). A matching copy
+- ``rebuilt``: the release stores it in Git LFS, which archives and plain clones often lack
+  (they hold a pointer); the hash is that of our rebuild (dbpedia test, from O-LoRA's raw CL_Benchmark). A matching copy
   is kept, anything else is reported missing with how ``aimm data convert`` fills it.
 - ``absent``: the release has no usable copy (yahoo test); evaluation falls back to dev.
 
@@ -40,13 +40,13 @@ STATUSES: tuple[str, ...] = ("release", "rebuilt", "absent")
 SPECIAL_FILES: dict[str, dict[str, str]] = {
     "data_longsequence/test/dbpedia_T5.json": {
         "status": "rebuilt",
-        "note": "the release keeps it in Git LFS (its archive holds a pointer); "
+        "note": "the release stores it in Git LFS, which archives and plain clones often lack; "
                 "rebuilt from O-LoRA's CL_Benchmark test file (500 per label, seed 42)",
         "raw": "CL_Benchmark/TC/dbpedia",
     },
     "data_longsequence/test/yahoo_T5.json": {
         "status": "absent",
-        "note": "the release has no yahoo test split; evaluation falls back to the dev split",
+        "note": "no usable yahoo test split (Git LFS in the release); evaluation falls back to dev",
         "fallback": "data_longsequence/dev/yahoo_T5.json",
     },
 }
