@@ -89,3 +89,36 @@ def test_make_setup_and_ci_call_the_script_and_ci_runs_only_the_readme_commands(
           if line.strip() and not line.startswith("#")]
     assert [c for c in ci if not c.startswith(("set ", "cd ", "export CI="))] == ["make setup", "make test"]
 
+
+# ------------------------------------------------------------------------------ environment.yml
+def _requirements(lines) -> dict[str, str]:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    reqs = [Requirement(line) for line in lines]
+    return {canonicalize_name(r.name): str(r.specifier) for r in reqs}
+
+
+def test_environment_yml_is_a_conda_env_with_the_pins_of_pyproject():
+    import tomllib
+
+    import yaml
+    from packaging.specifiers import SpecifierSet
+
+    env = yaml.safe_load((REPO / "environment.yml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert set(env) == {"name", "channels", "dependencies"} and env["name"] == "aimm"
+    assert isinstance(env["channels"], list) and all(isinstance(c, str) for c in env["channels"])
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip_sections = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
+    assert len(pip_sections) == 1 and "pip" in conda
+    python = [d for d in conda if d.startswith("python")]
+    assert len(python) == 1 and python[0].startswith("python=")
+    assert SpecifierSet(project["requires-python"]).contains(python[0].split("=", 1)[1] + ".0")
+    pip = pip_sections[0]
+    assert pip.count("-e .") == 1  # the package itself
+    wanted = list(project["dependencies"])
+    for extra in project.get("optional-dependencies", {}).values():
+        wanted += extra
+    assert _requirements([p for p in pip if p != "-e ."]) == _requirements(wanted)
+    assert len(pip) - 1 == len(wanted)  # no duplicates either
