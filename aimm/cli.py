@@ -1,4 +1,4 @@
-"""Command line: ``aimm run | report | data convert | data check | reproduce``."""
+"""Command line: ``aimm run | report | data convert | data check | reproduce | export``."""
 
 from __future__ import annotations
 
@@ -127,6 +127,14 @@ def cmd_data(args) -> int:
     return main_convert(args.src, args.dst)
 
 
+def cmd_export(args) -> int:
+    from aimm.export import export_stage
+
+    out = export_stage(args.run_dir, args.out, stage=args.stage)
+    print(f"PEFT adapter: {out / 'adapter'}\nmerged model: {out / 'merged'}")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from aimm.reproduce import reproduce
 
@@ -149,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("dst")
     chk = dsub.add_parser("check", help="validate a benchmark folder")
     chk.add_argument("dir")
+    ex = sub.add_parser("export", help="a stage as a PEFT adapter (OUT/adapter) and a merged "
+                        "full model (OUT/merged)")
+    ex.add_argument("run_dir")
+    ex.add_argument("out")
+    ex.add_argument("--stage", type=int, help="stage number k (1-based; default: the last completed)")
     rp = sub.add_parser("reproduce", help="run the notebooks 01-04 with papermill")
     rp.add_argument("--preset", default="demo",
                     help="demo | smoke | standard_cl | long_sequence | superni")
@@ -161,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "report": cmd_report, "data": cmd_data, "reproduce": cmd_reproduce}
+    handlers = {"run": cmd_run, "report": cmd_report, "data": cmd_data, "reproduce": cmd_reproduce,
+                "export": cmd_export}
     try:
         return handlers[args.cmd](args)
     except (ConfigError, FileNotFoundError, OSError, ValueError) as exc:

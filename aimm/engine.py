@@ -326,14 +326,9 @@ class Engine:
         return list(dict.fromkeys(old + self.warnings))
 
     def _restore_adapter(self, model, stage: Stage) -> None:
-        from safetensors.torch import load_file
+        from aimm.export import restore_stage_adapter  # adapter.safetensors or adapter/ (PEFT)
 
-        from aimm.models import load_lora_state_dict
-
-        path = self.store.stage_dir(stage.index, stage.name) / "adapter.safetensors"
-        if not path.is_file():
-            raise RunDirError(f"{path}: adapter of completed stage missing; cannot resume")
-        load_lora_state_dict(model, load_file(str(path)))
+        restore_stage_adapter(model, self.store.stage_dir(stage.index, stage.name))
 
     # ---------------------------------------------------------------- one stage
     def _run_stage(self, stage, tasks, data, model, bundle, accelerator, initial_lora,
@@ -471,6 +466,7 @@ class Engine:
 
         from aimm.data import task_metric
         from aimm.evaluation import evaluate_task
+        from aimm.export import base_model_name, save_adapter
         from aimm.models import lora_state_dict
 
         cfg = self.cfg
@@ -495,6 +491,7 @@ class Engine:
                              "split": td.test_split})
         ctx.timers["eval"] = time.perf_counter() - started
         atomic_write_bytes(stage_dir / "adapter.safetensors", safetensors_bytes(lora_state_dict(model)))
+        save_adapter(model, stage_dir / "adapter", base_model_name(cfg.model))  # PEFT's format
         atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
         atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
         atomic_write_json(stage_dir / "stage.json", {
