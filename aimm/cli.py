@@ -48,6 +48,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--dtype", help="base-model weights: float32 (default) | bfloat16 (LoRA stays float32)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--log-with", action="append", default=[], metavar="TRACKER",
+                   help="tensorboard | mlflow | wandb (repeatable): log into <run dir>/logs/")
 
 
 FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train", "max_test",
@@ -81,10 +83,19 @@ def config_from_args(args) -> RunConfig:
 
 
 def cmd_run(args) -> int:
-    from aimm.engine import run
+    from aimm.engine import Engine
+    from aimm.tracking import Tracking, check_trackers
 
     cfg = config_from_args(args)
-    run_dir = run(cfg)
+    check_trackers(args.log_with)  # before anything runs
+    engine = Engine(cfg)
+    tracking = Tracking(args.log_with, engine.run_dir, engine.cfg.to_dict()) if args.log_with else None
+    engine.callbacks.extend([tracking] if tracking else [])
+    try:
+        run_dir = engine.run()
+    finally:
+        if tracking:
+            tracking.finish()
     print(f"run dir: {run_dir}")
     print(report_text(run_dir))
     return 0
