@@ -135,6 +135,15 @@ def cmd_data(args) -> int:
 
     if args.data_cmd == "check":
         return main_check(args.dir)
+    if args.name:  # a local dataset (aimm.data.custom) -> the release layout
+        from aimm.data.custom import parse_task_spec, write_release_layout
+
+        spec = {"name": args.name, "path": args.src, "input": args.input, "output": args.output,
+                **({"prompt": args.prompt} if args.prompt else {}),
+                **({"splits": {"test": args.test_split}} if args.test_split else {})}
+        paths = write_release_layout(parse_task_spec(spec, "data convert"), args.dst)
+        print("\n".join(map(str, paths)))
+        return 0
     return main_convert(args.src, args.dst)
 
 
@@ -166,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     conv = dsub.add_parser("convert", help="raw CL_Benchmark / Instances data -> release layout")
     conv.add_argument("src")
     conv.add_argument("dst")
+    conv.add_argument("--name", help="SRC is a local dataset (JSONL/CSV/Parquet/save_to_disk): "
+                      "the task name to write it under")
+    conv.add_argument("--input", default="input", help="with --name: the input column")
+    conv.add_argument("--output", default="output", help="with --name: the output column")
+    conv.add_argument("--prompt", help="with --name: a template holding {input}")
+    conv.add_argument("--test-split", help="with --name: the split to use as test")
     chk = dsub.add_parser("check", help="validate a benchmark folder")
     chk.add_argument("dir")
     ex = sub.add_parser("export", help="a stage as a PEFT adapter (OUT/adapter) and a merged "

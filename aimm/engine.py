@@ -234,11 +234,10 @@ class Engine:
         return state
 
     def _load_data(self, tasks: list[str]) -> dict:
-        from aimm.data import load_tasks, resolve_data_dir
+        from aimm.data import load_tasks
 
-        data_dir = resolve_data_dir(self.cfg.data_dir)
-        data = load_tasks(data_dir, self.cfg.benchmark, tasks, max_train=self.cfg.max_train,
-                          max_test=self.cfg.max_test, seed=self.cfg.seed)
+        data = load_tasks(self.cfg.data_dir, self.cfg.benchmark, tasks, max_train=self.cfg.max_train,
+                          max_test=self.cfg.max_test, seed=self.cfg.seed, specs=self.cfg.task_specs())
         for task in data.values():
             self.warnings.extend(task.warnings)
         return data
