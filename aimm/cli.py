@@ -1,4 +1,4 @@
-"""Command line: ``aimm run | report | data convert | data check | data download | reproduce``."""
+"""Command line: ``aimm run | report | export | data convert | data check | data download | reproduce``."""
 
 from __future__ import annotations
 
@@ -48,6 +48,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--dtype", help="base-model weights: float32 (default) | bfloat16 (LoRA stays float32)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--log-with", action="append", default=[], metavar="TRACKER",
+                   help="tensorboard | mlflow | wandb (repeatable): log into <run dir>/logs/")
 
 
 FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train", "max_test",
@@ -81,10 +83,19 @@ def config_from_args(args) -> RunConfig:
 
 
 def cmd_run(args) -> int:
-    from aimm.engine import run
+    from aimm.engine import Engine
+    from aimm.tracking import Tracking, check_trackers
 
     cfg = config_from_args(args)
-    run_dir = run(cfg)
+    check_trackers(args.log_with)  # before anything runs
+    engine = Engine(cfg)
+    tracking = Tracking(args.log_with, engine.run_dir, engine.cfg.to_dict()) if args.log_with else None
+    engine.callbacks.extend([tracking] if tracking else [])
+    try:
+        run_dir = engine.run()
+    finally:
+        if tracking:
+            tracking.finish()
     print(f"run dir: {run_dir}")
     print(report_text(run_dir))
     return 0
@@ -127,7 +138,24 @@ def cmd_data(args) -> int:
         return main_download(args.dest, args.url)
     if args.data_cmd == "check":
         return main_check(args.dir)
+    if args.name:  # a local dataset (aimm.data.custom) -> the release layout
+        from aimm.data.custom import parse_task_spec, write_release_layout
+
+        spec = {"name": args.name, "path": args.src, "input": args.input, "output": args.output,
+                **({"prompt": args.prompt} if args.prompt else {}),
+                **({"splits": {"test": args.test_split}} if args.test_split else {})}
+        paths = write_release_layout(parse_task_spec(spec, "data convert"), args.dst)
+        print("\n".join(map(str, paths)))
+        return 0
     return main_convert(args.src, args.dst)
+
+
+def cmd_export(args) -> int:
+    from aimm.export import export_stage
+
+    out = export_stage(args.run_dir, args.out, stage=args.stage)
+    print(f"PEFT adapter: {out / 'adapter'}\nmerged model: {out / 'merged'}")
+    return 0
 
 
 def cmd_reproduce(args) -> int:
@@ -150,11 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     conv = dsub.add_parser("convert", help="raw CL_Benchmark / Instances data -> release layout")
     conv.add_argument("src")
     conv.add_argument("dst")
+    conv.add_argument("--name", help="SRC is a local dataset (JSONL/CSV/Parquet/save_to_disk): "
+                      "the task name to write it under")
+    conv.add_argument("--input", default="input", help="with --name: the input column")
+    conv.add_argument("--output", default="output", help="with --name: the output column")
+    conv.add_argument("--prompt", help="with --name: a template holding {input}")
+    conv.add_argument("--test-split", help="with --name: the split to use as test")
     chk = dsub.add_parser("check", help="validate a benchmark folder")
     chk.add_argument("dir")
     dl = dsub.add_parser("download", help="fetch the release data: verified (sha256), resumable")
     dl.add_argument("--dest", default="data/aimm", help="target folder (default data/aimm)")
     dl.add_argument("--url", help="archive URL (default: the GitHub archive of the pinned commit)")
+    ex = sub.add_parser("export", help="a stage as a PEFT adapter (OUT/adapter) and a merged "
+                        "full model (OUT/merged)")
+    ex.add_argument("run_dir")
+    ex.add_argument("out")
+    ex.add_argument("--stage", type=int, help="stage number k (1-based; default: the last completed)")
     rp = sub.add_parser("reproduce", help="run the notebooks 01-04 with papermill")
     rp.add_argument("--preset", default="demo",
                     help="demo | smoke | standard_cl | long_sequence | superni")
@@ -167,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "report": cmd_report, "data": cmd_data, "reproduce": cmd_reproduce}
+    handlers = {"run": cmd_run, "report": cmd_report, "data": cmd_data, "reproduce": cmd_reproduce,
+                "export": cmd_export}
     try:
         return handlers[args.cmd](args)
     except (ConfigError, FileNotFoundError, OSError, ValueError) as exc:

@@ -170,8 +170,15 @@ class RunConfig:
         need(self.dtype in ("float32", "bfloat16"), "dtype", "choose float32 or bfloat16")
         need(isinstance(self.method_options, dict), "method_options", "must be a mapping")
         need(self.tasks is None or (isinstance(self.tasks, list) and self.tasks
-                                    and all(isinstance(t, str) for t in self.tasks)),
-             "tasks", "must be a non-empty list of task names")
+                                    and all(isinstance(t, (str, dict)) for t in self.tasks)),
+             "tasks", "must be a non-empty list of task names or dataset specs")
+        from aimm.data.custom import parse_task_spec
+
+        for i, spec in enumerate(t for t in self.tasks or [] if isinstance(t, dict)):
+            try:
+                parse_task_spec(spec, f"tasks[{i}]")
+            except ValueError as exc:
+                errors.extend(f"{source}: {line}" for line in str(exc).splitlines())
         need(self.order is None or is_int(self.order), "order", "must be an integer")
         need(isinstance(self.model, str) and bool(self.model), "model", "must be a model spec")
         need(isinstance(self.compile_backend, str) and bool(self.compile_backend), "compile_backend",
@@ -201,4 +208,11 @@ class RunConfig:
     def task_names(self) -> list[str]:
         from aimm.data import resolve_order
 
-        return resolve_order(self.benchmark, None if self.tasks else self.order, self.tasks)
+        names = [t["name"] if isinstance(t, dict) else t for t in self.tasks or []] or None
+        return resolve_order(self.benchmark, None if self.tasks else self.order, names)
+
+    def task_specs(self) -> dict:
+        """The ``tasks`` entries read from local datasets, by name (:mod:`aimm.data.custom`)."""
+        from aimm.data.custom import parse_task_spec
+
+        return {s["name"].lower(): parse_task_spec(s) for s in self.tasks or [] if isinstance(s, dict)}

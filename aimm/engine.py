@@ -234,11 +234,10 @@ class Engine:
         return state
 
     def _load_data(self, tasks: list[str]) -> dict:
-        from aimm.data import load_tasks, resolve_data_dir
+        from aimm.data import load_tasks
 
-        data_dir = resolve_data_dir(self.cfg.data_dir)
-        data = load_tasks(data_dir, self.cfg.benchmark, tasks, max_train=self.cfg.max_train,
-                          max_test=self.cfg.max_test, seed=self.cfg.seed)
+        data = load_tasks(self.cfg.data_dir, self.cfg.benchmark, tasks, max_train=self.cfg.max_train,
+                          max_test=self.cfg.max_test, seed=self.cfg.seed, specs=self.cfg.task_specs())
         for task in data.values():
             self.warnings.extend(task.warnings)
         return data
@@ -326,14 +325,9 @@ class Engine:
         return list(dict.fromkeys(old + self.warnings))
 
     def _restore_adapter(self, model, stage: Stage) -> None:
-        from safetensors.torch import load_file
+        from aimm.export import restore_stage_adapter  # adapter.safetensors or adapter/ (PEFT)
 
-        from aimm.models import load_lora_state_dict
-
-        path = self.store.stage_dir(stage.index, stage.name) / "adapter.safetensors"
-        if not path.is_file():
-            raise RunDirError(f"{path}: adapter of completed stage missing; cannot resume")
-        load_lora_state_dict(model, load_file(str(path)))
+        restore_stage_adapter(model, self.store.stage_dir(stage.index, stage.name))
 
     # ---------------------------------------------------------------- one stage
     def _run_stage(self, stage, tasks, data, model, bundle, accelerator, initial_lora,
@@ -471,6 +465,7 @@ class Engine:
 
         from aimm.data import task_metric
         from aimm.evaluation import evaluate_task
+        from aimm.export import base_model_name, save_adapter
         from aimm.models import lora_state_dict
 
         cfg = self.cfg
@@ -495,6 +490,7 @@ class Engine:
                              "split": td.test_split})
         ctx.timers["eval"] = time.perf_counter() - started
         atomic_write_bytes(stage_dir / "adapter.safetensors", safetensors_bytes(lora_state_dict(model)))
+        save_adapter(model, stage_dir / "adapter", base_model_name(cfg.model))  # PEFT's format
         atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
         atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
         atomic_write_json(stage_dir / "stage.json", {

@@ -5,7 +5,8 @@ root) into ``<run_root>/<preset>/notebooks/`` with the preset's parameters; the 
 ``<run_root>/<preset>/<method>-s<seed>/``, the tables (``data_stats``, ``metrics``) and
 ``runs.json`` to ``<run_root>/<preset>/`` and the figures to ``fig_dir``. Re-running the same
 preset resumes: the engine continues each run after its last completed task (finished runs are
-only read), and the notebooks are cheap to execute again.
+only read), and the notebooks are cheap to execute again. Without a Chrome/Chromium for kaleido
+the figures are exported as HTML only, with one warning (:func:`aimm.plots.usable_formats`).
 """
 
 from __future__ import annotations
@@ -122,14 +123,19 @@ def reproduce(preset: str = "demo", run_root: str | Path = "runs", fig_dir: str 
     """
     import papermill as pm
 
+    from aimm.plots.output import usable_formats
+
     params = preset_parameters(preset, run_root=run_root, fig_dir=fig_dir, data_dir=data_dir,
                                model=model, smoke=smoke, **overrides)
     params["data_dir"] = str(ensure_data(params.get("data_dir")).resolve())  # found or downloaded
+    wanted = list(params["fig_formats"])
+    params["fig_formats"] = usable_formats(wanted)  # warns once when static formats are skipped
     out = Path(params["run_root"]) / params["run_name"]
     nb_out = out / "notebooks"
     nb_out.mkdir(parents=True, exist_ok=True)
     Path(params["fig_dir"]).mkdir(parents=True, exist_ok=True)
-    summary: dict[str, Any] = {"preset": preset, "parameters": params, "notebooks": {}}
+    summary: dict[str, Any] = {"preset": preset, "parameters": params, "notebooks": {},
+                               "skipped_formats": [f for f in wanted if f not in params["fig_formats"]]}
     with tempfile.TemporaryDirectory(prefix="aimm-kernel-") as tmp:
         kernel = _kernel_name(Path(tmp))
         for name in notebooks:

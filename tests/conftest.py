@@ -40,6 +40,24 @@ def tiny_config(tiny_data, tmp_path):
     return make
 
 
+def in_ci() -> bool:
+    """``$CI`` set to anything but empty / 0 / false / no."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def browser_or_skip() -> str:
+    """kaleido's Chrome/Chromium; without one the test skips, except in CI where it fails."""
+    from aimm.plots import BrowserNotFoundError, find_browser
+
+    try:
+        return find_browser()
+    except BrowserNotFoundError as exc:
+        if in_ci():
+            pytest.fail(f"needs a browser for static figure export, CI must have one "
+                        f"(`make setup` installs it): {exc}")
+        pytest.skip(f"needs a browser for static figure export (PNG/PDF/SVG): {exc}")
+
+
 def real_data_or_skip() -> Path:
     """The release benchmark; in CI its absence is a failure, elsewhere a skip."""
     path = Path(os.environ.get("AIMM_DATA") or REAL_DATA)

@@ -11,6 +11,7 @@ import pytest
 
 from aimm import plots
 from aimm.plots import output as export_mod
+from conftest import browser_or_skip
 
 TASKS = ["dbpedia", "amazon", "yahoo", "agnews"]
 
@@ -274,6 +275,7 @@ def test_data_prep_figures():
 
 # ------------------------------------------------------------------------------ export
 def test_export_writes_html_png_pdf_svg(tmp_path):
+    browser_or_skip()
     steps, merges = synthetic_run()
     fig = plots.signals_figure(steps, merges, "amazon")
     paths = plots.export(fig, tmp_path / "fig" / "signals_amazon", width="two")
@@ -299,13 +301,34 @@ def test_export_without_browser_says_how_to_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(export_mod, "_choreographer_find", lambda: None)
     fig = plots.metrics_bars({"aimmerging": {"OP": 0.5}})
     with pytest.raises(plots.BrowserNotFoundError, match="apt-get install chromium"):
-        plots.export(fig, tmp_path / "bars", formats=("html", "png"))
+        plots.export(fig, tmp_path / "bars", formats=("html", "png"), missing_browser="raise")
     assert not (tmp_path / "bars.html").exists()  # nothing written
     # HTML alone needs no browser
     assert plots.export(fig, tmp_path / "bars", formats=("html",))[0].is_file()
     monkeypatch.setenv("BROWSER_PATH", str(tmp_path / "nope"))
     with pytest.raises(plots.BrowserNotFoundError, match="BROWSER_PATH"):
         plots.find_browser()
+
+
+def test_export_without_browser_writes_html_and_warns_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("BROWSER_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(export_mod, "BROWSER_CANDIDATES", ())
+    monkeypatch.setattr(export_mod, "_choreographer_find", lambda: None)
+    monkeypatch.setitem(export_mod._warned, "static_skipped", False)
+    fig = plots.metrics_bars({"aimmerging": {"OP": 0.5}})
+    paths = plots.export(fig, tmp_path / "a")  # default formats: html, png, pdf, svg
+    assert [p.name for p in paths] == ["a.html"] and paths[0].stat().st_size > 1000
+    written = plots.export_figures({"b": fig, "c": fig}, tmp_path, formats=("png", "html"))
+    assert {k: [p.name for p in v] for k, v in written.items()} == {"b": ["b.html"], "c": ["c.html"]}
+    assert plots.usable_formats(["svg"]) == []
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one warning per process, however many exports
+    assert "HTML only" in err[0] and "PNG/PDF/SVG were skipped" in err[0]
+    assert "make setup" in err[0] and "apt-get install chromium" in err[0] and "BROWSER_PATH" in err[0]
+    assert not list(tmp_path.glob("*.png"))
+    with pytest.raises(ValueError, match="missing_browser='maybe'"):
+        plots.export(fig, tmp_path / "d", missing_browser="maybe")
 
 
 # ------------------------------------------------------------------------------ real tiny run

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .custom import TaskSpec, read_custom_task
 from .errors import DataError
 from .labels import label_set as _label_set
 from .paths import find_task_file, resolve_data_dir, task_file_path
@@ -17,7 +18,7 @@ from .sampling import subsample
 
 __all__ = [
     "Example", "TaskData", "validate_records", "find_task_file", "resolve_data_dir",
-    "subsample", "load_task", "load_tasks", "unseen_label_warning",
+    "subsample", "load_task", "load_custom_task", "load_tasks", "unseen_label_warning",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,21 @@ def load_task(
     )
 
 
+def load_custom_task(spec: TaskSpec, *, max_train: int | None = None,
+                     max_test: int | None = None, seed: int = 42) -> TaskData:
+    """A task from a local dataset (:mod:`aimm.data.custom`), like :func:`load_task`."""
+    train, test, test_split, warnings = read_custom_task(spec)
+    labels = _label_set(e.output for e in train)
+    note = unseen_label_warning(spec.name, test_split, labels, test)
+    warnings = warnings + ([note] if note else [])
+    for note in warnings:
+        log.warning(note)
+    return TaskData(name=spec.name.lower(), train=subsample(train, max_train, seed),
+                    test=subsample(test, max_test, seed),
+                    test_split="test" if test_split == "test" else "dev",
+                    warnings=warnings, label_set=labels)
+
+
 def load_tasks(
     data_dir: str | os.PathLike[str] | None,
     benchmark: str,
@@ -145,17 +161,27 @@ def load_tasks(
     max_train: int | None = None,
     max_test: int | None = None,
     seed: int = 42,
+    specs: dict[str, TaskSpec] | None = None,
 ) -> dict[str, TaskData]:
     """Load several tasks (see :func:`load_task`), keyed by lower-case name in the given order.
+
+    ``specs``: tasks read from local datasets (:func:`load_custom_task`), by lower-case name;
+    the data directory is only looked up when a task is not one of them.
 
     Raises:
         DataError: with the problems of every failing task, not only the first.
     """
-    root = resolve_data_dir(data_dir)
+    specs = {k.lower(): v for k, v in (specs or {}).items()}
+    tasks = list(tasks)
+    root = resolve_data_dir(data_dir) if any(t.lower() not in specs for t in tasks) else None
     loaded: dict[str, TaskData] = {}
     problems: list[str] = []
     for task in tasks:
         try:
+            if task.lower() in specs:
+                loaded[task.lower()] = load_custom_task(
+                    specs[task.lower()], max_train=max_train, max_test=max_test, seed=seed)
+                continue
             loaded[task.lower()] = load_task(
                 root, benchmark, task, max_train=max_train, max_test=max_test, seed=seed
             )

@@ -5,12 +5,20 @@ Trajectory (spec §10): :func:`signals_figure`, :func:`interval_figure`,
 :func:`task1_figure`, :func:`scores_heatmap`, :func:`metrics_bars`. Data preparation:
 :func:`label_distribution_figure`, :func:`token_length_figure`. Whole runs:
 :func:`run_figures`, :func:`comparison_figures`. Output: :func:`apply_paper_theme`,
-:func:`export` (HTML + PNG/PDF/SVG through kaleido and a local Chromium).
+:func:`export` (HTML + PNG/PDF/SVG through kaleido and a local Chromium; HTML only, with one
+warning, when there is no browser).
 """
 
 from aimm.plots.live import LiveTrainingPlot, live_training_figure
 from aimm.plots.builders import RunData, comparison_figures, load_run_data, run_figures
-from aimm.plots.output import BrowserNotFoundError, export, export_figures, find_browser
+from aimm.plots.output import (
+    BrowserNotFoundError,
+    browser_or_none,
+    export,
+    export_figures,
+    find_browser,
+    usable_formats,
+)
 from aimm.plots.results import (
     label_distribution_figure,
     metrics_bars,
@@ -38,10 +46,10 @@ from aimm.plots.trajectory import (
 
 __all__ = [
     "BrowserNotFoundError", "KIND_COLORS", "LiveTrainingPlot", "METHOD_COLORS", "METHOD_NAMES",
-    "RunData", "apply_paper_theme", "comparison_figures", "export", "export_figures",
+    "RunData", "apply_paper_theme", "browser_or_none", "comparison_figures", "export", "export_figures",
     "find_browser", "history_loss_figure", "interval_figure", "is_no_data",
     "label_distribution_figure", "linear_fit", "live_training_figure", "load_run_data",
     "method_color", "method_label", "metrics_bars", "no_data_figure", "run_figures",
     "scores_heatmap", "signals_figure", "task1_figure", "token_length_figure",
-    "training_figure",
+    "training_figure", "usable_formats",
 ]

@@ -6,6 +6,10 @@ and a few typical paths. :func:`find_browser` does the same search plus the plac
 put the real binary (Debian: ``/usr/lib/chromium/chromium``), and exports the result as
 ``BROWSER_PATH`` so plotly's own ``fig.write_image`` works afterwards too. All static formats of
 one :func:`export` call (and all figures of one :func:`export_figures` call) share one browser.
+
+Without a browser, :func:`export_figures` (and so :func:`export`) writes the HTML files, skips
+the static formats and prints ONE line per process saying so and how to get them
+(:func:`usable_formats`); ``missing_browser="raise"`` raises :class:`BrowserNotFoundError` instead.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -39,6 +44,12 @@ BROWSER_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome
 INSTALL_HINT = ("install one (Debian/Ubuntu: `apt-get install chromium`), or point BROWSER_PATH "
                 "at a Chrome/Chromium executable; HTML export works without it "
                 "(formats=('html',))")
+
+
+SKIPPED_HINT = ("to get them, run `make setup` as root or with sudo (it installs Debian's "
+                "chromium), or `apt-get install chromium`, or point BROWSER_PATH at a "
+                "Chrome/Chromium executable")
+_warned: dict[str, bool] = {"static_skipped": False}
 
 
 class BrowserNotFoundError(RuntimeError):
@@ -81,6 +92,32 @@ def find_browser() -> str:
             f"export (PNG/PDF/SVG through kaleido) needs one: {INSTALL_HINT}")
     os.environ["BROWSER_PATH"] = found
     return found
+
+
+def browser_or_none() -> str | None:
+    """:func:`find_browser`, or ``None`` when there is no usable browser."""
+    try:
+        return find_browser()
+    except BrowserNotFoundError:
+        return None
+
+
+def usable_formats(formats: Iterable[str] | str) -> list[str]:
+    """``formats`` without the static ones when no browser is found.
+
+    Dropping any prints one line to stderr, once per process: which formats were skipped and
+    how to get them (:data:`SKIPPED_HINT`).
+    """
+    formats = _normalise_formats(formats)
+    static = [f for f in formats if f != "html"]
+    if not static or browser_or_none():
+        return formats
+    if not _warned["static_skipped"]:
+        _warned["static_skipped"] = True
+        print(f"aimm: warning: no Chrome/Chromium found, so figures are written as HTML only and "
+              f"{'/'.join(f.upper() for f in static)} were skipped; {SKIPPED_HINT}",
+              file=sys.stderr, flush=True)
+    return [f for f in formats if f == "html"]
 
 
 def _run_async(coro_fn, *args: Any) -> Any:
@@ -142,9 +179,17 @@ def _prepare(fig: go.Figure, width: str | None) -> go.Figure:
 
 def export_figures(figures: Mapping[str, go.Figure], directory: str | Path,
                    formats: Iterable[str] | str = ("html", "png", "pdf", "svg"),
-                   width: str | None = None, scale: float = 3) -> dict[str, list[Path]]:
-    """Export many figures (``{file stem: figure}``) into ``directory`` with one browser start."""
-    formats = _normalise_formats(formats)
+                   width: str | None = None, scale: float = 3,
+                   missing_browser: str = "warn") -> dict[str, list[Path]]:
+    """Export many figures (``{file stem: figure}``) into ``directory`` with one browser start.
+
+    No browser: ``missing_browser="warn"`` skips the static formats (one line to stderr per
+    process, :func:`usable_formats`); ``"raise"`` raises :class:`BrowserNotFoundError` before
+    anything is written.
+    """
+    if missing_browser not in ("warn", "raise"):
+        raise ValueError(f"missing_browser={missing_browser!r}: choose 'warn' or 'raise'")
+    formats = _normalise_formats(formats) if missing_browser == "raise" else usable_formats(formats)
     directory = Path(directory)
     prepared = {name: _prepare(fig, width) for name, fig in figures.items()}
     static = [f for f in formats if f != "html"]
@@ -179,16 +224,17 @@ def export_figures(figures: Mapping[str, go.Figure], directory: str | Path,
 
 def export(fig: go.Figure, path: str | Path,
            formats: Iterable[str] | str = ("html", "png", "pdf", "svg"),
-           width: str | None = None, scale: float = 3) -> list[Path]:
+           width: str | None = None, scale: float = 3, missing_browser: str = "warn") -> list[Path]:
     """Write ``path.with_suffix('.<fmt>')`` for each format; returns the paths written.
 
     The figure (not modified) is copied and themed for ``width`` (``"one"`` column 3.5 in,
     ``"two"`` columns 7 in; ``None``: the width it was built for). HTML embeds plotly.js (works
     offline); PNG is rendered at ``scale`` x the layout pixels (3: ~290 dpi); PDF and SVG are
-    vector. Every file is written atomically. Static formats need Chrome/Chromium
-    (:class:`BrowserNotFoundError` otherwise).
+    vector. Every file is written atomically. Static formats need Chrome/Chromium: without
+    one they are skipped with a warning (``missing_browser="warn"``) or
+    :class:`BrowserNotFoundError` is raised (``"raise"``).
     """
     path = Path(path)
     stem = path.with_suffix("") if path.suffix.lower().lstrip(".") in ALL_FORMATS else path
     return export_figures({stem.name: fig}, stem.parent, formats=formats, width=width,
-                          scale=scale)[stem.name]
+                          scale=scale, missing_browser=missing_browser)[stem.name]

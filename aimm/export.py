@@ -1,0 +1,155 @@
+"""Adapters in PEFT's own format, and ``aimm export``: a run's stage as a PEFT adapter and as a
+merged full model.
+
+Every stage writes ``stages/<k>_<task>/adapter/`` next to ``adapter.safetensors`` (aimm's own key
+layout): what ``PeftModel.save_pretrained`` writes (``adapter_config.json``,
+``adapter_model.safetensors``, its model card ``README.md``), with ``base_model_name_or_path`` set
+to the model the run used (the local folder it was loaded from; the spec for the tiny and random
+test models, which are built, not loaded). PEFT, vLLM / TGI LoRA serving and mergekit read it.
+Each file is written atomically (:func:`aimm.runs.atomic_write_bytes`).
+
+:func:`export_stage` (``aimm export RUN_DIR [--stage K] OUT``) writes ``OUT/adapter/`` and
+``OUT/merged/``: the base model with the adapter merged in (``merge_and_unload``, float32) and the
+tokenizer, which ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM.from_pretrained`` load.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from aimm.runs import RunDirError, atomic_write_bytes
+
+ADAPTER_DIR = "adapter"
+AIMM_ADAPTER = "adapter.safetensors"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+def base_model_name(spec: str) -> str:
+    """What ``base_model_name_or_path`` names for a model spec: its local folder, or the spec."""
+    from aimm.models import TINY_SPECS, resolve_model_path
+
+    if spec in TINY_SPECS or spec.startswith("random:"):
+        return spec
+    return str(resolve_model_path(spec))
+
+
+def _peft_model(model):
+    """The PeftModel inside ``model`` (a DDP wrapper has it as ``.module``)."""
+    return getattr(model, "module", model)
+
+
+def save_adapter(model, folder: str | Path, base_model: str) -> Path:
+    """``model.save_pretrained`` (PEFT) into ``folder``, every file atomically; returns ``folder``."""
+    model = _peft_model(model)
+    folder = Path(folder)
+    config = model.peft_config["default"]
+    previous = config.base_model_name_or_path
+    config.base_model_name_or_path = base_model
+    try:
+        with tempfile.TemporaryDirectory(prefix="aimm-adapter-") as tmp:
+            # aimm never resizes the vocabulary: no full embedding copy, and no Hub lookup (PEFT's
+            # "auto" asks the Hub for the base config whenever it is not a local folder)
+            model.save_pretrained(tmp, save_embedding_layers=False)
+            written = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+            for path in written:
+                atomic_write_bytes(folder / path.name, path.read_bytes())
+    finally:
+        config.base_model_name_or_path = previous
+    names = {p.name for p in written}
+    for old in folder.iterdir():  # files of an earlier save that this one did not write
+        if old.is_file() and old.name not in names and not old.name.startswith("."):
+            old.unlink()
+    return folder
+
+
+@torch.no_grad()
+def load_adapter(model, folder: str | Path) -> None:
+    """Load a PEFT adapter folder's weights into ``model`` (a LoRA-wrapped PeftModel)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(folder) / PEFT_WEIGHTS
+    if not path.is_file():
+        raise RunDirError(f"{path}: adapter weights missing")
+    result = set_peft_model_state_dict(_peft_model(model), load_file(str(path)))
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[0]
+        raise RunDirError(f"{path}: does not fit this model's LoRA ({len(missing)} tensors missing, "
+                          f"{len(result.unexpected_keys)} unexpected, e.g. {bad})")
+
+
+def restore_stage_adapter(model, stage_dir: str | Path) -> None:
+    """Resume: the stage's adapter from ``adapter.safetensors``, else from ``adapter/``."""
+    from safetensors.torch import load_file
+
+    from aimm.models import load_lora_state_dict
+
+    stage_dir = Path(stage_dir)
+    if (stage_dir / AIMM_ADAPTER).is_file():
+        load_lora_state_dict(model, load_file(str(stage_dir / AIMM_ADAPTER)))
+    elif (stage_dir / ADAPTER_DIR / PEFT_WEIGHTS).is_file():
+        load_adapter(model, stage_dir / ADAPTER_DIR)
+    else:
+        raise RunDirError(f"{stage_dir}: adapter of completed stage missing ({AIMM_ADAPTER} and "
+                          f"{ADAPTER_DIR}/{PEFT_WEIGHTS}); cannot resume")
+
+
+def stage_dir_of(run_dir: str | Path, stage: int | None = None) -> Path:
+    """``stages/<k>_<task>`` of a run: stage ``k`` (1-based), default the last completed one."""
+    from aimm.runs import RunStore
+
+    store = RunStore(Path(run_dir))
+    if not store.config_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (config.json missing)")
+    completed = store.read_state()["completed"]
+    if not completed:
+        raise RunDirError(f"{run_dir}: no completed stage to export yet")
+    k = len(completed) if stage is None else stage
+    if not 1 <= k <= len(completed):
+        raise ValueError(f"--stage {k}: {run_dir} has completed stages 1..{len(completed)}")
+    return store.stage_dir(k - 1, completed[k - 1])
+
+
+def load_stage_model(run_dir: str | Path, stage: int | None = None):
+    """The run's base model (float32) with stage ``k``'s adapter: ``(PeftModel, bundle, cfg)``."""
+    from peft import PeftModel
+
+    from aimm.config import RunConfig
+    from aimm.models import attach_lora, load_model
+    from aimm.runs import read_json
+
+    folder = stage_dir_of(run_dir, stage)
+    cfg = RunConfig.from_dict(read_json(Path(run_dir) / "config.json"))
+    bundle = load_model(cfg.model, seed=cfg.seed)  # the run's base (tiny models: same seed)
+    if (folder / ADAPTER_DIR / PEFT_WEIGHTS).is_file():
+        model = PeftModel.from_pretrained(bundle.model, str(folder / ADAPTER_DIR))
+    else:  # a run from before adapter/ existed: aimm's own layout
+        bundle = attach_lora(bundle, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                             targets=cfg.lora_targets)
+        restore_stage_adapter(bundle.model, folder)
+        model = bundle.model
+    model.eval()
+    return model, bundle, cfg
+
+
+def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None) -> Path:
+    """``OUT/adapter/`` (PEFT) and ``OUT/merged/`` (full model + tokenizer) of one stage."""
+    out = Path(out)
+    model, bundle, cfg = load_stage_model(run_dir, stage)
+    save_adapter(model, out / ADAPTER_DIR, base_model_name(cfg.model))
+    merged = model.merge_and_unload()
+    with tempfile.TemporaryDirectory(prefix="aimm-merged-") as tmp:
+        merged.save_pretrained(tmp)
+        bundle.tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                atomic_write_bytes(out / "merged" / path.relative_to(tmp), path.read_bytes())
+    return out
+
+
+__all__ = ["base_model_name", "export_stage", "load_adapter", "load_stage_model",
+           "restore_stage_adapter", "save_adapter", "stage_dir_of"]

@@ -1,0 +1,138 @@
+"""Adapters in PEFT's format: every stage's ``adapter/`` loads with stock PEFT and gives aimm's
+logits; ``aimm export`` writes a merged model transformers loads; resume reads either file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+from aimm.cli import main
+from aimm.engine import run
+from aimm.runs import load_metrics, load_scores_matrix
+
+
+def _inputs(tokenizer, seq2seq: bool) -> dict:
+    batch = tokenizer(["Classify: a fine film.", "Topic: stocks fell today"], return_tensors="pt",
+                      padding=True)
+    if seq2seq:
+        batch["decoder_input_ids"] = torch.tensor([[0, 5, 9, 11], [0, 7, 3, 2]])
+    return dict(batch)
+
+
+def _aimm_model(run_dir, spec: str, stage_dir):
+    """aimm's own model at the end of a stage: the run's LoRA with adapter.safetensors."""
+    from aimm.config import RunConfig
+    from aimm.export import restore_stage_adapter
+    from aimm.models import attach_lora, load_model
+
+    cfg = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    bundle = attach_lora(load_model(spec, seed=cfg.seed), r=cfg.lora_r, alpha=cfg.lora_alpha,
+                         dropout=cfg.lora_dropout, targets=cfg.lora_targets)
+    restore_stage_adapter(bundle.model, stage_dir)
+    return bundle.model.eval(), bundle.tokenizer
+
+
+@pytest.fixture(scope="module", params=["tiny-causal", "tiny-seq2seq"])
+def trained(request, tmp_path_factory, tiny_data):
+    from aimm.config import RunConfig
+
+    root = tmp_path_factory.mktemp("export-" + request.param)
+    cfg = RunConfig.from_dict(dict(
+        benchmark="long_sequence", tasks=["sst-2", "agnews"], data_dir=str(tiny_data),
+        model=request.param, method="aimmerging", method_options={"initial_interval": 2},
+        max_train=16, max_test=4, batch_size=4, lr=5e-3, max_input_len=64, eval_batch_size=8,
+        memory_batch_size=4, buffer_fraction=0.25, run_dir=str(root / "run"), progress=False))
+    return request.param, run(cfg), cfg
+
+
+def test_each_stage_adapter_loads_with_stock_peft_and_gives_aimms_logits(trained):
+    from peft import PeftModel
+
+    from aimm.models import load_model  # the base model only (tiny models are built, not loaded)
+
+    spec, run_dir, _ = trained
+    stage_dirs = sorted((run_dir / "stages").iterdir())
+    assert [d.name for d in stage_dirs] == ["01_sst-2", "02_agnews"]
+    for stage_dir in stage_dirs:
+        folder = stage_dir / "adapter"
+        assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in folder.iterdir()}
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == spec and config["peft_type"] == "LORA"
+        assert config["r"] == 8 and config["lora_alpha"] == 32
+        ours, tokenizer = _aimm_model(run_dir, spec, stage_dir)
+        peft = PeftModel.from_pretrained(load_model(spec, seed=42).model, str(folder)).eval()
+        batch = _inputs(tokenizer, ours.config.is_encoder_decoder)
+        with torch.no_grad():
+            expected, got = ours(**batch).logits, peft(**batch).logits
+            base = peft.get_base_model()
+            with peft.disable_adapter():
+                plain = base(**batch).logits
+        assert torch.equal(got, expected)
+        assert not torch.allclose(plain, expected, atol=1e-4)  # the adapter did something
+    # the two stages hold different adapters
+    a, b = (sorted((run_dir / "stages").iterdir())[i] / "adapter" / "adapter_model.safetensors"
+            for i in (0, 1))
+    assert a.read_bytes() != b.read_bytes()
+
+
+def test_export_writes_a_merged_model_transformers_loads(trained, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from aimm.models import load_model
+
+    spec, run_dir, _ = trained
+    assert main(["export", str(run_dir), str(tmp_path / "out"), "--stage", "1"]) == 0
+    out = tmp_path / "out"
+    cls = AutoModelForSeq2SeqLM if spec == "tiny-seq2seq" else AutoModelForCausalLM
+    merged = cls.from_pretrained(out / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "merged")
+    assert merged.config.is_encoder_decoder == (spec == "tiny-seq2seq")
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    peft = PeftModel.from_pretrained(load_model(spec, seed=42).model, str(out / "adapter")).eval()
+    stage1 = run_dir / "stages" / "01_sst-2" / "adapter" / "adapter_model.safetensors"
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == stage1.read_bytes()
+    batch = _inputs(tokenizer, spec == "tiny-seq2seq")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, peft(**batch).logits, atol=1e-5, rtol=1e-4)
+    # default stage: the last one
+    assert main(["export", str(run_dir), str(tmp_path / "last")]) == 0
+    last = run_dir / "stages" / "02_agnews" / "adapter" / "adapter_model.safetensors"
+    assert (tmp_path / "last" / "adapter" / "adapter_model.safetensors").read_bytes() == last.read_bytes()
+
+
+def test_export_names_a_bad_stage_or_run_dir(trained, tmp_path, capsys):
+    _, run_dir, _ = trained
+    assert main(["export", str(run_dir), str(tmp_path / "x"), "--stage", "3"]) == 2
+    assert "--stage 3: " in capsys.readouterr().err
+    assert main(["export", str(tmp_path), str(tmp_path / "x")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+def test_resume_works_from_either_adapter_file(trained, tmp_path):
+    spec, run_dir, cfg = trained
+    for keep in ("adapter.safetensors", "adapter"):
+        copy = tmp_path / f"keep-{keep}"
+        shutil.copytree(run_dir, copy)
+        state = json.loads((copy / "state.json").read_text())
+        state["completed"], state["stage_steps"] = state["completed"][:1], state["stage_steps"][:1]
+        state["scores"] = [r for r in state["scores"] if r["after_task"] == "sst-2"]
+        (copy / "state.json").write_text(json.dumps(state))
+        shutil.rmtree(copy / "stages" / "02_agnews")
+        stage1 = copy / "stages" / "01_sst-2"
+        drop = stage1 / ("adapter" if keep == "adapter.safetensors" else "adapter.safetensors")
+        shutil.rmtree(drop) if drop.is_dir() else drop.unlink()
+        resumed = run(cfg.replace(run_dir=str(copy)))
+        assert load_metrics(resumed) == load_metrics(run_dir), keep
+        pd.testing.assert_frame_equal(load_scores_matrix(resumed), load_scores_matrix(run_dir))
+    bare = tmp_path / "keep-adapter" / "stages" / "01_sst-2"
+    shutil.rmtree(bare / "adapter")
+    from aimm.export import restore_stage_adapter
+    from aimm.runs import RunDirError
+
+    with pytest.raises(RunDirError, match="adapter of completed stage missing"):
+        restore_stage_adapter(None, bare)
