@@ -359,3 +359,17 @@ def test_seed_overlays_one_trace_per_seed():
     assert all(tr.yaxis == "y2" for tr in signals.data if tr.meta["series"] == "learning")
     assert is_no_data(seed_interval_figure(runs, "no-such-task"))
     assert is_no_data(seed_signals_figure({}, "amazon"))
+
+
+def test_controller_table_per_seed_and_task():
+    from aimm.study import controller_table
+
+    runs = {f"seed {s}": seed_run(s) for s in (1, 2)}
+    steps, merges = runs["seed 2"]
+    runs["seed 2"] = (steps.assign(threshold=[np.nan] * 10 + [0.5] * 10), merges)
+    table = controller_table(runs)
+    assert table[["seed", "task", "merges", "merges_early", "merges_forced", "merges_planned"]
+                 ].values.tolist() == [["seed 1", "amazon", 3, 1, 1, 1], ["seed 2", "amazon", 3, 1, 1, 1]]
+    assert table["intervals"].tolist() == ["4->9", "4->10"]
+    h1, h2 = runs["seed 1"][0]["history_loss"], steps["history_loss"]
+    assert table["max_signal_ratio"].tolist() == pytest.approx([h1.max() / 2.0, h2[10:].max() / 0.5])

@@ -8,6 +8,7 @@ them together for ``aimm study``.
 """
 
 from aimm.study.aggregate import (
+    controller_table,
     read_results,
     paired_table,
     runs_table,
@@ -20,7 +21,7 @@ from aimm.study.report import Aggregate, aggregate, summary_markdown, write_aggr
 from aimm.study.stats import estimate, paired_difference, t_quantile
 
 __all__ = [
-    "Aggregate", "Cell", "aggregate", "estimate", "exit_code", "paired_difference", "paired_table",
+    "Aggregate", "Cell", "aggregate", "controller_table", "estimate", "exit_code", "paired_difference", "paired_table",
     "parse_ints", "parse_list", "plan_cells", "read_results", "read_runs_csv", "run_study",
     "runs_table", "seed_trajectories", "summary_markdown", "summary_table", "t_quantile",
     "write_aggregate",

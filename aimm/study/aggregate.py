@@ -225,3 +225,39 @@ def paired_table(table: pd.DataFrame, reference: str) -> pd.DataFrame:
                          "diff_ci95_low": d.estimate.ci_low, "diff_ci95_high": d.estimate.ci_high,
                          "wins": d.wins, "losses": d.losses})
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+def controller_table(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
+    """What a merging method's controller did, per seed and task: merges by kind, the interval
+    values S took (in order of appearance), and the largest forgetting signal ÷ threshold
+    (``max_signal_ratio`` >= 1 means the forgetting threshold was reached at least once).
+
+    ``runs``: ``{"seed 1": (steps, merges), ...}`` as :func:`seed_trajectories` returns.
+    """
+    rows = []
+    kinds = sorted({str(k) for _, m in runs.values() if "kind" in m.columns
+                    for k in m["kind"].dropna()})
+    for label, (steps, merges) in runs.items():
+        tasks = list(dict.fromkeys(steps["task"])) if "task" in steps.columns else []
+        for task in tasks:
+            s = steps[steps["task"] == task]
+            m = merges[merges["task"] == task] if "task" in merges.columns else merges.iloc[0:0]
+            row: dict[str, Any] = {"seed": label, "task": task, "merges": len(m)}
+            for k in kinds:
+                row[f"merges_{k}"] = int((m["kind"] == k).sum()) if "kind" in m.columns else 0
+            if "interval" in s.columns and s["interval"].notna().any():
+                values = s["interval"].dropna()
+            elif {"interval_before", "interval_after"} <= set(m.columns):
+                values = pd.concat([m["interval_before"].iloc[:1], m["interval_after"]])
+            else:
+                values = pd.Series(dtype=float)
+            row["intervals"] = "->".join(str(int(v)) for v in dict.fromkeys(values))
+            ratio = float("nan")
+            if {"history_loss", "threshold"} <= set(s.columns):
+                h = pd.to_numeric(s["history_loss"], errors="coerce")
+                t = pd.to_numeric(s["threshold"], errors="coerce")
+                r = (h / t.where(t > 0)).dropna()
+                ratio = float(r.max()) if len(r) else ratio
+            row["max_signal_ratio"] = ratio
+            rows.append(row)
+    return pd.DataFrame(rows)
