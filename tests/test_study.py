@@ -211,9 +211,15 @@ def test_report_aggregate_on_a_folder_that_is_no_study(tmp_path, capsys):
     (["--methods", "seq_lora", "--seeds", "1", "-o", "initial_interval=2"], "no method of the grid"),
     (["--methods", "replay", "--seeds", "1", "--reference", "seq_lora"], "--reference seq_lora"),
     (["--methods", "seq_lora", "--seeds", "1", "--orders", "9"], "order=9"),
+    (["--methods", "seq_lora", "--seeds", "1", "--data-dir", "/nonexistent/aimm"], "does not exist"),
+    (["--methods", "seq_lora", "--seeds", "1", "--benchmark", "long_sequence", "--tasks", "sst-2,nosuch"],
+     "no train split for task 'nosuch'"),
 ])
-def test_bad_study_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys, argv, needle):
+def test_bad_study_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys, argv, needle,
+                                                               tiny_data):
     out = tmp_path / "study"
+    if "--data-dir" not in argv:
+        argv = [*argv, "--data-dir", str(tiny_data)]
     assert main(["study", *argv, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from aimm.config import ConfigError, RunConfig
+from aimm.data import find_task_file, resolve_data_dir
 from aimm.methods import METHODS
 from aimm.runs import atomic_write_csv
 
@@ -125,7 +126,17 @@ def plan_cells(base: dict[str, Any], methods: list[str], seeds: list[int],
                 values["run_id"] = probe.name
                 cfg = RunConfig.from_dict(values, source=f"{source} ({probe.name})")
                 cells.append(Cell(method, seed, order, cfg))
+    check_training_files(cells)
     return cells
+
+
+def check_training_files(cells: list[Cell]) -> None:
+    """The data folder and every task's train split exist (FileNotFoundError naming the path), so
+    a typo fails before any cell starts rather than once per cell."""
+    data_dir = resolve_data_dir(cells[0].config.data_dir) if cells else None
+    for cfg in {(c.config.benchmark, tuple(c.config.task_names())): c.config for c in cells}.values():
+        for task in cfg.task_names():
+            find_task_file(data_dir, cfg.benchmark, "train", task)
 
 
 def runs_rows(cells: list[Cell], out: str | Path) -> list[dict[str, Any]]:
