@@ -1,4 +1,4 @@
-"""Command line: ``aimm run | report | export | data convert | data check | data download | reproduce``."""
+"""Command line: ``aimm run | study | report | export | data convert | data check | data download | reproduce``."""
 
 from __future__ import annotations
 
@@ -20,11 +20,19 @@ def _parse_value(text: str):
 
 def _run_parser(sub) -> None:
     p = sub.add_parser("run", help="train a method through a task sequence and evaluate it")
+    _config_flags(p, single_run=True)
+
+
+def _config_flags(p, single_run: bool) -> None:
+    """The RunConfig flags of ``aimm run``; ``aimm study`` shares all but method, order, seed and
+    run dir, which its grid sets per cell."""
     p.add_argument("--config", help="YAML file of RunConfig fields (flags override it)")
     p.add_argument("--benchmark", help="standard_cl | long_sequence | superni")
-    p.add_argument("--order", type=int, help="task order number of the benchmark")
+    if single_run:
+        p.add_argument("--order", type=int, help="task order number of the benchmark")
     p.add_argument("--tasks", help="custom order: comma-separated task names")
-    p.add_argument("--method", help="seq_lora | replay | mtl | single_task | aimmerging | recurrent_kif")
+    if single_run:
+        p.add_argument("--method", help="seq_lora | replay | mtl | single_task | aimmerging | recurrent_kif")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable), e.g. -o outer_optimizer=separate")
     p.add_argument("--model", help="smollm2-135m | tiny-causal | tiny-seq2seq | a local HF folder")
@@ -43,8 +51,9 @@ def _run_parser(sub) -> None:
                    help="record the forgetting signal (history loss) for any method")
     p.add_argument("--checkpoint-every", type=int, help="within-task checkpoint every N steps")
     p.add_argument("--nan-policy", help="stop | skip")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--run-dir", help="run directory (re-running an existing one resumes it)")
+    if single_run:
+        p.add_argument("--seed", type=int)
+        p.add_argument("--run-dir", help="run directory (re-running an existing one resumes it)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--dtype", help="base-model weights: float32 (default) | bfloat16 (LoRA stays float32)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
@@ -59,7 +68,14 @@ FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train",
 
 
 def config_from_args(args) -> RunConfig:
-    values = {f: getattr(args, f) for f in FLAG_FIELDS if getattr(args, f) is not None}
+    values, source = config_values(args)
+    return RunConfig.from_dict(values, source=source)
+
+
+def config_values(args) -> tuple[dict, str]:
+    """RunConfig fields from ``--config`` and the flags (flags win), not yet validated; and the
+    name of their source for error messages."""
+    values = {f: getattr(args, f, None) for f in FLAG_FIELDS if getattr(args, f, None) is not None}
     if args.tasks:
         values["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.no_progress:
@@ -76,10 +92,10 @@ def config_from_args(args) -> RunConfig:
         merged.update(values)
         if options:
             merged["method_options"] = {**merged.get("method_options", {}), **options}
-        return RunConfig.from_dict(merged, source=args.config)
+        return merged, args.config
     if options:
         values["method_options"] = options
-    return RunConfig.from_dict(values, source="command line")
+    return values, "command line"
 
 
 def cmd_run(args) -> int:
@@ -99,6 +115,31 @@ def cmd_run(args) -> int:
     print(f"run dir: {run_dir}")
     print(report_text(run_dir))
     return 0
+
+
+def cmd_study(args) -> int:
+    from aimm.study import exit_code, parse_ints, parse_list, plan_cells, run_study, summary_markdown
+
+    if args.orders and args.tasks:
+        raise ConfigError("--orders and --tasks: give one (order numbers of --benchmark, or one "
+                          "custom task list)")
+    methods = parse_list(args.methods, "--methods")
+    seeds = parse_ints(args.seeds, "--seeds")
+    orders = parse_ints(args.orders, "--orders") if args.orders else None
+    if args.reference and args.reference not in methods:
+        raise ConfigError(f"--reference {args.reference}: not in --methods ({', '.join(methods)}); "
+                          "add it there or choose one of them")
+    values, source = config_values(args)
+    cells = plan_cells(values, methods, seeds, orders, args.out, source=source)  # before any write
+    settings = {"methods": methods, "seeds": seeds, "orders": orders, "arguments": vars(args)}
+    outcomes, agg = run_study(cells, args.out, args.reference or "seq_lora", settings,
+                              report=lambda line: print(line, flush=True))
+    print()
+    print(summary_markdown(agg))
+    failed = [o for o in outcomes if not o.ok]
+    print(f"study: {len(outcomes) - len(failed)} of {len(outcomes)} cells done; tables in {args.out}"
+          + (f"; re-run the same command to retry {len(failed)}" if failed else ""))
+    return exit_code(outcomes)
 
 
 def report_text(run_dir: str | Path) -> str:
@@ -126,6 +167,13 @@ def report_text(run_dir: str | Path) -> str:
 
 
 def cmd_report(args) -> int:
+    if args.aggregate:
+        from aimm.study import summary_markdown, write_aggregate
+
+        print(summary_markdown(write_aggregate(args.aggregate)), end="")
+        return 0
+    if not args.run_dir:
+        raise ConfigError("aimm report: give a run directory, or --aggregate STUDY_DIR")
     print(report_text(args.run_dir))
     return 0
 
@@ -171,8 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aimm", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
-    rep = sub.add_parser("report", help="scores matrix and metrics of a run")
-    rep.add_argument("run_dir")
+    st = sub.add_parser("study", help="a grid of runs (methods x seeds x orders) and its summary")
+    st.add_argument("--methods", required=True, help="comma-separated, e.g. seq_lora,replay,aimmerging")
+    st.add_argument("--seeds", required=True, help="comma-separated integers, e.g. 1,2,3")
+    st.add_argument("--orders", help="comma-separated order numbers of --benchmark (or --tasks a,b,c)")
+    st.add_argument("--reference", help="method the others are compared with (default seq_lora)")
+    st.add_argument("--out", required=True, help="study folder (re-running resumes it)")
+    _config_flags(st, single_run=False)
+    rep = sub.add_parser("report", help="scores matrix and metrics of a run, or a study's tables")
+    rep.add_argument("run_dir", nargs="?")
+    rep.add_argument("--aggregate", metavar="STUDY_DIR",
+                     help="recompute a study folder's summary.csv / summary.md / paired.csv and print them")
     data = sub.add_parser("data", help="benchmark data tools")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
     conv = dsub.add_parser("convert", help="raw CL_Benchmark / Instances data -> release layout")
@@ -206,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "report": cmd_report, "data": cmd_data, "reproduce": cmd_reproduce,
-                "export": cmd_export}
+    handlers = {"run": cmd_run, "study": cmd_study, "report": cmd_report, "data": cmd_data,
+                "reproduce": cmd_reproduce, "export": cmd_export}
     try:
         return handlers[args.cmd](args)
     except (ConfigError, FileNotFoundError, OSError, ValueError) as exc:

@@ -89,6 +89,7 @@ class AIMMerging(Method):
     name = "aimmerging"
     Options = AIMMergingOptions
     uses_memory = True
+    merges = True
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

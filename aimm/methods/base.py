@@ -51,6 +51,7 @@ class Method:
     uses_memory: ClassVar[bool] = False  # build a memory buffer of earlier tasks
     joint: ClassVar[bool] = False  # one stage over all tasks (metrics: OP only)
     fresh_adapter_per_stage: ClassVar[bool] = False  # single-task reference
+    merges: ClassVar[bool] = False  # fuses updates during training (merges.csv has its events)
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()

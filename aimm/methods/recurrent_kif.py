@@ -44,6 +44,7 @@ class RecurrentKIF(Method):
     name = "recurrent_kif"
     Options = RecurrentKIFOptions
     uses_memory = True
+    merges = True
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

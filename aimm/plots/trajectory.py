@@ -159,6 +159,26 @@ def signals_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
     return apply_paper_theme(fig, "one")
 
 
+def interval_series(s: pd.DataFrame, m: pd.DataFrame) -> tuple[pd.Series, pd.Series] | None:
+    """(step, S) of one task's interval as a step line: the per-step ``interval`` column where
+    recorded, else rebuilt from the merges (S before the first, S after each); None without data."""
+    interval = _numeric(s, "interval")
+    if interval.notna().any():
+        ok = interval.notna()
+        return s.loc[ok, "step"], interval[ok]
+    if m.empty or not {"step", "interval_after"} <= set(m.columns):
+        return None
+    m = m.sort_values("step")
+    first = _numeric(m, "interval_before").iloc[0] if "interval_before" in m.columns else np.nan
+    x = pd.concat([pd.Series([0]), m["step"]], ignore_index=True)
+    y = pd.concat([pd.Series([first]), _numeric(m, "interval_after")], ignore_index=True)
+    last = _numeric(s, "step").max() if "step" in s.columns else np.nan
+    if pd.notna(last) and last > x.iloc[-1]:
+        x = pd.concat([x, pd.Series([last])], ignore_index=True)
+        y = pd.concat([y, pd.Series([y.iloc[-1]])], ignore_index=True)
+    return x, y
+
+
 def interval_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
                     title: str | None = None) -> go.Figure:
     """Merge interval S chosen by the controller over the inner steps of one task (step line),
@@ -166,23 +186,12 @@ def interval_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
     s = select_task(steps, task)
     m = select_task(merges, task)
     title = f"{task}" if title is None else title
-    interval = _numeric(s, "interval")
-    fig = go.Figure()
-    if interval.notna().any():
-        ok = interval.notna()
-        x, y = s.loc[ok, "step"], interval[ok]
-    elif not m.empty and {"step", "interval_after"} <= set(m.columns):
-        m = m.sort_values("step")
-        first = _numeric(m, "interval_before").iloc[0] if "interval_before" in m.columns else np.nan
-        x = pd.concat([pd.Series([0]), m["step"]], ignore_index=True)
-        y = pd.concat([pd.Series([first]), _numeric(m, "interval_after")], ignore_index=True)
-        last = _numeric(s, "step").max() if "step" in s.columns else np.nan
-        if pd.notna(last) and last > x.iloc[-1]:
-            x = pd.concat([x, pd.Series([last])], ignore_index=True)
-            y = pd.concat([y, pd.Series([y.iloc[-1]])], ignore_index=True)
-    else:
+    series = interval_series(s, m)
+    if series is None:
         return no_data_figure(f"no data: no merge interval for task {task!r}",
                               x_title=X_INNER, y_title=Y_INTERVAL, title=title)
+    x, y = series
+    fig = go.Figure()
     fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name="Interval S",
                              line=dict(color=LEARNING_COLOR, width=1.5, shape="hv"),
                              hovertemplate="step %{x}<br>S = %{y}<extra></extra>"))

@@ -1,0 +1,171 @@
+"""Run the cells of a study, one subprocess per cell, sequentially.
+
+Why subprocesses: a crash, an out-of-memory kill or a SIGKILL of one cell ends only that cell; each
+cell takes its run directory's lock for exactly as long as it runs; memory (model, optimiser,
+compile caches) is returned to the system between cells; and a cell is exactly ``aimm run --config
+<cell>.yaml``, the same entry point a user runs. The cost is one interpreter start per cell (a few
+seconds), small next to training.
+
+Per cell, before starting anything:
+
+* finished (``metrics.json`` says complete) with the same config: skipped, only read;
+* finished with a different config: failed, nothing started (the engine would refuse it too);
+* its ``run.lock`` held by another process: reported ``in use`` and skipped;
+* else ``aimm run`` resumes it after its last completed task (or starts it). Its output goes to
+  ``DIR/cells/<cell>.log``; the config it ran is ``DIR/cells/<cell>.yaml``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from aimm.engine import RESUME_FREE_FIELDS
+from aimm.runs import atomic_write_text, read_json
+from aimm.study.grid import Cell
+
+LOCK_FILE = "run.lock"  # the engine's exclusive flock for the duration of a run
+CELLS_DIR = "cells"
+
+DONE, RAN, FAILED, IN_USE = "done", "ran", "failed", "in use"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What happened to one cell: ``done`` (already finished, skipped), ``ran`` (finished now),
+    ``failed`` or ``in use``; ``reason`` says why for the last two, ``log`` where to look."""
+
+    cell: Cell
+    status: str
+    reason: str = ""
+    log: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (DONE, RAN)
+
+    def line(self) -> str:
+        text = f"cell {self.cell.name}: {self.status}"
+        if self.reason:
+            text += f" ({self.reason})"
+        if self.log is not None and not self.ok:
+            text += f"; log: {self.log}"
+        return text
+
+
+# ------------------------------------------------------------------------------ cell state
+def config_difference(stored: dict, planned: dict) -> list[str]:
+    """Fields (other than the resume-free ones) where a stored config differs from the planned."""
+    keys = sorted(k for k in set(stored) | set(planned)
+                  if k not in RESUME_FREE_FIELDS and stored.get(k) != planned.get(k))
+    return [f"{k}: {stored.get(k)!r} -> {planned.get(k)!r}" for k in keys]
+
+
+def is_complete(run_dir: Path) -> bool:
+    path = Path(run_dir) / "metrics.json"
+    try:
+        return path.is_file() and bool(read_json(path).get("complete"))
+    except OSError:
+        return False
+
+
+def in_use(run_dir: Path) -> bool:
+    """True when another process holds the run directory's lock (probe only; never created)."""
+    path = Path(run_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(encoding="utf-8", errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return lines[-1][:300] if lines else ""
+
+
+def _exit_reason(code: int, log: Path) -> str:
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}"
+    last = _last_line(log)
+    return f"exit {code}" + (f": {last}" if last else "")
+
+
+# ------------------------------------------------------------------------------ running
+def cell_command(config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "aimm.cli", "run", "--config", str(config_path), "--no-progress"]
+
+
+def run_cell(cell: Cell, out: Path) -> Outcome:
+    """Skip, refuse or run one cell (see the module docstring)."""
+    run_dir = cell.run_dir
+    planned = cell.config.to_dict()
+    config_json = run_dir / "config.json"
+    if is_complete(run_dir) and config_json.is_file():
+        try:
+            diff = config_difference(read_json(config_json), planned)
+        except OSError as exc:
+            return Outcome(cell, FAILED, str(exc))
+        if diff:
+            return Outcome(cell, FAILED, f"{run_dir} holds a run with a different config ("
+                           + "; ".join(diff) + ")")
+        return Outcome(cell, DONE)
+    if in_use(run_dir):
+        return Outcome(cell, IN_USE, f"{run_dir} is locked by another process")
+    cells_dir = out / CELLS_DIR
+    config_path = cells_dir / f"{cell.name}.yaml"
+    log = cells_dir / f"{cell.name}.log"
+    atomic_write_text(config_path, yaml.safe_dump(planned, sort_keys=True))
+    with log.open("ab") as fh:
+        fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cell_command(config_path))}\n"
+                 .encode())
+        fh.flush()
+        code = subprocess.run(cell_command(config_path), stdout=fh, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL).returncode
+    if code == 0 and is_complete(run_dir):
+        return Outcome(cell, RAN, log=log)
+    reason = _exit_reason(code, log)
+    status = IN_USE if "in use" in reason else FAILED
+    return Outcome(cell, status, reason, log)
+
+
+def run_cells(cells: list[Cell], out: str | Path,
+              report: Callable[[str], None] | None = None) -> list[Outcome]:
+    """Every cell in turn; a failed cell is reported and the next one starts. Ctrl-C stops the
+    study (the running cell resumes on the next call)."""
+    out = Path(out)
+    outcomes = []
+    for k, cell in enumerate(cells, 1):
+        if report:
+            report(f"[{k}/{len(cells)}] {cell.name}")
+        outcome = run_cell(cell, out)
+        outcomes.append(outcome)
+        if report:
+            report(outcome.line())
+    return outcomes
