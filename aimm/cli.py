@@ -48,6 +48,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--dtype", help="base-model weights: float32 (default) | bfloat16 (LoRA stays float32)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument("--restart-from-stage", type=int, metavar="K",
+                   help="drop stages K.. of the existing run in --run-dir, then resume (the way "
+                        "out when a completed stage's files are damaged)")
 
 
 FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train", "max_test",
@@ -84,7 +87,9 @@ def cmd_run(args) -> int:
     from aimm.engine import run
 
     cfg = config_from_args(args)
-    run_dir = run(cfg)
+    if args.restart_from_stage is not None and not (cfg.run_dir or cfg.run_id):
+        raise ConfigError("--restart-from-stage: name the run with --run-dir")
+    run_dir = run(cfg, restart_from_stage=args.restart_from_stage)
     print(f"run dir: {run_dir}")
     print(report_text(run_dir))
     return 0
@@ -115,7 +120,37 @@ def report_text(run_dir: str | Path) -> str:
 
 
 def cmd_report(args) -> int:
+    if args.verify:
+        return verify_report(args.run_dir)
     print(report_text(args.run_dir))
+    return 0
+
+
+def verify_report(run_dir: str | Path) -> int:
+    """``aimm report --verify``: every stage adapter and every file state.json lists, against
+    the sha256 recorded when it was written. 0: all match; 2: one line per problem."""
+    from aimm.integrity import restart_hint, verify_run
+    from aimm.runs import RunStore
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (config.json missing)")
+    state = RunStore(run_dir).read_state()
+    problems = verify_run(run_dir, state)
+    for _, line in problems:
+        print(line, file=sys.stderr)
+    stages = sorted({k for k, _ in problems if k})
+    if stages:
+        print(f"{run_dir}: damaged stage(s) {', '.join(map(str, stages))}: {restart_hint(stages[0])}",
+              file=sys.stderr)
+    elif problems:
+        print(f"{run_dir}: the result files do not match state.json (an interrupted stage end?): "
+              "re-run the same `aimm run` command to rewrite them", file=sys.stderr)
+    if problems:
+        return 2
+    n = len(state.get("sha256", {}))
+    note = "" if n else " (no sums recorded: a run from before sha256 records; adapters checked)"
+    print(f"OK: {len(state['completed'])} completed stage(s), {n} files match their sha256{note}")
     return 0
 
 
@@ -124,7 +159,7 @@ def cmd_data(args) -> int:
 
     if args.data_cmd == "check":
         return main_check(args.dir)
-    return main_convert(args.src, args.dst)
+    return main_convert(args.src, args.dst, overwrite=args.overwrite)
 
 
 def cmd_reproduce(args) -> int:
@@ -142,11 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     _run_parser(sub)
     rep = sub.add_parser("report", help="scores matrix and metrics of a run")
     rep.add_argument("run_dir")
+    rep.add_argument("--verify", action="store_true",
+                     help="check every stage adapter and the files listed in state.json against "
+                          "the sha256 recorded when they were written")
     data = sub.add_parser("data", help="benchmark data tools")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
     conv = dsub.add_parser("convert", help="raw CL_Benchmark / Instances data -> release layout")
     conv.add_argument("src")
     conv.add_argument("dst")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace existing target files whose content differs")
     chk = dsub.add_parser("check", help="validate a benchmark folder")
     chk.add_argument("dir")
     rp = sub.add_parser("reproduce", help="run the notebooks 01-04 with papermill")
@@ -164,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"run": cmd_run, "report": cmd_report, "data": cmd_data, "reproduce": cmd_reproduce}
     try:
         return handlers[args.cmd](args)
-    except (ConfigError, FileNotFoundError, OSError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, OSError, ValueError, ArithmeticError) as exc:
+        # user-caused: bad parameters or data, a damaged or busy run dir, a non-finite loss
         print(f"aimm {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
