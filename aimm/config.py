@@ -20,6 +20,10 @@ from aimm.names import name_problem
 from aimm.typecheck import nonfinite_problem, task_entry_name, type_problem
 
 
+#: Largest learning rate: AdamW's first step is up to 10 x lr, which must fit in float32.
+MAX_LR = 1e36
+
+
 class ConfigError(ValueError):
     """A parameter that is unknown, mistyped or out of range. The message names it."""
 
@@ -183,6 +187,8 @@ class RunConfig:
             v = getattr(self, name)
             need(v is None or (is_int(v) and v > 0), name, "must be a positive integer or null (all)")
         need(is_num(self.lr) and self.lr > 0, "lr", "must be a positive number")
+        need(not is_num(self.lr) or self.lr <= MAX_LR, "lr",
+             f"must be at most {MAX_LR:g} (larger overflow the optimiser's float32 step)")
         need(is_num(self.epochs) and self.epochs > 0, "epochs", "must be a positive number")
         need(is_num(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Mapping
 
 import plotly.graph_objects as go
 
+from aimm.names import require_name
+
 from aimm.plots.theme import WIDTHS, apply_paper_theme, get_meta
 from aimm.runs import atomic_write_bytes
 
@@ -146,6 +148,8 @@ def export_figures(figures: Mapping[str, go.Figure], directory: str | Path,
     """Export many figures (``{file stem: figure}``) into ``directory`` with one browser start."""
     formats = _normalise_formats(formats)
     directory = Path(directory)
+    for name in figures:  # a file stem is one path component, never a way out of `directory`
+        require_name(name, "figure name")
     prepared = {name: _prepare(fig, width) for name, fig in figures.items()}
     static = [f for f in formats if f != "html"]
     if static:
