@@ -77,7 +77,8 @@ def config_from_args(args) -> RunConfig:
         merged.update(values)
         if options:
             merged["method_options"] = {**merged.get("method_options", {}), **options}
-        return RunConfig.from_dict(merged, source=args.config)
+        flags = " + command line" if values or options else ""
+        return RunConfig.from_dict(merged, source=args.config + flags)
     if options:
         values["method_options"] = options
     return RunConfig.from_dict(values, source="command line")

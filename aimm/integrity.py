@@ -48,8 +48,9 @@ def _stage_number(rel: str) -> int | None:
 
 
 def restart_hint(k: int) -> str:
+    kept = f"stages 1-{k - 1} are kept" if k > 2 else "stage 1 is kept" if k == 2 else "it starts over"
     return (f"re-run from stage {k}: the same `aimm run` command with --restart-from-stage {k} "
-            f"(or aimm.engine.run(cfg, restart_from_stage={k})); stages before {k} are kept")
+            f"(or aimm.engine.run(cfg, restart_from_stage={k})); {kept}")
 
 
 # ---------------------------------------------------------------------------------- recording
