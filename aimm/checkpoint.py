@@ -140,6 +140,8 @@ def parse_checkpoint(data: bytes) -> dict[str, Any]:
     """Decode :func:`checkpoint_bytes` output; ``ValueError`` with the reason when it is not one."""
     from safetensors.torch import load
 
+    if data[:4] == b"PK\x03\x04" or data[:1] == b"\x80":
+        raise ValueError("a pickle (torch.save) file, which is never unpickled")
     if len(data) < 8:
         raise ValueError(f"truncated ({len(data)} bytes)")
     size = int.from_bytes(data[:8], "little")
