@@ -186,14 +186,16 @@ print("WRITES " + json.dumps(writes))
 def test_every_file_the_engine_writes_lies_under_the_run_dir(tiny_data, tmp_path):
     """Every write (open for writing, rename, mkdir, chmod, remove) of a whole run, through
     Python's audit hooks: within the run dir, except the OS null device and the temp dir that
-    torch's import probes (TMPDIR pointed at a folder of its own)."""
+    torch's import probes and caches in (TMPDIR pointed at a folder of its own)."""
     run_dir, scratch = tmp_path / "runs" / "audit", tmp_path / "tmp"
     scratch.mkdir()
     values = dict(benchmark="long_sequence", tasks=["sst-2", "agnews"], data_dir=str(tiny_data),
                   model="tiny-causal", max_train=8, max_test=4, batch_size=4, progress=False,
                   run_dir=str(run_dir), checkpoint_every=1, method="aimmerging",
                   method_options={"initial_interval": 1})
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch),
+           # torch's own cache (a parent process may have exported its location)
+           "TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
     result = subprocess.run([sys.executable, "-c", _AUDIT, json.dumps(values)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
