@@ -59,6 +59,9 @@ def _config_flags(p, single_run: bool) -> None:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--log-with", action="append", default=[], metavar="TRACKER",
                    help="tensorboard | mlflow | wandb (repeatable): log into <run dir>/logs/")
+    p.add_argument("--restart-from-stage", type=int, metavar="K",
+                   help="drop stages K.. of the existing run in --run-dir, then resume (the way "
+                        "out when a completed stage's files are damaged)")
 
 
 FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train", "max_test",
@@ -92,7 +95,7 @@ def config_values(args) -> tuple[dict, str]:
         merged.update(values)
         if options:
             merged["method_options"] = {**merged.get("method_options", {}), **options}
-        return merged, args.config
+        return merged, args.config + (" + command line" if values or options else "")
     if options:
         values["method_options"] = options
     return values, "command line"
@@ -103,8 +106,10 @@ def cmd_run(args) -> int:
     from aimm.tracking import Tracking, check_trackers
 
     cfg = config_from_args(args)
+    if args.restart_from_stage is not None and not (cfg.run_dir or cfg.run_id):
+        raise ConfigError("--restart-from-stage: name the run with --run-dir")
     check_trackers(args.log_with)  # before anything runs
-    engine = Engine(cfg)
+    engine = Engine(cfg, restart_from_stage=args.restart_from_stage)
     tracking = Tracking(args.log_with, engine.run_dir, engine.cfg.to_dict()) if args.log_with else None
     engine.callbacks.extend([tracking] if tracking else [])
     try:
@@ -174,7 +179,37 @@ def cmd_report(args) -> int:
         return 0
     if not args.run_dir:
         raise ConfigError("aimm report: give a run directory, or --aggregate STUDY_DIR")
+    if args.verify:
+        return verify_report(args.run_dir)
     print(report_text(args.run_dir))
+    return 0
+
+
+def verify_report(run_dir: str | Path) -> int:
+    """``aimm report --verify``: every stage adapter and every file state.json lists, against
+    the sha256 recorded when it was written. 0: all match; 2: one line per problem."""
+    from aimm.integrity import restart_hint, verify_run
+    from aimm.runs import RunStore
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (config.json missing)")
+    state = RunStore(run_dir).read_state()
+    problems = verify_run(run_dir, state)
+    for _, line in problems:
+        print(line, file=sys.stderr)
+    stages = sorted({k for k, _ in problems if k})
+    if stages:
+        print(f"{run_dir}: damaged stage(s) {', '.join(map(str, stages))}: {restart_hint(stages[0])}",
+              file=sys.stderr)
+    elif problems:
+        print(f"{run_dir}: the result files do not match state.json (an interrupted stage end?): "
+              "re-run the same `aimm run` command to rewrite them", file=sys.stderr)
+    if problems:
+        return 2
+    n = len(state.get("sha256", {}))
+    note = "" if n else " (no sums recorded: a run from before sha256 records; adapters checked)"
+    print(f"OK: {len(state['completed'])} completed stage(s), {n} files match their sha256{note}")
     return 0
 
 
@@ -195,7 +230,7 @@ def cmd_data(args) -> int:
         paths = write_release_layout(parse_task_spec(spec, "data convert"), args.dst)
         print("\n".join(map(str, paths)))
         return 0
-    return main_convert(args.src, args.dst)
+    return main_convert(args.src, args.dst, overwrite=args.overwrite)
 
 
 def cmd_export(args) -> int:
@@ -230,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir", nargs="?")
     rep.add_argument("--aggregate", metavar="STUDY_DIR",
                      help="recompute a study folder's summary.csv / summary.md / paired.csv and print them")
+    rep.add_argument("--verify", action="store_true",
+                     help="check every stage adapter and the files listed in state.json against "
+                          "the sha256 recorded when they were written")
     data = sub.add_parser("data", help="benchmark data tools")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
     conv = dsub.add_parser("convert", help="raw CL_Benchmark / Instances data -> release layout")
@@ -241,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--output", default="output", help="with --name: the output column")
     conv.add_argument("--prompt", help="with --name: a template holding {input}")
     conv.add_argument("--test-split", help="with --name: the split to use as test")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace existing target files whose content differs")
     chk = dsub.add_parser("check", help="validate a benchmark folder")
     chk.add_argument("dir")
     dl = dsub.add_parser("download", help="fetch the release data: verified (sha256), resumable")
@@ -267,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 "reproduce": cmd_reproduce, "export": cmd_export}
     try:
         return handlers[args.cmd](args)
-    except (ConfigError, FileNotFoundError, OSError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, OSError, ValueError, ArithmeticError) as exc:
+        # user-caused: bad parameters or data, a damaged or busy run dir, a non-finite loss
         print(f"aimm {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,9 +11,17 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from aimm.names import name_problem
+from aimm.typecheck import nonfinite_problem, task_entry_name, type_problem
+
+
+#: Largest learning rate: AdamW's first step is up to 10 x lr, which must fit in float32.
+MAX_LR = 1e36
 
 
 class ConfigError(ValueError):
@@ -131,10 +139,35 @@ class RunConfig:
 
     # ----------------------------------------------------------------------------------
     def validate(self, *, source: str = "config") -> None:
+        """Every field against its declared type (from the dataclass annotations: no coercion,
+        so ``"false"`` is not a boolean and ``q_proj`` is not a list), finite numbers everywhere
+        (``method_options`` included), names that become paths, then the value rules."""
         errors: list[str] = []
+        bad: set[str] = set()
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = nonfinite_problem(value, f.name) or type_problem(value, hints[f.name], f.name)
+            if problem:
+                errors.append(f"{source}: {problem}")
+                bad.add(f.name)
+        if "tasks" not in bad and isinstance(self.tasks, list):
+            for i, entry in enumerate(self.tasks):
+                problem = name_problem(task_entry_name(entry), f"tasks[{i}]")
+                if problem:
+                    errors.append(f"{source}: {problem} (a task name is the stem of its "
+                                  "<task>_T5.json file)")
+                    bad.add("tasks")
+        if "run_id" not in bad and self.run_id is not None and name_problem(self.run_id, "run_id"):
+            derived = self.run_dir is not None and Path(self.run_dir).name == self.run_id
+            errors.append(f"{source}: " + (
+                f"run_dir={self.run_dir!r}: its last folder name becomes the run id and "
+                f"{name_problem(self.run_id, 'run_id')}; rename the folder" if derived
+                else name_problem(self.run_id, "run_id")))
+            bad.add("run_id")
 
         def need(cond: bool, name: str, problem: str) -> None:
-            if not cond:
+            if name not in bad and not cond:
                 errors.append(f"{source}: {name}={getattr(self, name)!r}: {problem}")
 
         def is_int(v: Any) -> bool:
@@ -154,6 +187,8 @@ class RunConfig:
             v = getattr(self, name)
             need(v is None or (is_int(v) and v > 0), name, "must be a positive integer or null (all)")
         need(is_num(self.lr) and self.lr > 0, "lr", "must be a positive number")
+        need(not is_num(self.lr) or self.lr <= MAX_LR, "lr",
+             f"must be at most {MAX_LR:g} (larger overflow the optimiser's float32 step)")
         need(is_num(self.epochs) and self.epochs > 0, "epochs", "must be a positive number")
         need(is_num(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
@@ -187,13 +222,17 @@ class RunConfig:
         from aimm.data import ORDERS
         from aimm.methods import METHODS
 
-        if self.benchmark not in ORDERS:
+        if "benchmark" in bad or "method" in bad or "order" in bad:
+            pass
+        elif self.benchmark not in ORDERS:
             errors.append(f"{source}: benchmark={self.benchmark!r}: unknown; choose one of "
                           f"{', '.join(ORDERS)}")
         elif self.tasks is None and self.order not in ORDERS[self.benchmark]:
             errors.append(f"{source}: order={self.order!r}: benchmark {self.benchmark} has orders "
                           f"{', '.join(map(str, ORDERS[self.benchmark]))}")
-        if self.method not in METHODS:
+        if "method" in bad or "method_options" in bad:
+            pass
+        elif self.method not in METHODS:
             hint = difflib.get_close_matches(str(self.method), list(METHODS), n=1)
             errors.append(f"{source}: method={self.method!r}: unknown; choose one of "
                           f"{', '.join(METHODS)}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))

@@ -28,6 +28,14 @@ import torch
 from aimm.config import RunConfig
 from aimm.encoding import EncodedExamples, TruncationCounter
 from aimm.faults import crash_point
+from aimm.integrity import (
+    check_run_data,
+    load_adapter,
+    record_stage_files,
+    require_finite_adapter,
+    rewind_run,
+    verify_for_resume,
+)
 from aimm.loss import lm_loss
 from aimm.methods import Method, Stage, build_method
 from aimm.runs import (
@@ -198,11 +206,14 @@ class TrainContext:
 class Engine:
     """Runs one configured experiment into its run directory (resuming if it exists)."""
 
-    def __init__(self, cfg: RunConfig, callbacks: list | None = None) -> None:
+    def __init__(self, cfg: RunConfig, callbacks: list | None = None,
+                 restart_from_stage: int | None = None) -> None:
         """``callbacks``: objects with any of ``on_step(record)``, ``on_merge(event)``,
-        ``on_stage_end(stage, score_rows)`` (e.g. a live plot in a notebook)."""
+        ``on_stage_end(stage, score_rows)`` (e.g. a live plot in a notebook).
+        ``restart_from_stage``: k (1-based) drops the stages from k on before resuming."""
         cfg.validate()
         self.cfg = cfg
+        self.restart_from_stage = restart_from_stage
         self.callbacks = list(callbacks or [])
         self.loss_hook = None  # tests: inject a NaN loss
         run_id = cfg.run_id or (Path(cfg.run_dir).name if cfg.run_dir else new_run_id(cfg.method))
@@ -229,8 +240,10 @@ class Engine:
                 f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
                 "choose another run dir or the same settings to resume"
             )
+        if self.restart_from_stage:
+            rewind_run(self.store, self.restart_from_stage)
         state = self.store.read_state()
-        state.setdefault("stage_steps", [])
+        verify_for_resume(self.store, state)
         return state
 
     def _load_data(self, tasks: list[str]) -> dict:
@@ -264,6 +277,10 @@ class Engine:
 
     # ---------------------------------------------------------------- main
     def run(self) -> Path:
+        with self.store.lock():  # one process per run dir; bad input leaves nothing behind
+            return self._run()
+
+    def _run(self) -> Path:
         from accelerate import Accelerator
 
         from aimm.models import lora_state_dict
@@ -272,6 +289,7 @@ class Engine:
         tasks = cfg.task_names()
         state = self._check_resume()
         data = self._load_data(tasks)
+        check_run_data(self.store, cfg.benchmark, data, state, cfg.max_train)
         bundle = self._load_model()
         initial_lora = lora_state_dict(bundle.model)
         use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
@@ -291,6 +309,7 @@ class Engine:
         for stage in stages[done:]:
             ctx = self._run_stage(stage, tasks, data, model, bundle, accelerator, initial_lora,
                                   global_offset=sum(state["stage_steps"]))
+            require_finite_adapter(ctx.lora_params(), stage.name, self.run_dir)
             ctx.rank_checksums = lora_checksums(model, accelerator)
             rows = self._evaluate(ctx, stage, data, accelerator) if accelerator.is_main_process else []
             accelerator.wait_for_everyone()
@@ -308,6 +327,7 @@ class Engine:
                 self._write_results(tasks, state)
                 self.store.write_warnings(self._all_warnings())
                 crash_point("stage_end")
+                record_stage_files(state, self.run_dir, self.store.stage_dir(stage.index, stage.name))
                 self.store.write_state(state)  # last: the resume point
                 self.store.checkpoint_path(stage.index).unlink(missing_ok=True)
         if accelerator.is_main_process:
@@ -327,7 +347,7 @@ class Engine:
     def _restore_adapter(self, model, stage: Stage) -> None:
         from aimm.export import restore_stage_adapter  # adapter.safetensors or adapter/ (PEFT)
 
-        restore_stage_adapter(model, self.store.stage_dir(stage.index, stage.name))
+        restore_stage_adapter(model, self.store.stage_dir(stage.index, stage.name), stage.index + 1)
 
     # ---------------------------------------------------------------- one stage
     def _run_stage(self, stage, tasks, data, model, bundle, accelerator, initial_lora,
@@ -443,9 +463,10 @@ class Engine:
     def _restore_checkpoint(self, path: Path, ctx: TrainContext, model) -> int:
         """Continue a stage from its checkpoint; returns the number of steps already done."""
         from aimm.checkpoint import load_checkpoint, restore_rng
-        from aimm.models import load_lora_state_dict
+        from aimm.models import load_lora_state_dict, lora_state_dict
 
-        ckpt = load_checkpoint(path) if self.cfg.checkpoint_every else None
+        ckpt = load_checkpoint(path, self.warnings.append, like=lora_state_dict(model)) \
+            if self.cfg.checkpoint_every else None
         if ckpt is None or ckpt["stage"] != ctx.stage.index:
             return 0
         load_lora_state_dict(model, ckpt["lora"])
@@ -508,7 +529,6 @@ class Engine:
         from aimm.metrics import cl_metrics
 
         rows = state["scores"]
-        atomic_write_csv(self.run_dir / "scores.csv", rows)
         stage_names = [s.name for s in self.method.stages(tasks)]
         index = {name: j for j, name in enumerate(stage_names)}
         col = {t: i for i, t in enumerate(tasks)}
@@ -517,7 +537,6 @@ class Engine:
             matrix[index[r["after_task"]]][col[r["eval_task"]]] = r["score"]
         matrix_rows = [{"after_task": name, **{t: matrix[j][i] for i, t in enumerate(tasks)}}
                        for j, name in enumerate(stage_names)]
-        atomic_write_csv(self.run_dir / "scores_matrix.csv", matrix_rows)
         complete = len(state["completed"]) == len(stage_names)
         metrics: dict[str, Any] = {"method": self.cfg.method, "complete": complete,
                                    "stages_done": len(state["completed"])}
@@ -530,6 +549,9 @@ class Engine:
             else:
                 metrics.update(cl_metrics(matrix))
         metrics["merges_per_stage"] = _merges_per_stage(self.run_dir)
+        # one consistent set: everything computed first, then written (metrics.json last)
+        atomic_write_csv(self.run_dir / "scores.csv", rows)
+        atomic_write_csv(self.run_dir / "scores_matrix.csv", matrix_rows)
         atomic_write_json(self.run_dir / "metrics.json", metrics)
 
 
@@ -586,13 +608,17 @@ def notify(callbacks: list, hook: str, *args: Any) -> None:
             fn(*args)
 
 
-def run(cfg: RunConfig | dict, callbacks: list | None = None) -> Path:
-    """Run (or resume) an experiment; returns its run directory."""
+def run(cfg: RunConfig | dict, callbacks: list | None = None,
+        restart_from_stage: int | None = None) -> Path:
+    """Run (or resume) an experiment; returns its run directory.
+
+    ``restart_from_stage=k`` first drops stages k.. of an existing run (see
+    :func:`aimm.integrity.rewind_run`); the run dir is locked for the whole call."""
     if isinstance(cfg, dict):
         cfg = RunConfig.from_dict(cfg)
     with pywarnings.catch_warnings():
         pywarnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        return Engine(cfg, callbacks).run()
+        return Engine(cfg, callbacks, restart_from_stage).run()
 
 
 __all__ = ["Engine", "NonFiniteLossError", "TrainContext", "run", "plan_micro_batches", "lr_lambda"]

@@ -82,15 +82,16 @@ def load_adapter(model, folder: str | Path) -> None:
                           f"{len(result.unexpected_keys)} unexpected, e.g. {bad})")
 
 
-def restore_stage_adapter(model, stage_dir: str | Path) -> None:
-    """Resume: the stage's adapter from ``adapter.safetensors``, else from ``adapter/``."""
-    from safetensors.torch import load_file
-
-    from aimm.models import load_lora_state_dict
+def restore_stage_adapter(model, stage_dir: str | Path, stage_number: int) -> None:
+    """Resume: the stage's adapter from ``adapter.safetensors`` (checked: shapes, finite), else
+    from ``adapter/``; a damaged one raises :class:`RunDirError` naming it and the way out."""
+    from aimm.integrity import load_adapter as load_checked
+    from aimm.models import load_lora_state_dict, lora_state_dict
 
     stage_dir = Path(stage_dir)
     if (stage_dir / AIMM_ADAPTER).is_file():
-        load_lora_state_dict(model, load_file(str(stage_dir / AIMM_ADAPTER)))
+        load_lora_state_dict(model, load_checked(stage_dir / AIMM_ADAPTER, stage_number,
+                                                 lora_state_dict(model)))
     elif (stage_dir / ADAPTER_DIR / PEFT_WEIGHTS).is_file():
         load_adapter(model, stage_dir / ADAPTER_DIR)
     else:

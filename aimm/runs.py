@@ -4,14 +4,17 @@ Layout of ``runs/<run_id>/``::
 
     config.json            resolved RunConfig
     environment.json       package versions, git sha, python, platform, seed
-    state.json             completed stages (written last at each stage end: the resume point)
+    state.json             completed stages, scores, sha256 of every stage file (written last at
+                           each stage end: the resume point)
+    run.lock               held (fcntl.flock) by the process running the run; holder pid + time
+    data_fingerprint.json  sha256 of every split file used, per task (checked on resume)
     warnings.json          data / truncation / numerical warnings
     scores.csv             long form: stage, after_task, eval_task, metric, score, n
     scores_matrix.csv      scores[j][i] (rows: after task j, columns: task i)
     metrics.json           OP / BWT / FWT / forgetting (or OP for joint training)
     stages/<k>_<name>/     adapter.safetensors, steps.csv (per inner step), merges.csv,
                            predictions/<task>.jsonl
-    checkpoints/           within-task checkpoints (optional)
+    checkpoints/           within-task checkpoints (optional; safetensors + JSON, no pickle)
 
 Every file is written atomically (temporary file, then ``os.replace``), so a killed process
 leaves either the old or the new version, never half a file.
@@ -19,7 +22,9 @@ leaves either the old or the new version, never half a file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
@@ -36,6 +41,7 @@ from typing import Any, Iterable
 import pandas as pd
 
 from aimm.faults import crash_point
+from aimm.names import is_valid_name, require_name
 
 
 class RunDirError(OSError):
@@ -179,11 +185,56 @@ class RunStore:
         return self.root / "state.json"
 
     def stage_dir(self, index: int, name: str) -> Path:
-        return self.root / "stages" / f"{index + 1:02d}_{name}"
+        return self.root / "stages" / f"{index + 1:02d}_{require_name(name, 'stage name')}"
 
     def checkpoint_path(self, index: int) -> Path:
         """The within-stage checkpoint of stage ``index`` (removed once the stage is done)."""
-        return self.root / "checkpoints" / f"stage-{index + 1:02d}.pt"
+        return self.root / "checkpoints" / f"stage-{index + 1:02d}.safetensors"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "run.lock"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold the run directory for the whole ``with`` block (every caller: CLI, notebooks).
+
+        An exclusive ``fcntl.flock`` on ``run.lock``: the kernel releases it when the process
+        ends, however it ends, so a stale lock never needs clearing. A second process gets
+        :class:`RunDirError` at once: ``<run dir> is in use by process <pid> since <time>``.
+        Under several processes (``RANK`` > 0) only rank 0 locks. When the block fails before
+        ``config.json`` exists, what it added to the directory is removed again (a run dir it
+        created goes entirely): bad input leaves nothing behind.
+        """
+        if int(os.environ.get("RANK", "0")) != 0:
+            yield self
+            return
+        created = _missing_parents(self.root)
+        before = set(os.listdir(self.root)) if self.root.is_dir() else set()
+        self.ensure_writable()
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                raise RunDirError(f"{self.root} is in use by "
+                                  + (holder or "another process")
+                                  + "; wait for it to finish or use another run dir") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                          .encode(), 0)
+            try:
+                yield self
+            except BaseException:
+                if not self.config_path.exists():
+                    _remove_new_entries(self.root, before, created)
+                raise
+            finally:
+                if self.lock_path.exists():
+                    os.ftruncate(fd, 0)
+        finally:
+            os.close(fd)  # releases the lock
 
     # creation / resume
     def ensure_writable(self) -> None:
@@ -209,9 +260,16 @@ class RunStore:
         return read_json(self.config_path)
 
     def read_state(self) -> dict[str, Any]:
+        """The resume point; a wrongly shaped ``state.json`` raises :class:`RunDirError`."""
         if not self.state_path.is_file():
-            return {"completed": [], "scores": []}
-        return read_json(self.state_path)
+            return {"completed": [], "scores": [], "stage_steps": []}
+        state = read_json(self.state_path)
+        problem = state_problem(state)
+        if problem:
+            raise RunDirError(f"{self.state_path}: not a valid run state ({problem}); restore it, "
+                              "or start over with --restart-from-stage 1")
+        state.setdefault("stage_steps", [])
+        return state
 
     def write_state(self, state: dict[str, Any]) -> None:
         atomic_write_json(self.state_path, state)
@@ -224,6 +282,62 @@ class RunStore:
 
     def write_warnings(self, warnings: list[str]) -> None:
         atomic_write_json(self.root / "warnings.json", warnings)
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_new_entries(root: Path, before: set[str], created: list[Path]) -> None:
+    import shutil
+
+    if created:
+        shutil.rmtree(root, ignore_errors=True)
+        for parent in created[1:]:
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only when empty
+        return
+    for name in set(os.listdir(root)) - before:
+        p = root / name
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+_STATE_LISTS = {"completed": str, "scores": dict, "stage_steps": int}
+
+
+def state_problem(state: Any) -> str | None:
+    """Why ``state`` is not a ``state.json`` this version wrote (``None``: it is)."""
+    if not isinstance(state, dict):
+        return f"expected a JSON object, got {type(state).__name__}"
+    for key, kind in _STATE_LISTS.items():
+        if key not in state and key == "stage_steps":
+            continue
+        value = state.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                  for v in value):
+            return f"'{key}' must be a list of {kind.__name__} values"
+    bad = [n for n in state["completed"] if not is_valid_name(n)]
+    if bad:
+        return f"'completed' holds {bad[0]!r}, not a stage name"
+    if "stage_steps" in state and len(state["stage_steps"]) != len(state["completed"]):
+        return "'stage_steps' and 'completed' differ in length"
+    need = {"stage", "after_task", "eval_task", "score"}
+    for row in state["scores"]:
+        if not need <= set(row):
+            return f"a 'scores' row lacks {', '.join(sorted(need - set(row)))}"
+        if row["after_task"] not in state["completed"]:
+            return f"a 'scores' row is of stage {row['after_task']!r}, which is not completed"
+    if "sha256" in state and not (isinstance(state["sha256"], dict) and all(
+            isinstance(k, str) and all(is_valid_name(part) for part in k.split("/"))
+            and isinstance(v, str) for k, v in state["sha256"].items())):
+        return "'sha256' must map run-dir-relative file paths to hex digests"
+    return None
 
 
 # ---------------------------------------------------------------------------------- readers

@@ -151,7 +151,7 @@ def test_never_overwrites_a_different_file_silently(tmp_path, capsys):
     with pytest.raises(FileExistsError, match="exists with different content"):
         convert_benchmark(tmp_path / "raw", tmp_path / "out")
     assert path.read_text(encoding="utf-8") == "[]"
-    assert main_convert(tmp_path / "raw", tmp_path / "out") == 1
+    assert main_convert(tmp_path / "raw", tmp_path / "out") == 2
     assert "exists with different content" in capsys.readouterr().err
     convert_benchmark(tmp_path / "raw", tmp_path / "out", overwrite=True)
     assert path.read_bytes() == original

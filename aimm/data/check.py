@@ -11,7 +11,7 @@ from .convert import convert_benchmark
 from .errors import DataError
 from .labels import label_set
 from .loader import unseen_label_warning
-from .orders import BENCHMARK_FOLDERS, ORDERS
+from .orders import BENCHMARK_FOLDERS, ORDERS, task_metric
 from .paths import FILE_SUFFIX, SPLITS, resolve_data_dir
 from .records import Example, read_records
 
@@ -98,6 +98,13 @@ def _check_folder(folder: Path, report: CheckReport) -> None:
         elif "dev" not in splits:
             report.warnings.append(f"{task}: no dev split at {str(where).format(split='dev')}")
         train = splits.get("train")
+        if train is not None:
+            problem = train_split_problem(task, task_metric(folder.name, task), len(train),
+                                          len({e.output for e in train}),
+                                          len(label_set(e.output for e in train)),
+                                          where=str(where).format(split="train"))
+            if problem:
+                report.warnings.append(f"{problem}: a run on this task fails before training")
         evaluated = "test" if "test" in splits else "dev"
         if train and splits.get(evaluated):
             note = unseen_label_warning(task, evaluated, label_set(e.output for e in train), splits[evaluated])
@@ -109,6 +116,47 @@ def _check_folder(folder: Path, report: CheckReport) -> None:
     for task, where in _expected_tasks(folder.name).items():
         if task not in files:
             report.warnings.append(f"{folder}: task {task!r} of {where} not found")
+
+
+#: Fewest training records a task may have.
+MIN_TRAIN_RECORDS = 2
+
+
+def train_split_problem(task: str, metric: str, n_records: int, n_distinct: int,
+                        label_set_size: int, where: str = "") -> str | None:
+    """Why a task cannot be trained and scored on its train split (``None``: it can).
+
+    Fewer than :data:`MIN_TRAIN_RECORDS` records, or an accuracy task whose outputs give no
+    label set (:func:`aimm.data.labels.label_set`: each label must repeat on average).
+    """
+    place = f"{where}: " if where else ""
+    if n_records < MIN_TRAIN_RECORDS:
+        return (f"{place}task {task!r} has {n_records} training record(s); it needs at least "
+                f"{MIN_TRAIN_RECORDS}: add records or drop the task")
+    if metric == "accuracy" and label_set_size == 0:
+        return (f"{place}task {task!r} is scored by accuracy but its {n_records} training records "
+                f"give no label set ({n_distinct} distinct outputs; each label must appear on "
+                "average twice): add records or drop the task")
+    return None
+
+
+def training_data_problems(benchmark: str, data: dict, max_train: int | None = None) -> list[str]:
+    """:func:`train_split_problem` for every loaded task (``TaskData``) of a run, before training.
+
+    A task subsampled to ``max_train`` records has at least that many: the size rule then only
+    applies to what the file holds, not to the user's choice of ``max_train``.
+    """
+    problems = []
+    for name, td in data.items():
+        n = len(td.train)
+        capped = max_train is not None and n >= max_train
+        problem = train_split_problem(name, task_metric(benchmark, name),
+                                      max(n, MIN_TRAIN_RECORDS) if capped else n,
+                                      len({e.output for e in td.train}), len(td.label_set),
+                                      where=td.files.get("train", ""))
+        if problem:
+            problems.append(problem)
+    return problems
 
 
 def inspect_benchmark(root: str | os.PathLike[str]) -> CheckReport:
@@ -172,13 +220,14 @@ def main_convert(
 ) -> int:
     """``aimm data convert``: convert ``src`` into ``dst`` (see :func:`convert_benchmark`).
 
-    Prints each target file (stdout) or the problems (stderr). Returns 0 or 1.
+    Prints each target file (stdout) or the problems (stderr). Returns 0, or 2 when nothing
+    was written (bad source data, differing targets without ``overwrite``, a write error).
     """
     try:
         paths = convert_benchmark(src, dst, benchmark_folder, overwrite=overwrite)
-    except (DataError, FileExistsError, FileNotFoundError, ValueError) as err:
+    except (DataError, OSError, ValueError) as err:
         print(err, file=sys.stderr)
-        return 1
+        return 2
     for path in paths:
         print(path)
     print(f"OK: {len(paths)} files under {Path(dst) / benchmark_folder}")

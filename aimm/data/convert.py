@@ -18,14 +18,18 @@ copy shuffled with ``random.Random(seed).shuffle`` (seed 42, a fresh generator p
 split); test = all records, raw order. Ids: ``<TaskFolder>_<index>`` (folder name
 as spelled, e.g. ``MNLI_0`` as in the release), except that Instances records
 keep their own ``"id"`` when every selected record has a distinct string id.
-Files: ``<dst>/<benchmark_folder>/<split>/<task lower-case>_T5.json``, written
-atomically, in the release's JSON style.
+Files: ``<dst>/<benchmark_folder>/<split>/<task lower-case>_T5.json``, in the release's JSON
+style. All or nothing: the new ``<benchmark_folder>`` is staged in a temporary folder next to
+it (in ``<dst>``; files already there are hard-linked or copied in) and renamed into place, so a
+failure or a kill leaves the old folder (or none) and never a half-converted one.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,9 +249,9 @@ def convert_benchmark(
 ) -> list[Path]:
     """Convert a raw benchmark (or one task folder) into ``dst/<benchmark_folder>/<split>/<task>_T5.json``.
 
-    Everything is read and validated before anything is written. A target that
-    already exists with identical content is left alone; one with different
-    content is an error unless ``overwrite``.
+    Everything is read and validated before anything is written, and the writing is all or
+    nothing (:func:`write_all_or_nothing`). A target that already exists with identical content
+    is left alone; one with different content is an error unless ``overwrite``.
 
     Returns:
         The target paths (written or already identical), task by task, in
@@ -288,9 +292,58 @@ def convert_benchmark(
     conflicts = [p for p in targets if p.exists() and p not in unchanged]
     if conflicts and not overwrite:
         raise FileExistsError(
-            "\n".join(f"{p}: exists with different content (pass overwrite=True to replace it)" for p in conflicts)
+            "\n".join(f"{p}: exists with different content (pass --overwrite, or overwrite=True, "
+                      "to replace it)" for p in conflicts)
         )
-    for path, text in targets.items():
-        if path not in unchanged:
-            write_text_atomic(path, text)
+    changed = {p: text for p, text in targets.items() if p not in unchanged}
+    if changed:
+        write_all_or_nothing(Path(dst) / benchmark_folder, changed)
     return list(targets)
+
+
+def write_all_or_nothing(folder: Path, files: dict[Path, str]) -> None:
+    """Write ``files`` (paths under ``folder``) so that ``folder`` changes in one step.
+
+    The new folder is built in a temporary sibling (the existing files hard-linked, or copied,
+    in), then renamed into place; the old one is moved aside first and removed after. On any
+    failure the temporary folder goes and ``folder`` (and any parent this call created) is as
+    before.
+    """
+    folder = Path(folder)
+    created = [p for p in [folder.parent, *folder.parent.parents] if not p.exists()]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    old = None
+    try:
+        if folder.is_dir():
+            shutil.copytree(folder, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
+        for path, text in files.items():
+            write_text_atomic(staging / path.relative_to(folder), text)
+        if folder.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+            os.replace(folder, old / folder.name)
+        try:
+            os.replace(staging, folder)
+        except BaseException:
+            if old is not None:
+                os.replace(old / folder.name, folder)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        for parent in created:  # deepest first; only empty ones
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # safe: every write into the staging folder replaces, never edits
+    except OSError:
+        shutil.copy2(src, dst)

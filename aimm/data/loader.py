@@ -36,6 +36,8 @@ class TaskData:
         warnings: human-readable notes (dev fallback, labels unseen in train).
         label_set: sorted distinct train outputs for a classification-like task
             (computed on the full train split), else empty.
+        files: the split files read, ``{"train": path, test_split: path}`` (the run's data
+            fingerprint hashes them).
     """
 
     name: str
@@ -44,6 +46,7 @@ class TaskData:
     test_split: Literal["test", "dev"]
     warnings: list[str] = field(default_factory=list)
     label_set: list[str] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def is_classification(self) -> bool:
@@ -135,6 +138,7 @@ def load_task(
         test_split=test_split,
         warnings=warnings,
         label_set=labels,
+        files={"train": str(train_path), test_split: str(test_path)},
     )
 
 

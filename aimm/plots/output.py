@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping
 
 import plotly.graph_objects as go
 
+from aimm.names import require_name
+
 from aimm.plots.theme import WIDTHS, apply_paper_theme, get_meta
 from aimm.runs import atomic_write_bytes
 
@@ -191,6 +193,8 @@ def export_figures(figures: Mapping[str, go.Figure], directory: str | Path,
         raise ValueError(f"missing_browser={missing_browser!r}: choose 'warn' or 'raise'")
     formats = _normalise_formats(formats) if missing_browser == "raise" else usable_formats(formats)
     directory = Path(directory)
+    for name in figures:  # a file stem is one path component, never a way out of `directory`
+        require_name(name, "figure name")
     prepared = {name: _prepare(fig, width) for name, fig in figures.items()}
     static = [f for f in formats if f != "html"]
     if static:

@@ -1,0 +1,334 @@
+"""Reliability round 2 (issue #11): damaged run dirs, changed data, stale results, data tools.
+
+Every user-caused failure ends in one line naming the file and the fix, exit code 2, with the
+last good stage intact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from aimm.cli import main
+from aimm.config import RunConfig
+from aimm.data import DataError, main_check
+from aimm.engine import Engine, run
+from aimm.integrity import verify_run
+from aimm.runs import RunDirError, load_metrics, load_scores_matrix, load_trajectory, load_warnings
+
+VALUES = dict(benchmark="long_sequence", tasks=["sst-2", "agnews"], model="tiny-causal",
+              max_train=16, max_test=4, batch_size=4, lr=1e-3, max_input_len=64,
+              eval_batch_size=8, memory_batch_size=4, buffer_fraction=0.25, method="aimmerging",
+              method_options={"initial_interval": 2}, checkpoint_every=1, progress=False)
+
+
+def _cfg(data: Path, run_dir: Path, **changes) -> RunConfig:
+    return RunConfig.from_dict({**VALUES, "data_dir": str(data), "run_dir": str(run_dir), **changes})
+
+
+def _args(data: Path, run_dir: Path, *extra: str, tasks: str = "sst-2,agnews") -> list[str]:
+    """``aimm run --config <yaml of VALUES> ...extra``."""
+    import yaml
+
+    folder = next(p for p in Path(run_dir).parents if p.is_dir())
+    path = folder / f"{Path(run_dir).name}.yaml"
+    path.write_text(yaml.safe_dump({**VALUES, "tasks": tasks.split(","), "data_dir": str(data),
+                                    "run_dir": str(run_dir)}))
+    return ["run", "--config", str(path), *extra]
+
+
+def _nan_at(stage_index: int, step: int):
+    def hook(ctx, loss):
+        if ctx.stage.index == stage_index and ctx.step == step - 1:
+            return loss * float("nan")
+        return loss
+    return hook
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_data):
+    """An uninterrupted run, and a copy of the data it read."""
+    root = tmp_path_factory.mktemp("integrity")
+    data = root / "data"
+    shutil.copytree(tiny_data, data)
+    run(_cfg(data, root / "reference"))
+    return root / "reference", data
+
+
+@pytest.fixture
+def finished(reference, tmp_path):
+    """A private copy of the finished reference run (config.json's run_dir is resume-free)."""
+    ref, data = reference
+    run_dir = tmp_path / "run"
+    shutil.copytree(ref, run_dir)
+    return run_dir, data
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("aimm ")
+    return err
+
+
+# ------------------------------------------------------------------ 4. data fingerprint
+def test_resume_with_changed_data_is_refused_naming_the_file(finished, tmp_path, capsys):
+    run_dir, data = finished
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)  # the same data elsewhere: fine
+    assert main(_args(moved, run_dir)) == 0
+    capsys.readouterr()
+    changed = moved / "data_longsequence" / "test" / "agnews_T5.json"
+    records = json.loads(changed.read_text())
+    records[0]["output"] = "Sports" if records[0]["output"] != "Sports" else "World"
+    changed.write_text(json.dumps(records))
+    config_before = (run_dir / "config.json").read_bytes()
+    assert main(_args(moved, run_dir)) == 2
+    err = _one_line_error(capsys)
+    assert f"{changed}: the test data of task agnews differs from the data this run trained on" in err
+    assert (run_dir / "config.json").read_bytes() == config_before  # the record is kept
+    fingerprint = json.loads((run_dir / "data_fingerprint.json").read_text())
+    assert set(fingerprint) == {"sst-2", "agnews"} and set(fingerprint["agnews"]) == {"train", "test"}
+
+
+# ------------------------------------------------------------------ integrity: verify + resume
+def test_report_verify_checks_every_recorded_sum(finished, capsys):
+    run_dir, _ = finished
+    assert main(["report", str(run_dir), "--verify"]) == 0
+    assert "OK: 2 completed stage(s)" in capsys.readouterr().out
+    state = json.loads((run_dir / "state.json").read_text())
+    listed = set(state["sha256"])
+    on_disk = {p.relative_to(run_dir).as_posix() for p in (run_dir / "stages").rglob("*") if p.is_file()}
+    assert on_disk <= listed and {"scores_matrix.csv", "metrics.json", "scores.csv"} <= listed
+
+    pred = run_dir / "stages" / "02_agnews" / "predictions" / "sst-2.jsonl"
+    pred.write_text(pred.read_text().replace("\"", "'", 1))  # one character edited
+    assert main(["report", str(run_dir), "--verify"]) == 2
+    err = capsys.readouterr().err
+    assert f"{pred}: sha256 differs from the one recorded when it was written" in err
+    assert "--restart-from-stage 2" in err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_adapter_of_a_completed_stage_offers_a_restart(finished, capsys, damage):
+    run_dir, data = finished
+    adapter = run_dir / "stages" / "01_sst-2" / "adapter.safetensors"
+    raw = adapter.read_bytes()
+    if damage == "truncate":
+        adapter.write_bytes(raw[: len(raw) // 2])
+    elif damage == "flip":
+        adapter.write_bytes(raw[:-5] + bytes([raw[-5] ^ 0xFF]) + raw[-4:])
+    else:
+        adapter.unlink()
+    stage2 = (run_dir / "stages" / "02_agnews" / "adapter.safetensors").read_bytes()
+    assert main(_args(data, run_dir)) == 2
+    err = _one_line_error(capsys)
+    assert str(adapter) in err and "re-run from stage 1" in err and "--restart-from-stage 1" in err
+    assert (run_dir / "stages" / "02_agnews" / "adapter.safetensors").read_bytes() == stage2
+
+    assert main(_args(data, run_dir, "--restart-from-stage", "1")) == 0
+    capsys.readouterr()
+    assert adapter.read_bytes() == raw  # recomputed, bit for bit (stages reseed)
+    assert verify_run(run_dir) == []
+
+
+def test_restart_from_a_later_stage_keeps_the_earlier_ones(finished, reference):
+    run_dir, data = finished
+    first = (run_dir / "stages" / "01_sst-2" / "adapter.safetensors").stat().st_mtime_ns
+    run(_cfg(data, run_dir), restart_from_stage=2)
+    assert (run_dir / "stages" / "01_sst-2" / "adapter.safetensors").stat().st_mtime_ns == first
+    assert load_metrics(run_dir) == load_metrics(reference[0])
+    with pytest.raises(RunDirError, match="has 2 completed stage\\(s\\); choose 1..3"):
+        run(_cfg(data, run_dir), restart_from_stage=4)
+
+
+@pytest.mark.parametrize("state_text, needle", [
+    ('{"completed": "sst-2", "scores": []}', "'completed' must be a list of str values"),
+    ("[]", "expected a JSON object, got list"),
+    ('{"completed": ["../../x"], "scores": [], "stage_steps": [1]}', "not a stage name"),
+    ('{"completed": [], "scores": [{"stage": 0}]}', "a 'scores' row lacks"),
+    ('{"completed": ["sst-2"], "scores": [], "stage_steps": [1],'
+     ' "sha256": {"../../etc/passwd": "00"}}', "'sha256' must map run-dir-relative file paths"),
+    ('{"completed": [', "corrupt JSON"),
+])
+def test_wrongly_shaped_state_json_is_one_line(finished, capsys, state_text, needle):
+    run_dir, data = finished
+    (run_dir / "state.json").write_text(state_text)
+    assert main(_args(data, run_dir)) == 2
+    err = _one_line_error(capsys)
+    assert str(run_dir / "state.json") in err and needle in err
+    assert main(["report", str(run_dir), "--verify"]) == 2
+
+
+def test_corrupt_within_stage_checkpoint_is_reported_then_the_stage_restarts(reference, tmp_path):
+    ref, data = reference
+    cfg = _cfg(data, tmp_path / "run")
+    engine = Engine(cfg)
+    engine.loss_hook = _nan_at(1, 3)  # stage 2 stops at step 3; its checkpoint holds step 2
+    with pytest.raises(FloatingPointError, match="step 3: training loss is nan"):
+        engine.run()
+    ckpt = tmp_path / "run" / "checkpoints" / "stage-02.safetensors"
+    raw = ckpt.read_bytes()
+    ckpt.write_bytes(raw[: len(raw) - 100])  # truncated
+    run_dir = run(cfg)
+    warnings = load_warnings(run_dir)
+    assert any(f"{ckpt}: within-stage checkpoint not usable: " in w and "restarts" in w
+               for w in warnings)
+    # the same result as deleting it by hand: the uninterrupted run's
+    assert load_metrics(run_dir) == load_metrics(ref)
+    pd.testing.assert_frame_equal(load_scores_matrix(run_dir), load_scores_matrix(ref))
+    (s, m), (s_ref, m_ref) = load_trajectory(run_dir), load_trajectory(ref)
+    pd.testing.assert_frame_equal(s, s_ref)
+    pd.testing.assert_frame_equal(m, m_ref)
+
+
+def test_a_checkpoint_written_by_this_version_round_trips_exactly(reference, tmp_path):
+    """Kill-free check of the no-pickle format: a stop mid-stage, then a resume from the
+    checkpoint, ends with the uninterrupted trajectory (the optimiser and RNG states came back)."""
+    ref, data = reference
+    cfg = _cfg(data, tmp_path / "run")
+    engine = Engine(cfg)
+    engine.loss_hook = _nan_at(1, 3)
+    with pytest.raises(FloatingPointError):
+        engine.run()
+    run_dir = run(cfg)
+    assert not any("checkpoint" in w for w in load_warnings(run_dir))
+    assert json.loads((run_dir / "stages" / "02_agnews" / "stage.json").read_text())[
+        "resumed_within_stage"] == 2
+    (s, m), (s_ref, m_ref) = load_trajectory(run_dir), load_trajectory(ref)
+    pd.testing.assert_frame_equal(s, s_ref)
+    pd.testing.assert_frame_equal(m, m_ref)
+
+
+# ------------------------------------------------------------------ stale results
+def test_results_are_written_as_one_consistent_set(reference, tmp_path, monkeypatch):
+    import aimm.metrics
+
+    _, data = reference
+    cfg = _cfg(data, tmp_path / "run")
+
+    def broken(*a, **k):
+        raise ValueError("metrics failed")
+
+    monkeypatch.setattr(aimm.metrics, "cl_metrics", broken)  # fails once all stages are done
+    with pytest.raises(ValueError, match="metrics failed"):
+        run(cfg)
+    matrix = load_scores_matrix(tmp_path / "run")
+    metrics = load_metrics(tmp_path / "run")
+    assert metrics["stages_done"] == 1
+    assert matrix.loc["agnews"].isna().all()  # the matrix is stage 1's, like metrics.json
+    scores = pd.read_csv(tmp_path / "run" / "scores.csv")
+    assert set(scores["after_task"]) == {"sst-2"}
+
+
+# ------------------------------------------------------------------ 1-record task
+def _one_record(data: Path, task: str = "agnews") -> Path:
+    path = data / "data_longsequence" / "train" / f"{task}_T5.json"
+    path.write_text(json.dumps(json.loads(path.read_text())[:1]))
+    return path
+
+
+def test_one_record_train_split_warns_in_check_and_fails_before_training(tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    path = _one_record(data)
+    assert main_check(data) == 0  # a warning, not an error
+    assert f"{path}: task 'agnews' has 1 training record(s)" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    assert main(_args(data, run_dir)) == 2
+    err = _one_line_error(capsys)
+    assert f"{path}: task 'agnews' has 1 training record(s); it needs at least 2" in err
+    assert not run_dir.exists()  # before training, and nothing left behind
+
+
+def test_accuracy_task_without_a_label_set_fails_before_training(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    path = data / "data_longsequence" / "train" / "sst-2_T5.json"
+    records = json.loads(path.read_text())[:3]
+    for i, r in enumerate(records):
+        r["output"] = f"label{i}"  # three records, three labels: no label set
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match="task 'sst-2' is scored by accuracy but its 3 training "
+                                        "records give no label set"):
+        run(_cfg(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_train_one_is_the_users_choice_not_a_data_error(tiny_data, tmp_path):
+    run_dir = run(_cfg(tiny_data, tmp_path / "run", max_train=1, method="seq_lora",
+                       method_options={}, checkpoint_every=0))
+    assert load_metrics(run_dir)["complete"]
+
+
+# ------------------------------------------------------------------ bad input leaves nothing
+def test_bad_input_leaves_nothing_behind(tiny_data, tmp_path, capsys):
+    new = tmp_path / "runs" / "new"
+    assert main(_args(tiny_data, new, tasks="sst-2,nosuchtask")) == 2
+    assert "nosuchtask_T5.json: missing train split" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    existing = tmp_path / "mine"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("keep")
+    assert main(_args(tiny_data, existing, "--model", str(tmp_path / "no-model"))) == 2
+    assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------ aimm data convert
+def _raw(root: Path, tasks: dict[str, list[tuple[str, str]]]) -> Path:
+    for name, rows in tasks.items():
+        folder = root / "SC" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "labels.json").write_text(json.dumps(sorted({lab for _, lab in rows})))
+        (folder / "test.json").write_text(json.dumps([{"sentence": s, "label": lab} for s, lab in rows]))
+    return root
+
+
+def test_convert_is_all_or_nothing(tmp_path, monkeypatch, capsys):
+    import aimm.data.convert as convert
+
+    raw = _raw(tmp_path / "raw", {"imdb": [("nice", "Good"), ("bad", "Bad")],
+                                  "yelp": [("ok", "Good"), ("meh", "Bad")]})
+    real, calls = convert.write_text_atomic, []
+
+    def disk_full(path, text):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(convert, "write_text_atomic", disk_full)
+    fresh = tmp_path / "out" / "aimm"
+    assert main(["data", "convert", str(raw), str(fresh)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing, not half a benchmark
+
+    monkeypatch.setattr(convert, "write_text_atomic", real)
+    assert main(["data", "convert", str(raw), str(fresh)]) == 0
+    before = {p: p.read_bytes() for p in fresh.rglob("*") if p.is_file()}
+    _raw(raw, {"imdb": [("nice", "Good"), ("awful", "Bad")], "yelp": [("fine", "Good"), ("no", "Bad")]})
+    calls.clear()
+    monkeypatch.setattr(convert, "write_text_atomic", disk_full)
+    assert main(["data", "convert", str(raw), str(fresh), "--overwrite"]) == 2
+    assert {p: p.read_bytes() for p in fresh.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in fresh.iterdir()) == ["data_longsequence"]  # no temp folders
+
+
+def test_convert_overwrite_flag(tmp_path, capsys):
+    raw = _raw(tmp_path / "raw", {"imdb": [("nice", "Good"), ("bad", "Bad")]})
+    dst = tmp_path / "out"
+    assert main(["data", "convert", str(raw), str(dst)]) == 0
+    target = dst / "data_longsequence" / "test" / "imdb_T5.json"
+    target.write_text("[]")
+    other = dst / "data_longsequence" / "test" / "kept_T5.json"
+    other.write_text("[1]")
+    capsys.readouterr()
+    assert main(["data", "convert", str(raw), str(dst)]) == 2
+    assert f"{target}: exists with different content (pass --overwrite" in capsys.readouterr().err
+    assert target.read_text() == "[]"
+    assert main(["data", "convert", str(raw), str(dst), "--overwrite"]) == 0
+    assert json.loads(target.read_text())[0]["output"] in ("Good", "Bad")
+    assert other.read_text() == "[1]"  # files the conversion does not produce stay
