@@ -347,7 +347,7 @@ class Engine:
     def _restore_adapter(self, model, stage: Stage) -> None:
         from aimm.export import restore_stage_adapter  # adapter.safetensors or adapter/ (PEFT)
 
-        restore_stage_adapter(model, self.store.stage_dir(stage.index, stage.name), stage.index + 1)
+        restore_stage_adapter(model, self.store.stage_dir(stage.index, stage.name))
 
     # ---------------------------------------------------------------- one stage
     def _run_stage(self, stage, tasks, data, model, bundle, accelerator, initial_lora,

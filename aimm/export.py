@@ -82,7 +82,7 @@ def load_adapter(model, folder: str | Path) -> None:
                           f"{len(result.unexpected_keys)} unexpected, e.g. {bad})")
 
 
-def restore_stage_adapter(model, stage_dir: str | Path, stage_number: int) -> None:
+def restore_stage_adapter(model, stage_dir: str | Path) -> None:
     """Resume: the stage's adapter from ``adapter.safetensors`` (checked: shapes, finite), else
     from ``adapter/``; a damaged one raises :class:`RunDirError` naming it and the way out."""
     from aimm.integrity import load_adapter as load_checked
@@ -90,6 +90,7 @@ def restore_stage_adapter(model, stage_dir: str | Path, stage_number: int) -> No
 
     stage_dir = Path(stage_dir)
     if (stage_dir / AIMM_ADAPTER).is_file():
+        stage_number = int(stage_dir.name.split("_", 1)[0])  # stages/<k>_<task>
         load_lora_state_dict(model, load_checked(stage_dir / AIMM_ADAPTER, stage_number,
                                                  lora_state_dict(model)))
     elif (stage_dir / ADAPTER_DIR / PEFT_WEIGHTS).is_file():

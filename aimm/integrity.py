@@ -47,6 +47,31 @@ def _stage_number(rel: str) -> int | None:
     return None
 
 
+def _adapter_copy(rel: str) -> str | None:
+    """Which of a stage's two adapter copies a ``stages/NN_name/...`` path belongs to: aimm's
+    ``adapter.safetensors`` or PEFT's ``adapter/`` folder (``None`` for other files)."""
+    parts = rel.split("/")
+    if len(parts) > 2 and parts[0] == "stages":
+        if parts[2] == "adapter.safetensors":
+            return "aimm"
+        if parts[2] == "adapter" and len(parts) > 3:
+            return "peft"
+    return None
+
+
+def _deleted_copies(store: RunStore, sums: dict[str, str]) -> set[tuple[int, str]]:
+    """(stage, copy) pairs whose files are all gone while the stage's other adapter copy is
+    whole: a user who keeps one copy only (either one) can still resume."""
+    files: dict[tuple[int, str], list[str]] = {}
+    for rel in sums:
+        copy, number = _adapter_copy(rel), _stage_number(rel)
+        if copy and number:
+            files.setdefault((number, copy), []).append(rel)
+    gone = {key for key, rels in files.items() if not any((store.root / r).exists() for r in rels)}
+    other = {"aimm": "peft", "peft": "aimm"}
+    return {(n, c) for n, c in gone if (n, other[c]) in files and (n, other[c]) not in gone}
+
+
 def restart_hint(k: int) -> str:
     kept = f"stages 1-{k - 1} are kept" if k > 2 else "stage 1 is kept" if k == 2 else "it starts over"
     return (f"re-run from stage {k}: the same `aimm run` command with --restart-from-stage {k} "
@@ -115,9 +140,12 @@ def verify_run(run_dir: Path, state: dict | None = None,
             problem = adapter_problem(path)
             if problem:
                 problems.append((i + 1, f"{path}: adapter of completed stage {i + 1} is {problem}"))
+    deleted = _deleted_copies(store, sums)
     for rel, digest in sorted(sums.items()):
         number = _stage_number(rel)
         if number is None and not results:
+            continue
+        if (number, _adapter_copy(rel)) in deleted:
             continue
         if number is not None and number > len(state["completed"]):
             continue

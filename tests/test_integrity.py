@@ -121,8 +121,9 @@ def test_damaged_adapter_of_a_completed_stage_offers_a_restart(finished, capsys,
         adapter.write_bytes(raw[: len(raw) // 2])
     elif damage == "flip":
         adapter.write_bytes(raw[:-5] + bytes([raw[-5] ^ 0xFF]) + raw[-4:])
-    else:
+    else:  # both copies gone (one alone is fine: resume reads the other, see test_export)
         adapter.unlink()
+        shutil.rmtree(adapter.parent / "adapter")
     stage2 = (run_dir / "stages" / "02_agnews" / "adapter.safetensors").read_bytes()
     assert main(_args(data, run_dir)) == 2
     err = _one_line_error(capsys)
