@@ -10,6 +10,7 @@ import os
 import random
 from collections import Counter
 
+import pandas as pd
 import pytest
 
 from aimm.config import ConfigError, RunConfig
@@ -127,6 +128,8 @@ def test_every_stage_writes_memory_json_in_buffer_order(tiny_config, tiny_data):
     assert json.loads((run_dir / "stages" / "01_sst-2" / "memory.json").read_text()) == []
     written = json.loads((run_dir / "stages" / "02_agnews" / "memory.json").read_text())
     assert written == expected and written and {r["task"] for r in written} == {"sst-2"}
+    for stage in ("01_sst-2", "02_agnews"):  # a fresh schedule per task, first step at lr x 0
+        assert pd.read_csv(run_dir / "stages" / stage / "steps.csv")["lr"].iloc[0] == 0.0
 
 
 # ------------------------------------------------------------------ truncation
@@ -213,6 +216,10 @@ def test_release_defaults_and_bad_values_name_the_parameter():
     cfg = RunConfig()
     assert (cfg.max_warmup_fraction, cfg.truncation, cfg.buffer_seed, cfg.warmup_steps) == \
         (None, "release", 42, 50)
+    # finetune_ours.py / run_train_*.sh / trainer.py defaults
+    assert (cfg.lr, cfg.weight_decay, cfg.max_grad_norm, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+            cfg.max_target_len, cfg.buffer_fraction, cfg.memory_batch_size, cfg.buffer_mode) == \
+        (3e-4, 0.0, 1.0, 8, 32, 0.05, 128, 0.02, 32, "official")
     for values, message in [({"truncation": "left"}, "truncation='left': choose release or middle"),
                             ({"max_warmup_fraction": 2}, "max_warmup_fraction=2: must be null"),
                             ({"buffer_seed": -1}, "buffer_seed=-1: must be a non-negative integer")]:

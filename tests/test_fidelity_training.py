@@ -62,10 +62,10 @@ def release_outer_grads(model, inputs_loss, gradient_accumulation_steps, max_gra
 
 
 # ------------------------------------------------------------------ rehearsal steps
-def make_ctx(grad_accum: int, max_grad_norm: float):
+def make_ctx(grad_accum: int, max_grad_norm: float, dropout: float = 0.0):
     from accelerate import Accelerator
 
-    bundle = attach_lora(load_model("tiny-causal", seed=0), dropout=0.0)
+    bundle = attach_lora(load_model("tiny-causal", seed=0), dropout=dropout)
     cfg = RunConfig(model="tiny-causal", grad_accum=grad_accum, max_grad_norm=max_grad_norm,
                     memory_batch_size=4, progress=False)
     accelerator = Accelerator(cpu=True)
@@ -213,3 +213,71 @@ def test_merge_decisions_are_the_same_on_the_release_scale():
                     merges.append(step)
             runs.append(merges)
         assert runs[0] == runs[1], trial
+
+
+# ------------------------------------------------------------------ inner steps, outer optimiser, probe
+def test_inner_micro_batch_losses_are_divided_by_grad_accum_even_in_a_short_chunk(tiny_config,
+                                                                                  monkeypatch):
+    from aimm.methods.baselines import SeqLoRA
+    from aimm.schedule import plan_optimizer_steps
+
+    checked = []
+
+    def capture(self, ctx):  # grads before clipping (max_grad_norm is huge)
+        examples = ctx.data[ctx.stage.name].train
+        train = EncodedExamples.from_texts(ctx.tokenizer, [e.input for e in examples],
+                                           [e.output for e in examples], is_seq2seq=False,
+                                           max_input_len=64, max_target_len=128)
+        plan = plan_optimizer_steps(len(train), 4, 4, 1, ctx.cfg.seed + 1000 * ctx.stage.index)
+        params = ctx.lora_params()
+        expected = {n: torch.zeros_like(p) for n, p in params.items()}
+        for micro in plan[ctx.step - 1]:  # Trainer.training_step: loss / accumulation steps
+            loss = lm_loss(ctx.model, train.batch(micro), False) / 4
+            for (n, _), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+                expected[n] += g
+        for n, p in params.items():
+            torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-10)
+        checked.append(len(plan[ctx.step - 1]))
+
+    monkeypatch.setattr(SeqLoRA, "before_optimizer_step", capture)
+    run(tiny_config(method="seq_lora", tasks=["sst-2"], max_train=12, grad_accum=4,
+                    lora_dropout=0.0, max_grad_norm=1e9))
+    assert checked == [3]  # 3 micro-batches of 4 <= accum: one step, still divided by 4
+
+
+def test_release_outer_scheduler_would_leave_the_separate_optimizer_at_lr_0():
+    from transformers import get_linear_schedule_with_warmup
+
+    from aimm.methods import build_method
+
+    ctx = make_ctx(1, 1e9)
+    # trainer.py::create_outer_optimizer_and_scheduler: AdamW(outer_lr) + a warmup scheduler
+    # (warmup_steps 50, 200 steps) that is never stepped -> the optimiser's lr stays at 0
+    release_outer = torch.optim.AdamW(list(ctx.lora_params().values()), lr=1e-3)
+    get_linear_schedule_with_warmup(release_outer, num_warmup_steps=50, num_training_steps=200)
+    assert release_outer.param_groups[0]["lr"] == 0.0
+    method = build_method("aimmerging", {"outer_optimizer": "separate", "outer_lr": 1e-3})
+    method.on_stage_start(ctx)  # ours: its own AdamW at a constant outer_lr
+    assert method.outer_opt.param_groups[0]["lr"] == 1e-3
+    before = {n: p.detach().clone() for n, p in ctx.lora_params().items()}
+    grads = rehearsal_grads(ctx, method.outer_opt)
+    for n, p in ctx.lora_params().items():
+        big = grads[n].abs() > 1e-6
+        torch.testing.assert_close((p.detach() - before[n])[big], -1e-3 * grads[n][big].sign(),
+                                   rtol=1e-2, atol=1e-7)
+
+
+def test_probe_runs_without_gradients_in_train_mode_by_default():
+    ctx = make_ctx(1, 1.0, dropout=0.5)  # LoRA dropout: what the probe mode decides about
+    with torch.no_grad():  # a non-zero B, so LoRA (and its dropout) changes the output
+        for name, p in ctx.lora_params().items():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    ctx.memory_rng = random.Random(1)
+    evals = [ctx.probe_loss("eval") for _ in range(2)]
+    ctx.memory_rng = random.Random(1)
+    trains = [ctx.probe_loss("train") for _ in range(2)]
+    ctx.memory_rng = random.Random(1)
+    assert [ctx.probe_loss("eval") for _ in range(2)] == evals  # dropout off: deterministic
+    assert trains != evals  # training_step_no_grad: model.train(), dropout on
+    assert all(p.grad is None for p in ctx.lora_params().values()) and ctx.model.training
