@@ -1,8 +1,11 @@
 """One validated run configuration, from YAML, CLI flags or notebook parameters.
 
 Every field has the release's value as default where the release has one (spec §6), except the
-sizes (``max_train``, ``max_test``, ``epochs``, ``max_input_len``), which default to what these
-2-core CPUs can run; pass the release's values (1000 / all / 10 / 1024) for a full reproduction.
+sizes (``max_train``, ``max_test``, ``epochs``, ``max_input_len`` and the batch: ``batch_size`` x
+``grad_accum``), which default to what these 2-core CPUs can run; pass the release's values
+(1000 / all / 10 / 1024 / 8 x 4, as the ``standard_cl``, ``long_sequence`` and ``superni`` presets
+of :mod:`aimm.reproduce` do) for a full reproduction. ``docs/fidelity.md`` lists every behaviour
+of the release with its status here.
 Method-specific options live in ``method_options`` and are validated by the method itself.
 """
 
@@ -50,22 +53,27 @@ class RunConfig:
     epochs: float = 1.0
     lr: float = 3e-4
     batch_size: int = 8  # micro batch
-    grad_accum: int = 1  # release: 4 (effective 32)
+    grad_accum: int = 1  # a size (CPU default); release: 4 (effective 32)
     warmup_steps: int = 50
-    max_warmup_fraction: float = 0.1  # warmup never exceeds this share of a task's steps
+    max_warmup_fraction: float | None = None  # None: warmup is warmup_steps (release); a share
+    #                                           caps it at that share of a task's steps (CPU runs)
     max_grad_norm: float = 1.0
     weight_decay: float = 0.0
     max_input_len: int = 512  # release: 1024 (T5)
     max_target_len: int = 128
+    truncation: str = "release"  # release: right-cut training prompts, none at evaluation |
+    #                              middle: keep head + last 8 tokens (the "Answer:" cue), both
     seed: int = 42
     # memory buffer (spec §5)
     buffer_fraction: float = 0.02
     buffer_mode: str = "official"  # official (uncapped) | capped
+    buffer_seed: int = 42  # the release's fixed random.seed(42), independent of `seed`
     memory_batch_size: int = 32
     probe_history: bool = False  # record the forgetting signal for any method
     # evaluation
     eval_mode: str = "generate"  # generate | label_scoring
     eval_batch_size: int = 16
+    release_answer_map: bool = False  # task363: score "pos"/"neg" as "p"/"n" (release OP script)
     # run store
     run_dir: str | None = None  # default runs/<run_id>
     run_id: str | None = None
@@ -180,7 +188,7 @@ class RunConfig:
                      "eval_batch_size", "max_input_len", "max_target_len"):
             v = getattr(self, name)
             need(is_int(v) and v > 0, name, "must be a positive integer")
-        for name in ("warmup_steps", "checkpoint_every", "seed", "pad_to_multiple_of"):
+        for name in ("warmup_steps", "checkpoint_every", "seed", "pad_to_multiple_of", "buffer_seed"):
             v = getattr(self, name)
             need(is_int(v) and v >= 0, name, "must be a non-negative integer")
         for name in ("max_train", "max_test"):
@@ -195,8 +203,11 @@ class RunConfig:
         need(is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
         need(is_num(self.buffer_fraction) and 0 < self.buffer_fraction <= 1, "buffer_fraction",
              "must be in (0, 1]")
-        need(is_num(self.max_warmup_fraction) and 0 <= self.max_warmup_fraction <= 1,
-             "max_warmup_fraction", "must be in [0, 1]")
+        need(self.max_warmup_fraction is None
+             or (is_num(self.max_warmup_fraction) and 0 <= self.max_warmup_fraction <= 1),
+             "max_warmup_fraction", "must be null (off: warmup_steps, the release) or in [0, 1]")
+        need(self.truncation in ("release", "middle"), "truncation", "choose release or middle")
+        need(isinstance(self.release_answer_map, bool), "release_answer_map", "must be true or false")
         need(self.buffer_mode in ("official", "capped"), "buffer_mode", "choose official or capped")
         need(self.eval_mode in ("generate", "label_scoring"), "eval_mode",
              "choose generate or label_scoring")

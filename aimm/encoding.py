@@ -4,9 +4,17 @@
 * Decoder-only: input = prompt + " " + target + EOS, loss on the target tokens only
   (prompt and padding labelled -100); left padding, for training and generation alike.
 
-Prompts longer than ``max_input_len`` tokens are cut in the middle: the head (instruction and
-options) and the last ``tail`` tokens (``\\nAnswer:``) are kept, so the model still sees the
-question it must answer. Every truncation is counted (:class:`TruncationCounter`).
+Prompts longer than ``max_input_len`` tokens are cut by one of :data:`TRUNCATIONS`:
+
+* ``"release"`` (default): right truncation, as the release's
+  ``tokenizer(inputs, max_length=max_input_length, truncation=True)`` (``finetune_ours.py``): the
+  first tokens are kept; a seq2seq prompt keeps its EOS as the last token, as T5's tokenizer does.
+  The release does not truncate at evaluation (``generate_bwt.py``): the engine passes
+  ``max_input_len=None`` there.
+* ``"middle"``: the head (instruction and options) and the last ``tail`` tokens (``\\nAnswer:``)
+  are kept, so the model still sees the question it must answer (helps decoder-only models).
+
+Every truncation is counted (:class:`TruncationCounter`).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import torch
 
 IGNORE_INDEX = -100
 PROMPT_TAIL_TOKENS = 8
+TRUNCATIONS = ("release", "middle")
 
 
 @dataclass
@@ -41,6 +50,31 @@ def truncate_middle(ids: list[int], max_len: int, tail: int = PROMPT_TAIL_TOKENS
     return ids[: max_len - tail] + ids[len(ids) - tail :]
 
 
+def truncate_right(ids: list[int], max_len: int, eos_id: int | None = None) -> list[int]:
+    """The first ``max_len`` ids; with ``eos_id`` (seq2seq) the first ``max_len - 1`` + EOS.
+
+    Equals a tokenizer call ``tokenizer(text, max_length=max_len, truncation=True)`` whose
+    post-processor appends EOS (T5) when ``ids`` ends with that EOS, and a plain one otherwise.
+    """
+    if len(ids) <= max_len:
+        return ids
+    if eos_id is not None:
+        return ids[: max_len - 1] + [eos_id]
+    return ids[:max_len]
+
+
+def cut_prompt(ids: list[int], max_len: int | None, truncation: str = "release",
+               eos_id: int | None = None) -> list[int]:
+    """``ids`` cut to ``max_len`` by ``truncation`` (``max_len`` None: unchanged)."""
+    if max_len is None:
+        return ids
+    if truncation == "release":
+        return truncate_right(ids, max_len, eos_id)
+    if truncation == "middle":
+        return truncate_middle(ids, max_len)
+    raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
+
+
 def _ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
@@ -50,15 +84,18 @@ def encode_prompts(
     prompts: Sequence[str],
     *,
     is_seq2seq: bool,
-    max_input_len: int,
+    max_input_len: int | None,
     counter: TruncationCounter | None = None,
+    truncation: str = "release",
 ) -> list[list[int]]:
-    """Token ids of each prompt, truncated to ``max_input_len`` (seq2seq: EOS appended, as T5)."""
+    """Token ids of each prompt (seq2seq: EOS appended, as T5), cut to ``max_input_len`` by
+    ``truncation`` (see the module docstring; ``max_input_len`` None: no truncation)."""
+    eos = tokenizer.eos_token_id if is_seq2seq else None
     out = []
     for ids in _ids(tokenizer, prompts):
         if is_seq2seq:
-            ids = ids + [tokenizer.eos_token_id]
-        cut = truncate_middle(ids, max_input_len)
+            ids = ids + [eos]
+        cut = cut_prompt(ids, max_input_len, truncation, eos)
         if counter is not None:
             counter.seen += 1
             counter.prompts += len(cut) < len(ids)
@@ -127,9 +164,10 @@ class EncodedExamples:
     def from_texts(cls, tokenizer, inputs: Sequence[str], outputs: Sequence[str], *,
                    is_seq2seq: bool, max_input_len: int, max_target_len: int,
                    counter: TruncationCounter | None = None,
-                   pad_to_multiple_of: int = 1) -> "EncodedExamples":
+                   pad_to_multiple_of: int = 1, truncation: str = "release") -> "EncodedExamples":
         prompts = encode_prompts(tokenizer, inputs, is_seq2seq=is_seq2seq,
-                                 max_input_len=max_input_len, counter=counter)
+                                 max_input_len=max_input_len, counter=counter,
+                                 truncation=truncation)
         targets = encode_targets(tokenizer, outputs, is_seq2seq=is_seq2seq,
                                  max_target_len=max_target_len, counter=counter)
         return cls(prompts, targets, is_seq2seq=is_seq2seq, pad_id=tokenizer.pad_token_id,

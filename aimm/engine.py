@@ -1,7 +1,10 @@
 """The training engine: stages -> inner optimiser steps -> evaluation -> run store.
 
-The loop is ours (no Trainer): AdamW, warmup then linear decay restarting at every stage,
-gradient accumulation, clipping, seeds, on ``accelerate``. Methods plug in through the hooks of
+The loop is ours (no Trainer) but steps like the release's HF Trainer 4.28.1 (see
+:mod:`aimm.schedule`): AdamW, ``get_linear_schedule_with_warmup`` restarting at every stage
+(first step at lr x 0), Trainer's ``max_steps`` and its accumulation of micro-batches across
+epochs (each micro-batch loss divided by ``grad_accum``), clipping at ``max_grad_norm``, seeds,
+on ``accelerate``. Methods plug in through the hooks of
 :class:`aimm.methods.base.Method`; they get a :class:`TrainContext` with what they may touch
 (model, optimiser, memory buffer, probes, rehearsal steps, trajectory).
 
@@ -48,6 +51,7 @@ from aimm.runs import (
     environment_info,
     new_run_id,
 )
+from aimm.schedule import lr_lambda, plan_micro_batches, plan_optimizer_steps, warmup_for
 
 # config fields that may differ between the first start of a run and its resumption
 RESUME_FREE_FIELDS = {"run_dir", "run_id", "progress", "data_dir", "device"}
@@ -68,31 +72,6 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup to the peak lr, then linear decay to 0 at ``total`` steps."""
-
-    def f(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
-
-
-def plan_micro_batches(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
-    """The stage's micro-batches of example indices, shuffled per epoch, fixed up front."""
-    per_epoch = math.ceil(n / batch_size)
-    total = max(1, round(epochs * per_epoch))
-    plan: list[list[int]] = []
-    epoch = 0
-    while len(plan) < total:
-        gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        perm = torch.randperm(n, generator=gen).tolist()
-        plan.extend(perm[i : i + batch_size] for i in range(0, n, batch_size))
-        epoch += 1
-    return plan[:total]
-
-
 @dataclass
 class TrainContext:
     """What a method may use during a stage."""
@@ -109,6 +88,7 @@ class TrainContext:
     step: int = 0  # inner optimiser steps done in this stage
     total_steps: int = 0
     memory_examples: list = field(default_factory=list)
+    memory_ids: list[dict] = field(default_factory=list)  # [{"task", "id"}] in buffer order
     memory: EncodedExamples | None = None
     memory_rng: random.Random = field(default_factory=random.Random)
     steps: list[dict] = field(default_factory=list)  # trajectory records of this stage
@@ -175,19 +155,25 @@ class TrainContext:
                        batch_size: int | None = None) -> torch.Tensor:
         """One outer optimiser step on a random memory batch (no scheduler step, spec §4b).
 
-        ``optimizer`` defaults to the inner one (the release's behaviour); ``on_grads(ctx)`` is
-        called with the gradients in place, before clipping. Returns the detached loss as a
-        0-dim tensor: nothing is read back from the device, so rehearsal steps queue up.
+        As the release's outer step (HF ``training_step`` then clipping then ``optimizer.step``):
+        the loss is divided by ``grad_accum`` before backward, the gradients are clipped at
+        ``max_grad_norm`` and ``optimizer`` steps at its current lr. ``optimizer`` defaults to
+        the inner one (the release's behaviour; its lr is the schedule's current value, the
+        scheduler is not stepped). ``on_grads(ctx)`` is called after clipping and the step,
+        before the gradients are cleared: it sees the clipped gradients and the updated weights
+        (where the release updates its outer importance EMA). Returns the detached raw
+        (unscaled) loss as a 0-dim tensor: nothing is read back from the device, so rehearsal
+        steps queue up.
         """
         start = time.perf_counter()
         optimizer = optimizer or self.optimizer
         loss = lm_loss(self.model, self.memory_batch(batch_size), self.is_seq2seq)
-        self.accelerator.backward(loss)
-        if on_grads is not None:
-            on_grads(self)
+        self.accelerator.backward(loss / self.cfg.grad_accum)
         if self.cfg.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         optimizer.step()
+        if on_grads is not None:
+            on_grads(self)
         optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
         self.timers["rehearsal"] += time.perf_counter() - start
@@ -263,17 +249,24 @@ class Engine:
         return attach_lora(bundle, r=self.cfg.lora_r, alpha=self.cfg.lora_alpha,
                            dropout=self.cfg.lora_dropout, targets=self.cfg.lora_targets)
 
-    def _memory_for(self, stage: Stage, tasks: list[str], data: dict) -> list:
-        from aimm.data import memory_buffer
+    def _memory_for(self, stage: Stage, tasks: list[str], data: dict) -> dict[str, list]:
+        """The release's buffer of the tasks before ``stage``: earlier task -> its examples.
+
+        :func:`aimm.data.memory_buffers` with one generator seeded ``buffer_seed`` (42, fixed
+        in the release and independent of the training seed) sampling the earlier tasks in
+        order, as ``load_memory_buffer`` does. It samples each task's training split as
+        loaded: with ``max_train`` None (or >= the file's size) that is the whole train file,
+        exactly the release's buffer; with a smaller ``max_train`` the same procedure runs on
+        the ``max_train`` subset (the release always samples the whole file).
+        """
+        from aimm.data import memory_buffers
 
         if not (self.method.uses_memory or self.cfg.probe_history) or self.method.joint:
-            return []
+            return {}
         first = tasks.index(stage.train_tasks[0])
-        memory: list = []
-        for task in tasks[:first]:
-            memory.extend(memory_buffer(data[task].train, fraction=self.cfg.buffer_fraction,
-                                        mode=self.cfg.buffer_mode, seed=self.cfg.seed))
-        return memory
+        earlier = {task: data[task].train for task in tasks[:first]}
+        return memory_buffers(earlier, fraction=self.cfg.buffer_fraction,
+                              mode=self.cfg.buffer_mode, seed=self.cfg.buffer_seed)
 
     # ---------------------------------------------------------------- main
     def run(self) -> Path:
@@ -365,8 +358,10 @@ class Engine:
                            callbacks=self.callbacks if accelerator.is_main_process else [])
         encode = dict(is_seq2seq=bundle.is_seq2seq, max_input_len=cfg.max_input_len,
                       max_target_len=cfg.max_target_len, counter=ctx.counter,
-                      pad_to_multiple_of=cfg.sequence_multiple())
-        ctx.memory_examples = self._memory_for(stage, tasks, data)
+                      pad_to_multiple_of=cfg.sequence_multiple(), truncation=cfg.truncation)
+        buffers = self._memory_for(stage, tasks, data)
+        ctx.memory_examples = [e for examples in buffers.values() for e in examples]
+        ctx.memory_ids = memory_records(buffers)
         if ctx.memory_examples:
             ctx.memory = EncodedExamples.from_texts(
                 bundle.tokenizer, [e.input for e in ctx.memory_examples],
@@ -376,9 +371,10 @@ class Engine:
             raise ValueError(f"stage {stage.name}: no training examples")
         train = EncodedExamples.from_texts(bundle.tokenizer, [e.input for e in examples],
                                            [e.output for e in examples], **encode)
-        plan = plan_micro_batches(len(train), cfg.batch_size, cfg.epochs, stage_seed)
-        total = math.ceil(len(plan) / cfg.grad_accum)
-        warmup = min(cfg.warmup_steps, int(cfg.max_warmup_fraction * total))
+        plan = plan_optimizer_steps(len(train), cfg.batch_size, cfg.grad_accum, cfg.epochs,
+                                    stage_seed)
+        total = len(plan)  # Trainer's max_steps
+        warmup = warmup_for(cfg.warmup_steps, cfg.max_warmup_fraction, total)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                       fused=True if cfg.fused_optimizer else None)
@@ -395,20 +391,19 @@ class Engine:
         bar.update(start)
         started = time.perf_counter()
         for step_index in range(start, total):
-            chunk = plan[step_index * cfg.grad_accum : (step_index + 1) * cfg.grad_accum]
             losses = []
-            for micro in chunk:
+            for micro in plan[step_index]:
                 micro = shard(micro, accelerator)
                 batch = ctx.to_device(train.batch(micro))
                 loss = lm_loss(model, batch, bundle.is_seq2seq)
                 if self.loss_hook is not None:
                     loss = self.loss_hook(ctx, loss)
                 losses.append(loss.detach())
-                accelerator.backward(loss / len(chunk))
+                accelerator.backward(loss / cfg.grad_accum)  # HF training_step's scaling
             # the one host read of an inner step: the NaN policy must see the loss before the
             # update, and the trajectory records it (the probe, when a method probes, is the other)
             step_loss = float(mean_over_ranks(torch.stack(losses).mean(), accelerator))
-            lr = ctx.current_lr()
+            lr = ctx.current_lr()  # the lr optimizer.step() applies below
             ctx.step = step_index + 1
             record = {"task": stage.name, "stage": stage.index, "step": ctx.step,
                       "global_step": global_offset + ctx.step, "loss": step_loss, "lr": lr}
@@ -430,9 +425,11 @@ class Engine:
                     accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
+                self.method.after_optimizer_step(ctx)
                 optimizer.zero_grad(set_to_none=True)
                 ctx.optimizer_steps += 1
                 self.method.after_step(ctx, record)
+                release_scale(record, cfg.grad_accum)
             ctx.steps.append(record)
             crash_point("train_step")
             notify(ctx.callbacks, "on_step", record)
@@ -485,7 +482,7 @@ class Engine:
         from safetensors.torch import save as safetensors_bytes
 
         from aimm.data import task_metric
-        from aimm.evaluation import evaluate_task
+        from aimm.evaluation import RELEASE_ANSWER_MAPS, evaluate_task
         from aimm.export import base_model_name, save_adapter
         from aimm.models import lora_state_dict
 
@@ -502,7 +499,11 @@ class Engine:
                 metric = task_metric(cfg.benchmark, task)
                 result = evaluate_task(model, ctx.tokenizer, td.test, is_seq2seq=ctx.is_seq2seq,
                                        metric=metric, labels=td.label_set, mode=cfg.eval_mode,
-                                       batch_size=cfg.eval_batch_size, max_input_len=cfg.max_input_len,
+                                       batch_size=cfg.eval_batch_size,
+                                       # release: no truncation at evaluation (generate_bwt.py)
+                                       max_input_len=None if cfg.truncation == "release" else cfg.max_input_len,
+                                       truncation=cfg.truncation,
+                                       answer_map=RELEASE_ANSWER_MAPS.get(task) if cfg.release_answer_map else None,
                                        progress=f"eval {task} after {stage.name}" if cfg.progress else False)
                 atomic_write_jsonl(stage_dir / "predictions" / f"{task}.jsonl", result.predictions)
                 crash_point("eval")
@@ -514,6 +515,7 @@ class Engine:
         save_adapter(model, stage_dir / "adapter", base_model_name(cfg.model))  # PEFT's format
         atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
         atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
+        atomic_write_json(stage_dir / "memory.json", ctx.memory_ids)
         atomic_write_json(stage_dir / "stage.json", {
             "stage": stage.index, "name": stage.name, "train_tasks": list(stage.train_tasks),
             "inner_steps": ctx.total_steps, "optimizer_steps": ctx.optimizer_steps,
@@ -553,6 +555,24 @@ class Engine:
         atomic_write_csv(self.run_dir / "scores.csv", rows)
         atomic_write_csv(self.run_dir / "scores_matrix.csv", matrix_rows)
         atomic_write_json(self.run_dir / "metrics.json", metrics)
+
+
+def memory_records(buffers: dict[str, list]) -> list[dict]:
+    """``memory.json``: one ``{"task", "id"}`` per buffer example, in buffer order."""
+    return [{"task": task, "id": e.id} for task, examples in buffers.items() for e in examples]
+
+
+def release_scale(record: dict, grad_accum: int) -> None:
+    """Add the release's scale of the forgetting signal (and threshold) beside the raw values.
+
+    The release's probe (``Trainer.training_step_no_grad``) returns ``loss / grad_accum`` (loss / 4
+    at its 8 x 4), and its threshold is a mean of those values times the factor; the paper's
+    figures plot that scale. Merge decisions are the same on either scale (exact scaling).
+    """
+    for name in ("history_loss", "threshold"):
+        value = record.get(name)
+        if value is not None:
+            record[f"{name}_release"] = value / grad_accum
 
 
 def _merges_per_stage(run_dir: Path) -> dict[str, int]:
@@ -621,5 +641,6 @@ def run(cfg: RunConfig | dict, callbacks: list | None = None,
         return Engine(cfg, callbacks, restart_from_stage).run()
 
 
-__all__ = ["Engine", "NonFiniteLossError", "TrainContext", "run", "plan_micro_batches", "lr_lambda"]
+__all__ = ["Engine", "NonFiniteLossError", "TrainContext", "run", "plan_micro_batches",
+           "plan_optimizer_steps", "lr_lambda", "memory_records", "release_scale"]
 

@@ -36,19 +36,23 @@ RELEASE_SIZES: dict[str, Any] = {
 }
 
 #: Notebook parameters of each preset (see :class:`aimm.workflow.NotebookParams`). ``demo`` is
-#: the README's main job, sized to finish within 30 minutes on 2 CPU cores.
+#: the README's main job, sized to finish within 30 minutes on 2 CPU cores. The CPU presets
+#: (``demo``, ``smoke``) cap the warmup at 10% of a task's steps (``max_warmup_fraction`` 0.1):
+#: with 16 steps per task the release's 50 warmup steps would never reach the peak lr. The
+#: release-sized presets keep the release's exact 50 warmup steps (no cap).
+CPU_WARMUP = {"max_warmup_fraction": 0.1}
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
         "benchmark": "standard_cl", "order": 1, "tasks": None,
         "methods": ["seq_lora", "aimmerging"], "model": "smollm2-135m",
         "max_train": 64, "max_test": 40, "epochs": 1, "seeds": [42],
         "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
-                  "eval_batch_size": 20, "dtype": "bfloat16"},
+                  "eval_batch_size": 20, "dtype": "bfloat16", **CPU_WARMUP},
     },
     "smoke": {  # tiny random model on three tasks (tests; pass data_dir for a tiny benchmark)
         "benchmark": "long_sequence", "order": None, "tasks": ["sst-2", "agnews", "rte"],
         "methods": ["seq_lora", "aimmerging"], "smoke": True, "seeds": [42],
-        "fig_formats": ["html", "png"],
+        "fig_formats": ["html", "png"], "extra": dict(CPU_WARMUP),
     },
     "standard_cl": {"benchmark": "standard_cl", "order": 1, "methods": ALL_METHODS,
                     "model": "smollm2-135m", "seeds": [42], **RELEASE_SIZES},

@@ -116,18 +116,21 @@ def test_rerunning_a_run_dir_with_another_config_is_refused(tiny_config):
         run(tiny_config(method="seq_lora", lr=5e-4))
 
 
-def test_lr_schedule_warms_up_then_decays_to_zero():
-    f = lr_lambda(warmup=2, total=6)
+def test_lr_schedule_starts_at_zero_warms_up_then_decays_to_zero():
+    f = lr_lambda(warmup=2, total=6)  # HF get_linear_schedule_with_warmup: step 0 at lr x 0
     values = [f(s) for s in range(6)]
-    assert values[:2] == [0.5, 1.0]
-    assert values[2] == 1.0 and values[-1] == pytest.approx(0.25)
-    assert all(a >= b for a, b in zip(values[1:], values[2:]))
+    assert values[:3] == [0.0, 0.5, 1.0]
+    assert values[-1] == pytest.approx(0.25)
+    assert all(a >= b for a, b in zip(values[2:], values[3:]))
+    assert lr_lambda(warmup=0, total=4)(0) == 1.0  # no warmup: the first step at the peak
 
 
 def test_micro_batch_plan_covers_every_example_once_per_epoch():
     plan = plan_micro_batches(10, 4, epochs=2, seed=1)
-    assert len(plan) == 6
+    assert len(plan) == 6  # ceil(10 / 4) batches per epoch, the last one of 2
+    assert [len(b) for b in plan] == [4, 4, 2, 4, 4, 2]
     first = sorted(i for b in plan[:3] for i in b)
     assert first == list(range(10))
     assert plan == plan_micro_batches(10, 4, epochs=2, seed=1)
     assert plan != plan_micro_batches(10, 4, epochs=2, seed=2)
+    assert len(plan_micro_batches(10, 4, epochs=1.5, seed=1)) == 6  # Trainer: ceil(epochs) epochs

@@ -147,6 +147,24 @@ def test_interval_figure():
     assert_no_data(plots.interval_figure(steps, merges, "dbpedia"))
 
 
+def test_forgetting_signal_figures_plot_the_release_scale_and_say_so():
+    steps, merges = synthetic_run()
+    steps["history_loss_release"] = steps["history_loss"] / 4  # the release's probe: loss / 4
+    steps["threshold_release"] = steps["threshold"] / 4
+    amazon = steps[steps.task == "amazon"]
+    fig = plots.signals_figure(steps, merges, "amazon")
+    np.testing.assert_allclose(by_name(fig)["Forgetting signal"].y, amazon.history_loss / 4)
+    np.testing.assert_allclose(by_name(fig)["Threshold δ"].y, amazon.threshold / 4)
+    assert "release scale" in fig.layout.yaxis.title.text
+    hist = plots.history_loss_figure({"aimmerging": steps}, "amazon")
+    np.testing.assert_allclose(hist.data[0].y, amazon.history_loss / 4)
+    assert "release scale" in hist.layout.yaxis.title.text
+    raw, _ = synthetic_run(seed=3)  # a run without the column: both plotted raw, axis says so
+    mixed = plots.history_loss_figure({"aimmerging": steps, "seq_lora": raw}, "amazon")
+    np.testing.assert_allclose(mixed.data[0].y, amazon.history_loss)
+    assert mixed.layout.yaxis.title.text == "History loss"
+
+
 def test_history_loss_figure_fits_the_slope():
     a, _ = synthetic_run(slope=-0.01, seed=1)
     b, _ = synthetic_run(slope=0.02, seed=2)

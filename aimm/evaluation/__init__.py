@@ -17,8 +17,10 @@ from .generation import generate, generate_one_by_one, max_new_tokens_for
 from .label_scoring import STRATEGIES, label_logprobs, label_scores
 from .scoring import (
     METRICS,
+    RELEASE_ANSWER_MAPS,
     check_metric,
     exact_match,
+    map_answer,
     normalize,
     rouge_l,
     score_one,
@@ -31,6 +33,7 @@ __all__ = [
     "EvalResult",
     "MODES",
     "METRICS",
+    "RELEASE_ANSWER_MAPS",
     "STRATEGIES",
     "evaluate_task",
     "exact_match",
@@ -38,6 +41,7 @@ __all__ = [
     "generate_one_by_one",
     "label_logprobs",
     "label_scores",
+    "map_answer",
     "max_new_tokens_for",
     "normalize",
     "rouge_l",
@@ -94,12 +98,14 @@ def evaluate_task(
     labels: Sequence[str] | None = None,
     mode: str = "generate",
     batch_size: int = 16,
-    max_input_len: int = 512,
+    max_input_len: int | None = 512,
     max_new_tokens: int | None = None,
     length_normalize: bool = False,
     label_strategy: str = "packed",
     keep_inputs: bool = False,
     progress: bool | str = False,
+    truncation: str = "release",
+    answer_map: dict[str, str] | None = None,
 ) -> EvalResult:
     """Score a model on ``examples`` (objects with ``.id``, ``.input``, ``.output``).
 
@@ -110,6 +116,10 @@ def evaluate_task(
     ``batch_size`` counts prompts in both modes (label scoring scores all options of a group of
     ``batch_size`` prompts together; ``length_normalize`` and ``label_strategy`` are described in
     :mod:`aimm.evaluation.label_scoring`). ``keep_inputs`` adds each prompt to its record.
+    ``truncation`` / ``max_input_len`` cut the prompts as :func:`aimm.encoding.encode_prompts`
+    (``max_input_len`` None: no cut, as the release evaluates). ``answer_map`` (e.g.
+    ``RELEASE_ANSWER_MAPS["task363"]``) maps answers before scoring; the record then keeps the
+    raw answer in ``prediction`` and the scored one in ``scored_as``.
     """
     check_metric(metric)
     if mode not in MODES:
@@ -139,6 +149,7 @@ def evaluate_task(
             max_input_len=max_input_len,
             progress=progress,
             counter=counter,
+            truncation=truncation,
         )
     else:
         preds = label_scores(
@@ -153,15 +164,19 @@ def evaluate_task(
             strategy=label_strategy,
             progress=progress,
             counter=counter,
+            truncation=truncation,
         )
     seconds = time.perf_counter() - start
     records = []
     for ex, pred, ref in zip(examples, preds, refs):
-        value = score_one(pred, ref, metric)
+        scored = map_answer(pred, answer_map)
+        value = score_one(scored, ref, metric)
         rec: dict[str, Any] = {"id": getattr(ex, "id", None)}
         if keep_inputs:
             rec["input"] = ex.input
         rec.update(prediction=pred, reference=ref, score=value)
+        if answer_map:
+            rec["scored_as"] = scored
         if metric == "accuracy":
             rec["correct"] = bool(value == 1.0)
         records.append(rec)

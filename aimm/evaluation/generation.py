@@ -1,7 +1,7 @@
 """Batched greedy decoding for evaluation (decoder-only and seq2seq, plain or peft-wrapped).
 
-Prompts are encoded exactly as in training (:func:`aimm.encoding.encode_prompts`: same
-truncation; seq2seq prompts end with EOS). Decoder-only batches are LEFT-padded (every prompt ends
+Prompts are encoded as in training (:func:`aimm.encoding.encode_prompts`: ``truncation`` and
+``max_input_len``, None for no cut as the release evaluates; seq2seq prompts end with EOS). Decoder-only batches are LEFT-padded (every prompt ends
 at the last column, so the first new token follows the real prompt; ``generate`` derives the
 position ids from the attention mask), seq2seq batches are right-padded. Within one call prompts
 are sorted by token length to cut padding, and the answers are returned in the input order.
@@ -36,9 +36,10 @@ def generate(
     is_seq2seq: bool,
     max_new_tokens: int,
     batch_size: int = 16,
-    max_input_len: int = 512,
+    max_input_len: int | None = 512,
     progress: bool | str = False,
     counter: TruncationCounter | None = None,
+    truncation: str = "release",
 ) -> list[str]:
     """Greedy answers to ``prompts`` (new tokens only, special tokens dropped, stripped).
 
@@ -52,7 +53,8 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     encoded = encode_prompts(
-        tokenizer, prompts, is_seq2seq=is_seq2seq, max_input_len=max_input_len, counter=counter
+        tokenizer, prompts, is_seq2seq=is_seq2seq, max_input_len=max_input_len, counter=counter,
+        truncation=truncation,
     )
     check_nonempty(encoded, is_seq2seq)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -101,9 +103,10 @@ def generate_one_by_one(
     *,
     is_seq2seq: bool,
     max_new_tokens: int,
-    max_input_len: int = 512,
+    max_input_len: int | None = 512,
     progress: bool | str = False,
     counter: TruncationCounter | None = None,
+    truncation: str = "release",
 ) -> list[str]:
     """Reference path: one prompt per ``generate`` call (no padding at all)."""
     return generate(
@@ -116,6 +119,7 @@ def generate_one_by_one(
         max_input_len=max_input_len,
         progress=progress,
         counter=counter,
+        truncation=truncation,
     )
 
 

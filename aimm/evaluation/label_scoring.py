@@ -243,11 +243,12 @@ def label_logprobs(
     *,
     is_seq2seq: bool,
     batch_size: int = 8,
-    max_input_len: int = 512,
+    max_input_len: int | None = 512,
     length_normalize: bool = False,
     strategy: str = "packed",
     progress: bool | str = False,
     counter: TruncationCounter | None = None,
+    truncation: str = "release",
 ) -> list[list[float]]:
     """``scores[n][k]`` = log p(option k | prompt n), summed over the option's tokens (EOS
     included), or averaged per token with ``length_normalize=True``. Eval mode, inference mode;
@@ -259,7 +260,8 @@ def label_logprobs(
     if not prompts:
         return []
     encoded = encode_prompts(
-        tokenizer, prompts, is_seq2seq=is_seq2seq, max_input_len=max_input_len, counter=counter
+        tokenizer, prompts, is_seq2seq=is_seq2seq, max_input_len=max_input_len, counter=counter,
+        truncation=truncation,
     )
     check_nonempty(encoded, is_seq2seq)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -302,11 +304,12 @@ def label_scores(
     *,
     is_seq2seq: bool,
     batch_size: int = 8,
-    max_input_len: int = 512,
+    max_input_len: int | None = 512,
     length_normalize: bool = False,
     strategy: str = "packed",
     progress: bool | str = False,
     counter: TruncationCounter | None = None,
+    truncation: str = "release",
 ) -> list[str]:
     """The most likely option for each prompt (see :func:`label_logprobs`)."""
     options = [str(o) for o in options]
@@ -322,5 +325,6 @@ def label_scores(
         strategy=strategy,
         progress=progress,
         counter=counter,
+        truncation=truncation,
     )
     return [options[max(range(len(row)), key=row.__getitem__)] for row in table]

@@ -1,6 +1,11 @@
 """Per-example scores (spec §8): lower-cased exact match and ROUGE-L F1 (stemmer on), 0-1.
 
 Which metric a task uses is decided by :func:`aimm.data.task_metric`.
+
+:data:`RELEASE_ANSWER_MAPS`: the release's SuperNI OP script (``eval_avgPerf_superni.py``) maps
+task363's answers ``pos``/``neg`` to its labels ``p``/``n`` before scoring (its BWT script does
+not). Off by default (the spec scores the answer as generated); ``release_answer_map`` in the
+run config turns it on for every score of that task.
 """
 
 from __future__ import annotations
@@ -31,6 +36,17 @@ def _rouge_scorer():
 def rouge_l(pred: str, ref: str) -> float:
     """ROUGE-L F-measure (rouge-score, Porter stemmer on; it lower-cases and tokenises itself)."""
     return float(_rouge_scorer().score(str(ref), str(pred))["rougeL"].fmeasure)
+
+
+RELEASE_ANSWER_MAPS: dict[str, dict[str, str]] = {"task363": {"pos": "p", "neg": "n"}}
+
+
+def map_answer(pred: str, mapping: dict[str, str] | None) -> str:
+    """``pred`` replaced by ``mapping[normalize(pred)]`` where present (the release compares
+    the stripped, lower-cased answer), else unchanged."""
+    if not mapping:
+        return pred
+    return mapping.get(normalize(pred), pred)
 
 
 def check_metric(metric: str) -> str:

@@ -10,6 +10,7 @@ Hooks, in the order the engine calls them::
     training_examples(ctx, stage)      -> the examples of the stage's inner phase
     on_stage_start(ctx)                -> e.g. reset a controller, snapshot parameters
     before_optimizer_step(ctx)         -> gradients of the inner step are available
+    after_optimizer_step(ctx)          -> clipped gradients still live, weights updated
     after_step(ctx, record)            -> after every inner optimiser step; may add fields to the
                                           step's trajectory record, run rehearsal, merge
     on_stage_end(ctx)
@@ -87,6 +88,11 @@ class Method:
 
     def before_optimizer_step(self, ctx: "TrainContext") -> None:
         """Called after backward, before clipping and the inner optimiser step (grads live)."""
+
+    def after_optimizer_step(self, ctx: "TrainContext") -> None:
+        """Called after clipping, the inner optimiser step and the scheduler step, before the
+        gradients are cleared: clipped gradients and updated weights (where the release updates
+        its importance EMAs)."""
 
     def after_step(self, ctx: "TrainContext", record: dict[str, Any]) -> None:
         """Called after every inner optimiser step. Base: optional forgetting-signal probe."""

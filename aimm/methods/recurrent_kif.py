@@ -4,6 +4,12 @@ Same inner/outer loop as AIMMerging but merges at a FIXED interval and fuses wit
 masks: AdaLoRA-style importance EMAs of the inner (new-task) and outer (rehearsal) gradients,
 top-20% masks, element-wise weights (both important -> (0.4, 0.6), neither -> (0.5, 0.5),
 only one -> that update kept whole: our reading of the release, see ``aimm.merging.fusion``).
+
+As the release's trainer: both EMAs are updated after clipping and the optimiser step, from the
+clipped gradients and the updated weights (inner: every inner step; outer: every rehearsal step).
+``empty_inner_score`` (default on, as the shipped scripts' ``--empty_inner_score_flag=1``) clears
+the inner EMA after every merge; ``empty_outer_score`` (default off, the release's default)
+clears the outer one.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ class RecurrentKIFOptions:
     mask_scope: str = "global"  # global | per_tensor
     outer_optimizer: str = "shared"
     outer_lr: float = 1e-3
+    empty_inner_score: bool = True  # release scripts: --empty_inner_score_flag=1
+    empty_outer_score: bool = False  # release default: empty_outer_score_flag=0
 
     def validate(self) -> None:
         if not (isinstance(self.interval, int) and self.interval >= 1):
@@ -38,6 +46,9 @@ class RecurrentKIFOptions:
             raise ConfigError(f"mask_scope={self.mask_scope!r}: choose global or per_tensor")
         if self.outer_optimizer not in ("shared", "separate"):
             raise ConfigError(f"outer_optimizer={self.outer_optimizer!r}: choose shared or separate")
+        for name in ("empty_inner_score", "empty_outer_score"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be true or false")
 
 
 class RecurrentKIF(Method):
@@ -71,7 +82,7 @@ class RecurrentKIF(Method):
         grads = {k: p.grad for k, p in params.items()}
         return F.update_importance(state, params, grads, self.options.beta1, self.options.beta2)
 
-    def before_optimizer_step(self, ctx) -> None:
+    def after_optimizer_step(self, ctx) -> None:
         if self.active:
             self.ipt_in = self._update(self.ipt_in, ctx)
 
@@ -99,6 +110,10 @@ class RecurrentKIF(Method):
         fused = F.mask_fusion(self.theta_t, delta_in, delta_out, mask_in, mask_out)
         F.apply_(params, fused)
         self.theta_t = fused
+        if o.empty_inner_score:
+            self.ipt_in = None
+        if o.empty_outer_score:
+            self.ipt_out = None
         ctx.log_merge({"step": ctx.step, "interval_before": o.interval, "interval_after": o.interval,
                        "outer_steps": outer, "l1": F.l1_norm(delta_in), "kind": "fixed",
                        "mask_in_share": _share(mask_in), "mask_out_share": _share(mask_out)})

@@ -22,6 +22,9 @@ from aimm.plots.theme import (
 
 X_INNER = "Inner step"
 Y_FORGET = "Forgetting signal (memory loss)"
+Y_FORGET_RELEASE = "Forgetting signal (memory loss ÷ grad. accum., release scale)"
+Y_HISTORY = "History loss"
+Y_HISTORY_RELEASE = "History loss (÷ grad. accum., release scale)"
 Y_LEARN = "Learning signal Λ"
 Y_INTERVAL = "Merge interval S"
 EVENTS_AXIS = "y3"  # hidden 0..1 axis overlaying y: merge events as full-height vertical lines
@@ -52,6 +55,17 @@ def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
     if column not in df.columns:
         return pd.Series(dtype=float, index=df.index)
     return pd.to_numeric(df[column], errors="coerce")
+
+
+def _has_release(df: pd.DataFrame) -> bool:
+    return bool(_numeric(df, "history_loss_release").notna().any())
+
+
+def forgetting_signal(df: pd.DataFrame, release: bool | None = None) -> pd.Series:
+    """The forgetting signal to plot: the release's scale (``history_loss_release``, the raw
+    loss / grad_accum the paper's figures show) where recorded, else the raw ``history_loss``."""
+    release = _has_release(df) if release is None else release
+    return _numeric(df, "history_loss_release" if release else "history_loss")
 
 
 def _kinds(merges: pd.DataFrame) -> pd.Series:
@@ -112,12 +126,14 @@ def signals_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
     s = select_task(steps, task)
     m = select_task(merges, task)
     title = f"{task}" if title is None else title
-    hist = _numeric(s, "history_loss")
+    release = _has_release(s)
+    y_forget = Y_FORGET_RELEASE if release else Y_FORGET
+    hist = forgetting_signal(s, release)
     has_hist = hist.notna().any()
     has_merges = not m.empty and "step" in m.columns
     if not has_hist and not has_merges:
         return no_data_figure(f"no data: no forgetting signal or merges for task {task!r}",
-                              x_title=X_INNER, y_title=Y_FORGET, title=title)
+                              x_title=X_INNER, y_title=y_forget, title=title)
     fig = go.Figure()
     add_event_axis(fig)
     if has_merges:
@@ -130,7 +146,7 @@ def signals_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
             x=s.loc[ok, "step"], y=hist[ok], mode="markers", name="Forgetting signal", legendrank=1,
             marker=dict(color=FORGETTING_COLOR, size=4, opacity=0.75, line=dict(width=0)),
             hovertemplate="step %{x}<br>memory loss %{y:.4f}<extra></extra>", yaxis="y"))
-        thr = _numeric(s, "threshold")
+        thr = _numeric(s, "threshold_release" if release else "threshold")
         if show_threshold and thr.notna().any():
             fig.add_trace(go.Scatter(
                 x=s["step"], y=thr, mode="lines", name="Threshold δ", yaxis="y", legendrank=3,
@@ -148,7 +164,7 @@ def signals_figure(steps: pd.DataFrame, merges: pd.DataFrame | None, task: Any,
     fig.update_layout(
         title=title or None,
         xaxis=dict(title=X_INNER, rangemode="tozero"),
-        yaxis=dict(title=dict(text=Y_FORGET, font=dict(color=FORGETTING_COLOR)),
+        yaxis=dict(title=dict(text=y_forget, font=dict(color=FORGETTING_COLOR)),
                    tickfont=dict(color=FORGETTING_COLOR)),
         yaxis2=dict(title=dict(text=Y_LEARN, font=dict(color=LEARNING_COLOR)), overlaying="y",
                     side="right", tickmode="auto", rangemode="tozero", showgrid=False,
@@ -228,13 +244,17 @@ def linear_fit(x: Any, y: Any) -> tuple[float, float] | None:
 def history_loss_figure(runs: Mapping[str, pd.DataFrame], task: Any, title: str | None = None,
                         colors: Mapping[str, str] | None = None) -> go.Figure:
     """History (memory) loss per inner step of one task for several runs (e.g. seq_lora vs
-    aimmerging): markers per run plus its least-squares line; the legend gives the slope."""
+    aimmerging): markers per run plus its least-squares line; the legend gives the slope.
+    On the release's scale (loss / grad_accum) when every run recorded it, else raw."""
     title = f"{task}" if title is None else title
     fig = go.Figure()
     colors = dict(colors or {})
-    for i, (label, steps) in enumerate((runs or {}).items()):
-        s = select_task(steps, task)
-        y = _numeric(s, "history_loss")
+    tasks = {label: select_task(steps, task) for label, steps in (runs or {}).items()}
+    with_hist = [s for s in tasks.values() if _numeric(s, "history_loss").notna().any()]
+    release = bool(with_hist) and all(_has_release(s) for s in with_hist)
+    y_title = Y_HISTORY_RELEASE if release else Y_HISTORY
+    for i, (label, s) in enumerate(tasks.items()):
+        y = forgetting_signal(s, release)
         ok = y.notna()
         if not ok.any():
             continue
@@ -257,8 +277,8 @@ def history_loss_figure(runs: Mapping[str, pd.DataFrame], task: Any, title: str 
                 hovertemplate=f"{name} fit<br>slope {slope:.3e}<extra></extra>"))
     if not fig.data:
         return no_data_figure(f"no data: no history loss for task {task!r}", x_title=X_INNER,
-                              y_title="History loss", title=title)
-    fig.update_layout(title=title or None, xaxis_title=X_INNER, yaxis_title="History loss",
+                              y_title=y_title, title=title)
+    fig.update_layout(title=title or None, xaxis_title=X_INNER, yaxis_title=y_title,
                       xaxis_rangemode="tozero")
     return apply_paper_theme(fig, "one")
 
