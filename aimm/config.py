@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A parameter that is unknown, mistyped or out of range. The message names it."""
+from aimm.errors import ConfigError  # noqa: F401  (re-exported: `from aimm.config import ConfigError`)
 
 
 @dataclass

@@ -35,11 +35,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
+from aimm.errors import RunDirError  # noqa: F401  (re-exported: `from aimm.runs import RunDirError`)
 from aimm.faults import crash_point
-
-
-class RunDirError(OSError):
-    """A run directory that cannot be used (not writable, or holds another run)."""
 
 
 # ---------------------------------------------------------------------------------- atomic I/O

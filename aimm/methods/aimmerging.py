@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from aimm.config import ConfigError
+from aimm.errors import ConfigError
 from aimm.faults import crash_point
 from aimm.merging import MergeController
 from aimm.merging import fusion as F

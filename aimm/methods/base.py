@@ -22,7 +22,7 @@ import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from aimm.config import ConfigError
+from aimm.errors import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from aimm.engine import TrainContext

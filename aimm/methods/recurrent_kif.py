@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from aimm.config import ConfigError
+from aimm.errors import ConfigError
 from aimm.merging import fusion as F
 from aimm.methods.base import Method
 
