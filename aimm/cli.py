@@ -74,10 +74,19 @@ def config_from_args(args) -> RunConfig:
         merged.update(values)
         if options:
             merged["method_options"] = {**merged.get("method_options", {}), **options}
-        return RunConfig.from_dict(merged, source=args.config)
+        return _validated(merged, args.config)
     if options:
         values["method_options"] = options
-    return RunConfig.from_dict(values, source="command line")
+    return _validated(values, "command line")
+
+
+def _validated(values: dict, source: str) -> RunConfig:
+    """The config, its fields and its method's options checked (``ConfigError`` names them)."""
+    from aimm.methods import build_method
+
+    cfg = RunConfig.from_dict(values, source=source)
+    build_method(cfg, source=source)
+    return cfg
 
 
 def cmd_run(args) -> int:

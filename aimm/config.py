@@ -3,7 +3,9 @@
 Every field has the release's value as default where the release has one (spec §6), except the
 sizes (``max_train``, ``max_test``, ``epochs``, ``max_input_len``), which default to what these
 2-core CPUs can run; pass the release's values (1000 / all / 10 / 1024) for a full reproduction.
-Method-specific options live in ``method_options`` and are validated by the method itself.
+Method-specific options live in ``method_options`` and are validated by the method itself:
+:meth:`RunConfig.validate` checks only the fields below; ``aimm.methods.build_method(cfg)``
+checks ``method`` and ``method_options``.
 """
 
 from __future__ import annotations
@@ -176,7 +178,6 @@ class RunConfig:
              "must be a torch.compile backend name, e.g. inductor")
 
         from aimm.data import ORDERS
-        from aimm.methods import METHODS
 
         if self.benchmark not in ORDERS:
             errors.append(f"{source}: benchmark={self.benchmark!r}: unknown; choose one of "
@@ -184,15 +185,6 @@ class RunConfig:
         elif self.tasks is None and self.order not in ORDERS[self.benchmark]:
             errors.append(f"{source}: order={self.order!r}: benchmark {self.benchmark} has orders "
                           f"{', '.join(map(str, ORDERS[self.benchmark]))}")
-        if self.method not in METHODS:
-            hint = difflib.get_close_matches(str(self.method), list(METHODS), n=1)
-            errors.append(f"{source}: method={self.method!r}: unknown; choose one of "
-                          f"{', '.join(METHODS)}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-        elif isinstance(self.method_options, dict):
-            try:
-                METHODS[self.method].parse_options(self.method_options)
-            except ConfigError as exc:
-                errors.append(f"{source}: method_options: {exc}")
         if errors:
             raise ConfigError("\n".join(errors))
 

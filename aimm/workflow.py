@@ -267,13 +267,17 @@ def run_values(p: NotebookParams, method: str, seed: int) -> dict[str, Any]:
 
 def configs(params: NotebookParams | dict[str, Any]) -> list[RunConfig]:
     """One validated RunConfig per method x seed (methods outer, seeds inner)."""
+    from aimm.methods import build_method
+
     p = params if isinstance(params, NotebookParams) else validate_parameters(params)
     out = []
     for method in p.methods:
         for seed in p.seeds:
             try:
-                out.append(RunConfig.from_dict(run_values(p, method, seed),
-                                               source=f"{label_for(method, seed)}"))
+                cfg = RunConfig.from_dict(run_values(p, method, seed),
+                                          source=f"{label_for(method, seed)}")
+                build_method(cfg, source=label_for(method, seed))
+                out.append(cfg)
             except (ConfigError, TypeError) as exc:
                 raise ConfigError(str(exc)) from exc
     return out
