@@ -24,7 +24,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--benchmark", help="standard_cl | long_sequence | superni")
     p.add_argument("--order", type=int, help="task order number of the benchmark")
     p.add_argument("--tasks", help="custom order: comma-separated task names")
-    p.add_argument("--method", help="seq_lora | replay | mtl | single_task | aimmerging | recurrent_kif")
+    p.add_argument("--method", help="a method of aimm.methods.METHODS, e.g. seq_lora or aimmerging "
+                                    "(a wrong name lists them all)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable), e.g. -o outer_optimizer=separate")
     p.add_argument("--model", help="smollm2-135m | tiny-causal | tiny-seq2seq | a local HF folder")

@@ -18,14 +18,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aimm.config import ConfigError
+from aimm.errors import ConfigError
+from aimm.methods import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = ("01_data_prep.ipynb", "02_sequential_training.ipynb",
              "03_trajectory_visualization.ipynb", "04_metrics.ipynb")
 
-ALL_METHODS = ["seq_lora", "replay", "mtl", "single_task", "aimmerging", "recurrent_kif"]
+ALL_METHODS = list(METHODS)  # every registered method
 #: The release's sizes (spec §6): up to 1000 training examples per task, every test example,
 #: 10 epochs, micro batch 8 x 4 accumulation, 1024 input tokens. GPU-sized runs.
 RELEASE_SIZES: dict[str, Any] = {

@@ -48,12 +48,23 @@ SMOKE_SIZES: dict[str, Any] = {"max_train": 16, "max_test": 4, "epochs": 1}
 SMOKE_EXTRA: dict[str, Any] = {"batch_size": 4, "max_input_len": 64, "eval_batch_size": 8,
                                "memory_batch_size": 4, "buffer_fraction": 0.25, "lr": 1e-3,
                                "warmup_steps": 0}
-#: Method options under ``smoke`` (a merge within a 4-step task); user options override them.
-SMOKE_METHOD_OPTIONS: dict[str, dict[str, Any]] = {"aimmerging": {"initial_interval": 2}}
-#: RunConfig fields set per method unless given in ``extra``: seq_lora and replay record the
-#: forgetting signal (history loss) so notebook 03 can compare it with AIMMerging's.
-METHOD_DEFAULTS: dict[str, dict[str, Any]] = {"seq_lora": {"probe_history": True},
-                                              "replay": {"probe_history": True}}
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """RunConfig fields set per method unless given in ``extra``: sequential methods that do not
+    merge (seq_lora, replay) record the forgetting signal (history loss), so notebook 03 can
+    compare it with a merging method's."""
+    from aimm.methods import METHODS
+
+    cls = METHODS.get(method)
+    return {"probe_history": True} if cls and cls.sequential() and not cls.merges else {}
+
+
+def _method_fact(method: str, fact: str) -> Any:
+    from aimm.methods import METHODS
+
+    cls = METHODS.get(method)
+    return getattr(cls, fact) if cls is not None else None
 #: RunConfig fields that NotebookParams sets itself; ``extra`` may not hold them.
 OWN_FIELDS = ("benchmark", "order", "tasks", "method", "method_options", "model", "max_train",
               "max_test", "epochs", "seed", "run_dir", "run_id", "data_dir")
@@ -250,8 +261,8 @@ def run_values(p: NotebookParams, method: str, seed: int) -> dict[str, Any]:
         model = SMOKE_MODEL
         sizes = dict(SMOKE_SIZES)
         extra.update(SMOKE_EXTRA)
-        options.update(SMOKE_METHOD_OPTIONS.get(method, {}))
-    extra.update(METHOD_DEFAULTS.get(method, {}))
+        options.update(_method_fact(method, "smoke_options") or {})  # a merge in a 4-step task
+    extra.update(method_defaults(method))
     extra.update(p.extra)
     options.update(p.method_options.get(method, {}))
     values: dict[str, Any] = {
@@ -588,7 +599,7 @@ def result_figures(runs: dict[str, Path], metrics: Any = None) -> dict[str, Any]
     (score on task 1 after each task; the Multi-task line from an ``mtl`` run) and
     ``metrics_bars`` (from ``metrics``, a :func:`metrics_table`, else each run's metrics.json)."""
     from aimm import plots
-    from aimm.plots.builders import NOT_SEQUENTIAL, multitask_score
+    from aimm.plots.builders import NOT_SEQUENTIAL, is_joint, multitask_score
     from aimm.plots.theme import safe_key
 
     labels = display_labels(runs)
@@ -600,7 +611,7 @@ def result_figures(runs: dict[str, Path], metrics: Any = None) -> dict[str, Any]
     sequential = {lab: r.matrix for lab, r in data.items()
                   if r.method not in NOT_SEQUENTIAL and not r.matrix.empty}
     first = next((m.columns[0] for m in sequential.values() if len(m.columns)), None)
-    mtl = next((r for r in data.values() if r.method == "mtl" and not r.matrix.empty), None)
+    mtl = next((r for r in data.values() if is_joint(r.method) and not r.matrix.empty), None)
     figs["task1_curve"] = plots.task1_figure(
         sequential, multitask=multitask_score(mtl, first) if mtl is not None else None,
         title=f"Score on the first task ({first})")
@@ -624,6 +635,7 @@ def metrics_table(runs: dict[str, Path]):
     import pandas as pd
 
     from aimm.metrics import fwt
+    from aimm.plots.builders import NOT_SEQUENTIAL
     from aimm.runs import load_config, load_metrics, load_scores_matrix
 
     singles: dict[int, list[float]] = {}
@@ -632,13 +644,13 @@ def metrics_table(runs: dict[str, Path]):
         cfg = load_config(d)
         m = load_metrics(d) if (Path(d) / "metrics.json").is_file() else {}
         infos[label] = (cfg, m)
-        if cfg["method"] == "single_task" and m.get("single_task"):
+        if _method_fact(cfg["method"], "fresh_adapter_per_stage") and m.get("single_task"):
             singles[cfg["seed"]] = list(m["single_task"].values())
     rows = []
     for label, d in runs.items():
         cfg, m = infos[label]
         fwt_value = m.get("FWT")
-        if fwt_value is None and singles and cfg["method"] not in ("single_task", "mtl") \
+        if fwt_value is None and singles and cfg["method"] not in NOT_SEQUENTIAL \
                 and m.get("complete"):
             single = singles.get(cfg["seed"]) or next(iter(singles.values()))
             matrix = load_scores_matrix(d)

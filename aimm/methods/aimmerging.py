@@ -87,8 +87,12 @@ class AIMMergingOptions:
 
 class AIMMerging(Method):
     name = "aimmerging"
+    display_name = "AIMMerging"
+    color = "#D55E00"  # vermillion
     Options = AIMMergingOptions
     uses_memory = True
+    merges = True
+    smoke_options = {"initial_interval": 2}
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

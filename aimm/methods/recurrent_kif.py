@@ -42,8 +42,11 @@ class RecurrentKIFOptions:
 
 class RecurrentKIF(Method):
     name = "recurrent_kif"
+    display_name = "Recurrent-KIF"
+    color = "#E69F00"  # orange
     Options = RecurrentKIFOptions
     uses_memory = True
+    merges = True
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

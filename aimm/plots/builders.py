@@ -9,6 +9,7 @@ from typing import Mapping
 import pandas as pd
 import plotly.graph_objects as go
 
+from aimm.methods import METHODS
 from aimm.plots.results import metrics_bars, scores_heatmap, task1_figure
 from aimm.plots.theme import METHOD_COLORS, PALETTE, method_color, safe_key
 from aimm.plots.trajectory import (
@@ -20,7 +21,14 @@ from aimm.plots.trajectory import (
     training_figure,
 )
 
-NOT_SEQUENTIAL = ("mtl", "single_task")  # no "score on task 1 after each task" curve
+#: methods without a "score on task 1 after each task" curve (joint or one adapter per task)
+NOT_SEQUENTIAL = tuple(name for name, cls in METHODS.items() if not cls.sequential())
+
+
+def is_joint(method: str) -> bool:
+    """A joint-training (multi-task) method: its final scores are the Multi-task reference."""
+    cls = METHODS.get(method)
+    return cls is not None and cls.joint
 
 
 @dataclass
@@ -137,7 +145,7 @@ def comparison_figures(run_dirs: Mapping[str, str | Path]) -> dict[str, go.Figur
     sequential = {lab: r for lab, r in runs.items()
                   if r.method not in NOT_SEQUENTIAL and not r.matrix.empty}
     first = next((r.matrix.columns[0] for r in sequential.values() if len(r.matrix.columns)), None)
-    mtl = next((r for r in runs.values() if r.method == "mtl"), None)
+    mtl = next((r for r in runs.values() if is_joint(r.method)), None)
     multitask = multitask_score(mtl, first) if mtl is not None else None
     figs["task1_curve"] = task1_figure({lab: r.matrix for lab, r in sequential.items()},
                                        multitask=multitask, colors=colors)
