@@ -25,7 +25,7 @@ import torch
 
 from aimm.errors import ConfigError
 from aimm.faults import crash_point
-from aimm.merging import MergeController
+from aimm.merging import ControllerConfig, MergeController
 from aimm.merging import fusion as F
 from aimm.methods.base import Method
 
@@ -49,7 +49,7 @@ class AIMMergingOptions:
     rehearsal_batch_size: int | None = None  # None: the run's memory_batch_size (release: 32)
     fast: bool = False  # cheap signals: probe_every=2, probe batch = batch_size // 2,
     #                     rehearsal batch = batch_size (see README, "fast")
-    controller: dict = field(default_factory=dict)  # further MergeController keywords
+    controller: dict = field(default_factory=dict)  # further ControllerConfig fields
 
     def validate(self) -> None:
         if self.outer_optimizer not in ("shared", "separate"):
@@ -77,12 +77,12 @@ class AIMMergingOptions:
                        rehearsal_batch_size=self.rehearsal_batch_size or batch_size)
 
     def make_controller(self) -> MergeController:
-        return MergeController(
+        return MergeController(ControllerConfig(
             initial_interval=self.initial_interval, min_interval=self.min_interval,
             max_interval=self.max_interval, cold_start=self.cold_start,
             threshold_factor=self.threshold_factor, outer_ratio=self.outer_ratio,
             adaptive=self.adaptive, variant=self.variant, normalize_by=self.normalize_by,
-            **self.controller)
+            **self.controller))
 
 
 class AIMMerging(Method):
@@ -141,7 +141,7 @@ class AIMMerging(Method):
         fused = F.weighted_fusion(self.theta_t, delta_in, delta_out, w_in, w_out)
         F.apply_(params, fused)
         self.theta_t = fused
-        c.merged(ctx.step, F.l1_norm(delta_in), weights=(w_in, w_out))
+        c.next_interval_after_merge(ctx.step, F.l1_norm(delta_in), weights=(w_in, w_out))
         event = c.events[-1].as_dict()
         event.pop("extra", None)
         ctx.log_merge(event)
