@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from aimm.config import ConfigError, RunConfig
 
@@ -92,6 +91,7 @@ def _validated(values: dict, source: str) -> RunConfig:
 
 def cmd_run(args) -> int:
     from aimm.engine import run
+    from aimm.runs import report_text
 
     cfg = config_from_args(args)
     run_dir = run(cfg)
@@ -100,31 +100,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-def report_text(run_dir: str | Path) -> str:
-    import pandas as pd
-
-    from aimm.runs import load_metrics, load_scores_matrix, load_warnings
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (config.json missing)")
-    lines = [f"# {run_dir.name}"]
-    matrix = load_scores_matrix(run_dir)
-    if not matrix.empty:
-        with pd.option_context("display.width", 200, "display.max_columns", 50):
-            lines += ["", "scores[j][i] (row: after task j, column: task i)",
-                      matrix.round(4).to_string(na_rep="-")]
-    if (run_dir / "metrics.json").is_file():
-        metrics = load_metrics(run_dir)
-        lines += [""] + [f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}"
-                         for k, v in metrics.items()]
-    warnings = load_warnings(run_dir)
-    if warnings:
-        lines += ["", "warnings:"] + [f"- {w}" for w in warnings]
-    return "\n".join(lines)
-
-
 def cmd_report(args) -> int:
+    from aimm.runs import report_text
+
     print(report_text(args.run_dir))
     return 0
 

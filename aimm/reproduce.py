@@ -34,7 +34,7 @@ RELEASE_SIZES: dict[str, Any] = {
     "extra": {"batch_size": 8, "grad_accum": 4, "max_input_len": 1024, "eval_batch_size": 64},
 }
 
-#: Notebook parameters of each preset (see :class:`aimm.workflow.NotebookParams`). ``demo`` is
+#: Notebook parameters of each preset (see :class:`aimm.notebook.NotebookParams`). ``demo`` is
 #: the README's main job, sized to finish within 30 minutes on 2 CPU cores.
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {
@@ -62,7 +62,7 @@ def preset_parameters(preset: str, run_root: str | Path = "runs", fig_dir: str |
                       data_dir: str | Path | None = None, model: str | None = None,
                       smoke: bool = False, **overrides: Any) -> dict[str, Any]:
     """The notebook parameters of a preset (absolute paths), validated."""
-    from aimm.workflow import validate_parameters
+    from aimm.notebook.params import validate_parameters
 
     if preset not in PRESETS:
         import difflib

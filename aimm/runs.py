@@ -298,3 +298,24 @@ def list_runs(root: str | Path = "runs") -> pd.DataFrame:
                      "stages_done": len(state.get("completed", [])),
                      "OP": metrics.get("OP"), "BWT": metrics.get("BWT")})
     return pd.DataFrame(rows)
+
+
+def report_text(run_dir: str | Path) -> str:
+    """The scores matrix, metrics and warnings of a run as text (``aimm report``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (config.json missing)")
+    lines = [f"# {run_dir.name}"]
+    matrix = load_scores_matrix(run_dir)
+    if not matrix.empty:
+        with pd.option_context("display.width", 200, "display.max_columns", 50):
+            lines += ["", "scores[j][i] (row: after task j, column: task i)",
+                      matrix.round(4).to_string(na_rep="-")]
+    if (run_dir / "metrics.json").is_file():
+        metrics = load_metrics(run_dir)
+        lines += [""] + [f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}"
+                         for k, v in metrics.items()]
+    warnings = load_warnings(run_dir)
+    if warnings:
+        lines += ["", "warnings:"] + [f"- {w}" for w in warnings]
+    return "\n".join(lines)
