@@ -11,13 +11,13 @@ checks ``method`` and ``method_options``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aimm.errors import ConfigError  # noqa: F401  (re-exported: `from aimm.config import ConfigError`)
+from aimm.util import did_you_mean, is_int, is_num
 
 
 @dataclass
@@ -83,11 +83,7 @@ class RunConfig:
         if unknown:
             lines = []
             for key in unknown:
-                hint = difflib.get_close_matches(key, names, n=1)
-                lines.append(
-                    f"{source}: unknown parameter '{key}'"
-                    + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                )
+                lines.append(f"{source}: unknown parameter '{key}'" + did_you_mean(key, names))
             raise ConfigError("\n".join(lines))
         cfg = cls(**values)
         cfg.validate(source=source)
@@ -137,12 +133,6 @@ class RunConfig:
             if not cond:
                 errors.append(f"{source}: {name}={getattr(self, name)!r}: {problem}")
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
         for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "memory_batch_size",
                      "eval_batch_size", "max_input_len", "max_target_len"):
             v = getattr(self, name)
@@ -189,6 +179,6 @@ class RunConfig:
             raise ConfigError("\n".join(errors))
 
     def task_names(self) -> list[str]:
-        from aimm.data import resolve_order
+        from aimm.data.orders import task_sequence
 
-        return resolve_order(self.benchmark, None if self.tasks else self.order, self.tasks)
+        return task_sequence(self.benchmark, self.order, self.tasks)

@@ -20,6 +20,7 @@ from typing import Any
 
 from aimm.errors import ConfigError
 from aimm.methods import METHODS
+from aimm.util import did_you_mean
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -65,10 +66,7 @@ def preset_parameters(preset: str, run_root: str | Path = "runs", fig_dir: str |
     from aimm.notebook.params import validate_parameters
 
     if preset not in PRESETS:
-        import difflib
-
-        hint = difflib.get_close_matches(preset, list(PRESETS), n=1)
-        raise ConfigError(f"unknown preset '{preset}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        raise ConfigError(f"unknown preset '{preset}'" + did_you_mean(preset, PRESETS)
                           + f"; choose one of {', '.join(PRESETS)}")
     params: dict[str, Any] = json.loads(json.dumps(PRESETS[preset]))  # a deep copy
     params.update(run_root=str(Path(run_root).resolve()), run_name=preset,

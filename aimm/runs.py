@@ -27,7 +27,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,39 +35,11 @@ from typing import Any, Iterable
 import pandas as pd
 
 from aimm.errors import RunDirError  # noqa: F401  (re-exported: `from aimm.runs import RunDirError`)
-from aimm.faults import crash_point
+from aimm.util import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from aimm.util import read_json as _read_json
 
 
 # ---------------------------------------------------------------------------------- atomic I/O
-def atomic_write_bytes(path: Path, data: bytes, *, fault_point: str | None = None) -> None:
-    """Temporary file in the same folder, fsync, then ``os.replace``; usual permissions.
-
-    ``fault_point``: a :func:`aimm.faults.crash_point` reached between the fsync and the rename
-    (the crash-safety tests kill the process there)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        if fault_point:
-            crash_point(fault_point)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
@@ -115,11 +86,8 @@ def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def read_json(path: Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path}: corrupt JSON ({exc})") from exc
+    """A JSON file of the run dir; ``RunDirError`` names a corrupt one (:func:`aimm.util.read_json`)."""
+    return _read_json(path, RunDirError)
 
 
 # ---------------------------------------------------------------------------------- environment
@@ -271,33 +239,6 @@ def load_trajectory(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     run_dir = Path(run_dir)
     return _concat_stage_csv(run_dir, "steps.csv"), _concat_stage_csv(run_dir, "merges.csv")
-
-
-def load_predictions(run_dir: str | Path) -> pd.DataFrame:
-    rows = []
-    for path in sorted((Path(run_dir) / "stages").glob("*/predictions/*.jsonl")):
-        stage = path.parent.parent.name
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                rec = json.loads(line)
-                rec["stage"] = stage
-                rows.append(rec)
-    return pd.DataFrame(rows)
-
-
-def list_runs(root: str | Path = "runs") -> pd.DataFrame:
-    """One row per run directory under ``root``: id, method, model, tasks done, OP, BWT."""
-    rows = []
-    for cfg_path in sorted(Path(root).glob("*/config.json")):
-        run = cfg_path.parent
-        cfg = read_json(cfg_path)
-        metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
-        state = read_json(run / "state.json") if (run / "state.json").is_file() else {}
-        rows.append({"run_id": run.name, "path": str(run), "method": cfg.get("method"),
-                     "model": cfg.get("model"), "benchmark": cfg.get("benchmark"),
-                     "stages_done": len(state.get("completed", [])),
-                     "OP": metrics.get("OP"), "BWT": metrics.get("BWT")})
-    return pd.DataFrame(rows)
 
 
 def report_text(run_dir: str | Path) -> str:

@@ -26,7 +26,7 @@ import torch
 from aimm.errors import ConfigError
 from aimm.faults import crash_point
 from aimm.merging import ControllerConfig, MergeController
-from aimm.merging import fusion as F
+from aimm.merging import fusion
 from aimm.methods.base import Method
 
 
@@ -107,7 +107,7 @@ class AIMMerging(Method):
             return
         self.options = self.options.resolved(ctx.cfg.batch_size)
         self.controller = self.options.make_controller()
-        self.theta_t = F.snapshot(ctx.lora_params())
+        self.theta_t = fusion.snapshot(ctx.lora_params())
         self.outer_opt = None
         if self.options.outer_optimizer == "separate":
             params = list(ctx.lora_params().values())
@@ -132,16 +132,16 @@ class AIMMerging(Method):
         c = self.controller
         params = ctx.lora_params()
         w_in, w_out = c.fusion_weights()
-        theta_k = F.snapshot(params)
-        delta_in = F.delta(theta_k, self.theta_t)
+        theta_k = fusion.snapshot(params)
+        delta_in = fusion.delta(theta_k, self.theta_t)
         for _ in range(c.outer_steps):
             ctx.rehearsal_step(self.outer_opt, batch_size=self.options.rehearsal_batch_size)
             crash_point("merge")
-        delta_out = F.delta(F.snapshot(params), theta_k)
-        fused = F.weighted_fusion(self.theta_t, delta_in, delta_out, w_in, w_out)
-        F.apply_(params, fused)
+        delta_out = fusion.delta(fusion.snapshot(params), theta_k)
+        fused = fusion.weighted_fusion(self.theta_t, delta_in, delta_out, w_in, w_out)
+        fusion.apply_(params, fused)
         self.theta_t = fused
-        c.next_interval_after_merge(ctx.step, F.l1_norm(delta_in), weights=(w_in, w_out))
+        c.next_interval_after_merge(ctx.step, fusion.l1_norm(delta_in), weights=(w_in, w_out))
         event = c.events[-1].as_dict()
         event.pop("extra", None)
         ctx.log_merge(event)

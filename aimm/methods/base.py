@@ -19,11 +19,11 @@ Hooks, in the order the engine calls them::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from aimm.errors import ConfigError
+from aimm.util import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from aimm.engine import TrainContext
@@ -73,10 +73,8 @@ class Method:
         names = [f.name for f in dataclasses.fields(cls.Options)]
         for key in values:
             if key not in names:
-                hint = difflib.get_close_matches(key, names, n=1)
                 raise ConfigError(
-                    f"{cls.name}: unknown option '{key}'"
-                    + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                    f"{cls.name}: unknown option '{key}'" + did_you_mean(key, names)
                     + (f"; options: {', '.join(names)}" if names else "; this method has no options")
                 )
         opts = cls.Options(**values)

@@ -107,9 +107,9 @@ class NotebookParams:
         return Path(self.output_dir) if self.output_dir else self.group_dir
 
     def task_names(self) -> list[str]:
-        from aimm.data import resolve_order
+        from aimm.data.orders import task_sequence
 
-        return resolve_order(self.benchmark, None if self.tasks else self.order, self.tasks)
+        return task_sequence(self.benchmark, self.order, self.tasks)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
