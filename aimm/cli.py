@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from aimm.config import ConfigError, RunConfig
 
@@ -32,7 +31,8 @@ def _config_flags(p, single_run: bool) -> None:
         p.add_argument("--order", type=int, help="task order number of the benchmark")
     p.add_argument("--tasks", help="custom order: comma-separated task names")
     if single_run:
-        p.add_argument("--method", help="seq_lora | replay | mtl | single_task | aimmerging | recurrent_kif")
+        p.add_argument("--method", help="a method of aimm.methods.METHODS, e.g. seq_lora or aimmerging "
+                                        "(a wrong name lists them all)")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
                    help="method option (repeatable), e.g. -o outer_optimizer=separate")
     p.add_argument("--model", help="smollm2-135m | tiny-causal | tiny-seq2seq | a local HF folder")
@@ -71,8 +71,13 @@ FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train",
 
 
 def config_from_args(args) -> RunConfig:
+    """The config, its fields and its method's options checked (``ConfigError`` names them)."""
+    from aimm.methods import build_method
+
     values, source = config_values(args)
-    return RunConfig.from_dict(values, source=source)
+    cfg = RunConfig.from_dict(values, source=source)
+    build_method(cfg, source=source)
+    return cfg
 
 
 def config_values(args) -> tuple[dict, str]:
@@ -103,6 +108,7 @@ def config_values(args) -> tuple[dict, str]:
 
 def cmd_run(args) -> int:
     from aimm.engine import Engine
+    from aimm.runs import report_text
     from aimm.tracking import Tracking, check_trackers
 
     cfg = config_from_args(args)
@@ -147,31 +153,9 @@ def cmd_study(args) -> int:
     return exit_code(outcomes)
 
 
-def report_text(run_dir: str | Path) -> str:
-    import pandas as pd
-
-    from aimm.runs import load_metrics, load_scores_matrix, load_warnings
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (config.json missing)")
-    lines = [f"# {run_dir.name}"]
-    matrix = load_scores_matrix(run_dir)
-    if not matrix.empty:
-        with pd.option_context("display.width", 200, "display.max_columns", 50):
-            lines += ["", "scores[j][i] (row: after task j, column: task i)",
-                      matrix.round(4).to_string(na_rep="-")]
-    if (run_dir / "metrics.json").is_file():
-        metrics = load_metrics(run_dir)
-        lines += [""] + [f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}"
-                         for k, v in metrics.items()]
-    warnings = load_warnings(run_dir)
-    if warnings:
-        lines += ["", "warnings:"] + [f"- {w}" for w in warnings]
-    return "\n".join(lines)
-
-
 def cmd_report(args) -> int:
+    from aimm.runs import report_text
+
     if args.aggregate:
         from aimm.study import summary_markdown, write_aggregate
 

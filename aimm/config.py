@@ -6,29 +6,28 @@ sizes (``max_train``, ``max_test``, ``epochs``, ``max_input_len`` and the batch:
 (1000 / all / 10 / 1024 / 8 x 4, as the ``standard_cl``, ``long_sequence`` and ``superni`` presets
 of :mod:`aimm.reproduce` do) for a full reproduction. ``docs/fidelity.md`` lists every behaviour
 of the release with its status here.
-Method-specific options live in ``method_options`` and are validated by the method itself.
+Method-specific options live in ``method_options`` and are validated by the method itself:
+:meth:`RunConfig.validate` checks only the fields below; ``aimm.methods.build_method(cfg)``
+checks ``method`` and ``method_options``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aimm.errors import ConfigError  # noqa: F401  (re-exported: `from aimm.config import ConfigError`)
 from aimm.names import name_problem
 from aimm.typecheck import nonfinite_problem, task_entry_name, type_problem
+from aimm.util import did_you_mean, is_int, is_num
 
 
 #: Largest learning rate: AdamW's first step is up to 10 x lr, which must fit in float32.
 MAX_LR = 1e36
-
-
-class ConfigError(ValueError):
-    """A parameter that is unknown, mistyped or out of range. The message names it."""
 
 
 @dataclass
@@ -99,11 +98,7 @@ class RunConfig:
         if unknown:
             lines = []
             for key in unknown:
-                hint = difflib.get_close_matches(key, names, n=1)
-                lines.append(
-                    f"{source}: unknown parameter '{key}'"
-                    + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                )
+                lines.append(f"{source}: unknown parameter '{key}'" + did_you_mean(key, names))
             raise ConfigError("\n".join(lines))
         cfg = cls(**values)
         cfg.validate(source=source)
@@ -178,12 +173,6 @@ class RunConfig:
             if name not in bad and not cond:
                 errors.append(f"{source}: {name}={getattr(self, name)!r}: {problem}")
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
         for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "memory_batch_size",
                      "eval_batch_size", "max_input_len", "max_target_len"):
             v = getattr(self, name)
@@ -231,7 +220,6 @@ class RunConfig:
              "must be a torch.compile backend name, e.g. inductor")
 
         from aimm.data import ORDERS
-        from aimm.methods import METHODS
 
         if "benchmark" in bad or "method" in bad or "order" in bad:
             pass
@@ -241,25 +229,14 @@ class RunConfig:
         elif self.tasks is None and self.order not in ORDERS[self.benchmark]:
             errors.append(f"{source}: order={self.order!r}: benchmark {self.benchmark} has orders "
                           f"{', '.join(map(str, ORDERS[self.benchmark]))}")
-        if "method" in bad or "method_options" in bad:
-            pass
-        elif self.method not in METHODS:
-            hint = difflib.get_close_matches(str(self.method), list(METHODS), n=1)
-            errors.append(f"{source}: method={self.method!r}: unknown; choose one of "
-                          f"{', '.join(METHODS)}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
-        elif isinstance(self.method_options, dict):
-            try:
-                METHODS[self.method].parse_options(self.method_options)
-            except ConfigError as exc:
-                errors.append(f"{source}: method_options: {exc}")
         if errors:
             raise ConfigError("\n".join(errors))
 
     def task_names(self) -> list[str]:
-        from aimm.data import resolve_order
+        from aimm.data.orders import task_sequence
 
         names = [t["name"] if isinstance(t, dict) else t for t in self.tasks or []] or None
-        return resolve_order(self.benchmark, None if self.tasks else self.order, names)
+        return task_sequence(self.benchmark, self.order, names)
 
     def task_specs(self) -> dict:
         """The ``tasks`` entries read from local datasets, by name (:mod:`aimm.data.custom`)."""

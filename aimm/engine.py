@@ -206,7 +206,7 @@ class Engine:
         self.run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / run_id
         self.cfg = cfg.replace(run_id=run_id, run_dir=str(self.run_dir))
         self.store = RunStore(self.run_dir)
-        self.method: Method = build_method(cfg.method, cfg.method_options)
+        self.method: Method = build_method(self.cfg)
         self.warnings: list[str] = []
 
     # ---------------------------------------------------------------- set-up

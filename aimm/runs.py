@@ -32,7 +32,6 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,44 +39,13 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from aimm.faults import crash_point
+from aimm.errors import RunDirError  # noqa: F401  (re-exported: `from aimm.runs import RunDirError`)
 from aimm.names import is_valid_name, require_name
-
-
-class RunDirError(OSError):
-    """A run directory that cannot be used (not writable, or holds another run)."""
+from aimm.util import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from aimm.util import read_json as _read_json
 
 
 # ---------------------------------------------------------------------------------- atomic I/O
-def atomic_write_bytes(path: Path, data: bytes, *, fault_point: str | None = None) -> None:
-    """Temporary file in the same folder, fsync, then ``os.replace``; usual permissions.
-
-    ``fault_point``: a :func:`aimm.faults.crash_point` reached between the fsync and the rename
-    (the crash-safety tests kill the process there)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        if fault_point:
-            crash_point(fault_point)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
@@ -124,11 +92,8 @@ def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def read_json(path: Path) -> Any:
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{path}: corrupt JSON ({exc})") from exc
+    """A JSON file of the run dir; ``RunDirError`` names a corrupt one (:func:`aimm.util.read_json`)."""
+    return _read_json(path, RunDirError)
 
 
 # ---------------------------------------------------------------------------------- environment
@@ -390,28 +355,22 @@ def load_trajectory(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     return _concat_stage_csv(run_dir, "steps.csv"), _concat_stage_csv(run_dir, "merges.csv")
 
 
-def load_predictions(run_dir: str | Path) -> pd.DataFrame:
-    rows = []
-    for path in sorted((Path(run_dir) / "stages").glob("*/predictions/*.jsonl")):
-        stage = path.parent.parent.name
-        with path.open(encoding="utf-8") as fh:
-            for line in fh:
-                rec = json.loads(line)
-                rec["stage"] = stage
-                rows.append(rec)
-    return pd.DataFrame(rows)
-
-
-def list_runs(root: str | Path = "runs") -> pd.DataFrame:
-    """One row per run directory under ``root``: id, method, model, tasks done, OP, BWT."""
-    rows = []
-    for cfg_path in sorted(Path(root).glob("*/config.json")):
-        run = cfg_path.parent
-        cfg = read_json(cfg_path)
-        metrics = read_json(run / "metrics.json") if (run / "metrics.json").is_file() else {}
-        state = read_json(run / "state.json") if (run / "state.json").is_file() else {}
-        rows.append({"run_id": run.name, "path": str(run), "method": cfg.get("method"),
-                     "model": cfg.get("model"), "benchmark": cfg.get("benchmark"),
-                     "stages_done": len(state.get("completed", [])),
-                     "OP": metrics.get("OP"), "BWT": metrics.get("BWT")})
-    return pd.DataFrame(rows)
+def report_text(run_dir: str | Path) -> str:
+    """The scores matrix, metrics and warnings of a run as text (``aimm report``)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (config.json missing)")
+    lines = [f"# {run_dir.name}"]
+    matrix = load_scores_matrix(run_dir)
+    if not matrix.empty:
+        with pd.option_context("display.width", 200, "display.max_columns", 50):
+            lines += ["", "scores[j][i] (row: after task j, column: task i)",
+                      matrix.round(4).to_string(na_rep="-")]
+    if (run_dir / "metrics.json").is_file():
+        metrics = load_metrics(run_dir)
+        lines += [""] + [f"{k:>18}: {v:.4f}" if isinstance(v, float) else f"{k:>18}: {v}"
+                         for k, v in metrics.items()]
+    warnings = load_warnings(run_dir)
+    if warnings:
+        lines += ["", "warnings:"] + [f"- {w}" for w in warnings]
+    return "\n".join(lines)

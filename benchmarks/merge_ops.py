@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from aimm.merging import fusion as F
+from aimm.merging import fusion
 from benchmarks._common import environment, median, ratio, resolve_device, write_json
 
 OPS = ("snapshot", "delta", "weighted_fusion", "apply_", "l1_norm")
@@ -53,8 +53,9 @@ def naive_l1_norm(deltas):
 
 
 IMPLS = {
-    "foreach": {"snapshot": F.snapshot, "delta": F.delta, "weighted_fusion": F.weighted_fusion,
-                "apply_": F.apply_, "l1_norm": F.l1_norm},
+    "foreach": {"snapshot": fusion.snapshot, "delta": fusion.delta,
+                "weighted_fusion": fusion.weighted_fusion,
+                "apply_": fusion.apply_, "l1_norm": fusion.l1_norm},
     "naive": {"snapshot": naive_snapshot, "delta": naive_delta,
               "weighted_fusion": naive_weighted_fusion, "apply_": naive_apply_,
               "l1_norm": naive_l1_norm},

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from aimm import workflow
+from aimm import notebook
 from conftest import make_tiny_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def _tiny_runs(root: Path, bench: Path) -> dict:
               "methods": ["seq_lora", "aimmerging"], "smoke": True, "data_dir": str(bench),
               "run_root": str(root / "runs"), "run_name": "browser", "fig_formats": [],
               "interactive": False}
-    workflow.train_all(workflow.validate_parameters(values))
+    notebook.train_all(notebook.validate_parameters(values))
     values["interactive"] = True  # as a person in JupyterLab has it
     return values
 

@@ -29,7 +29,7 @@ def run_to_merge(c: MergeController, step: int, low: float = 1.0, high: float = 
 def merge_with_lambda(c: MergeController, step: int, lam: float) -> int:
     """Run to the next merge and report l1 = lam * S (planned normalisation)."""
     m = run_to_merge(c, step)
-    c.merged(m, lam * c.interval)
+    c.next_interval_after_merge(m, lam * c.interval)
     return m
 
 
@@ -56,7 +56,7 @@ def test_early_merge_at_three_activations():
     assert not c.observe(16, 5.0)
     assert c.observe(17, 5.0)  # A == 3 before planned step 20
     assert c.activations == 3
-    c.merged(17, 1.0)
+    c.next_interval_after_merge(17, 1.0)
     ev = c.events[-1]
     assert ev.kind == "early" and ev.activations == 3 and ev.step == 17 and ev.planned_step == 20
 
@@ -69,7 +69,7 @@ def test_merge_at_planned_step_after_one_activation():
     for step in range(16, 20):
         assert not c.observe(step, 1.0)
     assert c.observe(20, 1.0)
-    c.merged(20, 1.0)
+    c.next_interval_after_merge(20, 1.0)
     ev = c.events[-1]
     assert ev.kind == "planned" and ev.activations == 1 and ev.forced_activations == 0
 
@@ -82,7 +82,7 @@ def test_forced_activation_at_planned_plus_interval():
     assert c.observe(16, 1.0)  # 16 == planned (8) + S (8)
     assert c.activations == 1 and c.forced_activations == 1
     assert c.last_observation["forced"] is True
-    c.merged(16, 1.0)
+    c.next_interval_after_merge(16, 1.0)
     assert c.events[-1].kind == "forced"
 
 
@@ -178,7 +178,7 @@ def test_normalize_by_actual_steps():
         for step in range(1, 16):
             c.observe(step, 1.0)
         assert c.observe(16, 1.0)  # forced merge, 16 steps after the last merge
-        c.merged(16, 32.0)
+        c.next_interval_after_merge(16, 32.0)
     assert planned.lambdas == [4.0] and planned.events[0].denominator == 8
     assert actual.lambdas == [2.0] and actual.events[0].denominator == 16
 
@@ -205,7 +205,7 @@ def test_state_dict_round_trip():
     for _ in range(150):
         step += 1
         if a.observe(step, rng.uniform(0.5, 3.0)):
-            a.merged(step, rng.uniform(1, 20))
+            a.next_interval_after_merge(step, rng.uniform(1, 20))
     a.observe(step + 1, 1.0)
     step += 1
     b = MergeController.from_state_dict(json.loads(json.dumps(a.state_dict())))
@@ -218,7 +218,7 @@ def test_state_dict_round_trip():
         assert ra == rb
         if ra:
             l1 = rng.uniform(1, 20)
-            assert a.merged(step, l1) == b.merged(step, l1)
+            assert a.next_interval_after_merge(step, l1) == b.next_interval_after_merge(step, l1)
     assert b.state_dict() == a.state_dict()
 
 
@@ -332,7 +332,7 @@ def test_matches_section_4b_reference(seed, S0, outer0, cold_start):
             outer_before = int(ref.outer)
             assert c.outer_steps == outer_before
             assert c.fusion_weights() == fusion_weights(ref.A, ref.S)
-            s_ref, s_c = ref.merged(step, l1), c.merged(step, l1)
+            s_ref, s_c = ref.merged(step, l1), c.next_interval_after_merge(step, l1)
             assert s_ref == s_c and int(ref.outer) == c.outer_steps
             assert c.events[-1].outer_steps == outer_before
             merges.append(step)
@@ -340,3 +340,52 @@ def test_matches_section_4b_reference(seed, S0, outer0, cold_start):
     assert c.lambdas == ref.lambdas
     assert [e.step for e in c.events] == merges
     assert len(merges) >= 8 and len(set(intervals)) >= 3
+
+
+# ------------------------------------------------------------------- the rules as functions
+def test_official_next_interval_rules():
+    from aimm.merging import ControllerConfig, official_next_interval
+
+    cfg = ControllerConfig()
+    assert official_next_interval(8, 2.0, 1.0, cfg) == (4, False, False)  # rising: 8 / 2
+    assert official_next_interval(100, 1.25, 1.0, cfg) == (40, False, False)  # 80 >= 64: halved
+    assert official_next_interval(8, 0.5, 1.0, cfg) == (24, False, False)  # falling: 8 * (2 + 1)
+    assert official_next_interval(72, 0.5, 1.0, cfg) == (128, False, False)  # 72 * 2.5 -> S_max
+    assert official_next_interval(8, 0.0, 1.0, cfg) == (8, True, False)
+    assert official_next_interval(8, float("inf"), 1.0, cfg) == (8, False, True)
+
+
+def test_paper_trend_and_interval():
+    from aimm.merging import ControllerConfig, paper_next_interval, paper_trend
+
+    assert paper_trend([1.0, 2.0], window=3) == (None, False, False)
+    assert paper_trend([5.0, 1.0, 2.0, 3.0], window=3) == ("rising", False, False)
+    assert paper_trend([3.0, 2.0, 1.0], window=3, trend_method="endpoints")[0] == "falling"
+    assert paper_trend([0.0, 0.0, 0.0], window=3) == ("balanced", True, False)
+    cfg = ControllerConfig(gamma_up=3.0, max_interval=20)
+    assert paper_next_interval(8, "rising", cfg) == 4
+    assert paper_next_interval(8, "falling", cfg) == 20
+    assert paper_next_interval(8, "balanced", cfg) == 8
+
+
+def test_config_is_frozen_validated_and_the_state_dict_is_its_fields():
+    from dataclasses import FrozenInstanceError, asdict
+
+    from aimm.merging import ControllerConfig
+
+    cfg = ControllerConfig(threshold_factor=3, initial_interval=4)
+    assert cfg.threshold_factor == 3.0 and isinstance(cfg.threshold_factor, float)
+    with pytest.raises(FrozenInstanceError):
+        cfg.initial_interval = 5  # type: ignore[misc]
+    with pytest.raises(ValueError, match="halve_at"):
+        ControllerConfig(halve_at=0)
+    c = MergeController(cfg)
+    assert c.state_dict()["config"] == asdict(cfg)
+    assert MergeController(cfg, initial_interval=6).interval == 6
+
+
+def test_recording_a_merge_that_was_not_asked_for_is_refused():
+    c = MergeController(initial_interval=8)
+    assert not c.observe(1, 1.0)
+    with pytest.raises(ValueError, match="no merge was asked for"):
+        c.next_interval_after_merge(1, 1.0)

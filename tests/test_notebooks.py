@@ -11,7 +11,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from aimm import workflow
+from aimm import notebook
 from aimm.config import ConfigError
 from aimm.reproduce import NOTEBOOK_DIR, NOTEBOOKS, PRESETS, preset_parameters, reproduce
 from conftest import browser_or_skip, make_tiny_benchmark
@@ -166,31 +166,31 @@ def test_rerunning_the_training_notebook_resumes_instead_of_retraining(reproduce
 ])
 def test_validate_parameters_names_the_problem(params, message):
     with pytest.raises(ConfigError) as err:
-        workflow.validate_parameters(params)
+        notebook.validate_parameters(params)
     assert message in str(err.value)
 
 
 def test_configs_lay_out_one_run_per_method_and_seed(tmp_path):
-    p = workflow.validate_parameters({"methods": ["seq_lora", "replay", "aimmerging"],
+    p = notebook.validate_parameters({"methods": ["seq_lora", "replay", "aimmerging"],
                                       "seeds": [1, 2], "run_root": str(tmp_path), "run_name": "x",
                                       "extra": {"batch_size": 2}})
-    cfgs = workflow.configs(p)
+    cfgs = notebook.configs(p)
     assert [c.run_id for c in cfgs] == ["seq_lora-s1", "seq_lora-s2", "replay-s1", "replay-s2",
                                         "aimmerging-s1", "aimmerging-s2"]
     assert all(Path(c.run_dir) == tmp_path / "x" / c.run_id for c in cfgs)
     assert {c.method: c.probe_history for c in cfgs} == {"seq_lora": True, "replay": True,
                                                          "aimmerging": False}
     assert all(c.batch_size == 2 and c.model == "smollm2-135m" for c in cfgs)
-    assert workflow.run_dirs(p) == {c.run_id: Path(c.run_dir) for c in cfgs}
-    smoke = workflow.configs(workflow.validate_parameters({"smoke": True}))
+    assert notebook.run_dirs(p) == {c.run_id: Path(c.run_dir) for c in cfgs}
+    smoke = notebook.configs(notebook.validate_parameters({"smoke": True}))
     assert {c.model for c in smoke} == {"tiny-causal"} and smoke[0].max_train == 16
 
 
 def test_notebook_parameters_catch_a_name_injected_after_the_parameters_cell():
-    ns = {"In": [], "workflow": workflow}
+    ns = {"In": [], "notebook": notebook}
     before = set(ns) | {"_before"}
     ns.update(benchmark="superni", max_trian=3, _hidden=1)
-    assert workflow.notebook_parameters(ns, before) == {"benchmark": "superni", "max_trian": 3}
+    assert notebook.notebook_parameters(ns, before) == {"benchmark": "superni", "max_trian": 3}
 
 
 def test_every_preset_is_valid_and_the_demo_is_small():
@@ -214,7 +214,7 @@ def test_each_notebook_has_one_parameters_cell_and_no_outputs():
                    for c in cells if c.cell_type == "code"), f"{name} is committed with outputs"
         defined = {line.split("=")[0].strip() for line in tagged[0].source.splitlines()
                    if "=" in line and not line.startswith(("#", "_"))}
-        assert defined == set(workflow.PARAMETER_NAMES), name
+        assert defined == set(notebook.PARAMETER_NAMES), name
 
 
 @pytest.mark.parametrize("params, message", [
@@ -239,7 +239,7 @@ def test_papermill_run_with_a_mistyped_parameter_fails_before_training(tmp_path,
 def test_explorer_redraws_for_each_control(reproduced):
     pytest.importorskip("ipywidgets")
     out, _, _ = reproduced
-    box = workflow.run_explorer(out.parent, initial=("smoke", "aimmerging-s42"))
+    box = notebook.run_explorer(out.parent, initial=("smoke", "aimmerging-s42"))
     c, fig = box.controls, box.figure
     assert c["run"].value == "smoke" and c["method"].value == "aimmerging-s42"
     assert list(c["task"].options) == TASKS and c["task"].value == "rte"
@@ -259,22 +259,22 @@ def test_explorer_redraws_for_each_control(reproduced):
 # ------------------------------------------------------------------------------- tables / figures
 @pytest.mark.slow
 def test_metrics_table_takes_fwt_from_single_task_and_task1_curve_the_mtl_line(tmp_path, bench):
-    p = workflow.validate_parameters({
+    p = notebook.validate_parameters({
         "benchmark": "long_sequence", "order": None, "tasks": ["sst-2", "agnews"], "smoke": True,
         "methods": ["seq_lora", "mtl", "single_task"], "data_dir": str(bench),
         "run_root": str(tmp_path), "run_name": "t", "interactive": False})
-    runs = workflow.train_all(p)
+    runs = notebook.train_all(p)
     assert json.loads((tmp_path / "t" / "runs.json").read_text()) == {k: str(v) for k, v in runs.items()}
-    table = workflow.metrics_table(runs).set_index("method")
+    table = notebook.metrics_table(runs).set_index("method")
     single = json.loads((runs["single_task-s42"] / "metrics.json").read_text())["single_task"]
     matrix = pd.read_csv(runs["seq_lora-s42"] / "scores_matrix.csv", index_col=0)
     expected = sum(matrix.iloc[i, i] - single[t] for i, t in enumerate(["sst-2", "agnews"])) / 2
     assert table.loc["seq_lora", "FWT"] == pytest.approx(expected)
     assert pd.isna(table.loc["mtl", "BWT"]) and table.loc["mtl", "OP"] >= 0
-    figs = workflow.result_figures(runs, metrics=workflow.metrics_table(runs))
+    figs = notebook.result_figures(runs, metrics=notebook.metrics_table(runs))
     assert {"heatmap_seq_lora", "heatmap_mtl", "heatmap_single_task", "task1_curve",
             "metrics_bars"} <= set(figs)
     names = [t.name for t in figs["task1_curve"].data]
     assert "Multi-task" in names and len(names) == 2  # seq_lora + the mtl line
-    traj = workflow.trajectory_figures(runs)
+    traj = notebook.trajectory_figures(runs)
     assert not traj["signals"] and set(traj["history_loss"]) == {"history_loss_agnews"}

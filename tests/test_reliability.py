@@ -34,8 +34,10 @@ from aimm.runs import load_metrics, load_scores_matrix, load_trajectory, load_wa
     ({"benchmark": "standard_cl", "tasks": None, "order": 9}, "order=9"),
 ])
 def test_invalid_hyperparameters_are_refused_by_name(tiny_config, changes, needle):
+    from aimm.methods import build_method
+
     with pytest.raises(ConfigError, match=None) as err:
-        tiny_config(**changes)
+        build_method(tiny_config(**changes))  # the config's own fields, then the method's
     assert needle in str(err.value)
 
 

@@ -147,7 +147,7 @@ def test_stage_names_and_figure_names_are_one_path_component(tmp_path):
 
 def test_preset_and_notebook_run_names_cannot_traverse(tmp_path, capsys):
     from aimm.reproduce import preset_parameters
-    from aimm.workflow import validate_parameters
+    from aimm.notebook import validate_parameters
 
     with pytest.raises(ConfigError, match="unknown preset '../../x'"):
         preset_parameters("../../x", run_root=tmp_path / "r")
@@ -250,7 +250,7 @@ def test_notebook_and_library_callers_get_the_same_lock(tiny_config, tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirError, match=f"is in use by process {holder.pid} since"):
-            run(cfg)  # what aimm.workflow.train_all (notebook 02) calls
+            run(cfg)  # what aimm.notebook.train_all (notebook 02) calls
         assert not (Path(cfg.run_dir) / "config.json").exists()
     finally:
         holder.stdin.close()
@@ -302,7 +302,7 @@ def test_every_field_is_type_checked_from_its_annotation():
 
 
 def test_notebook_extra_and_cli_values_are_type_checked(tiny_data, tmp_path, capsys):
-    from aimm.workflow import validate_parameters
+    from aimm.notebook import validate_parameters
 
     with pytest.raises(ConfigError, match="compile='false': must be true or false"):
         validate_parameters({"extra": {"compile": "false"}, "data_dir": str(tiny_data)})

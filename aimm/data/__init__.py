@@ -11,7 +11,14 @@ from .convert import convert_benchmark, convert_task, find_task_folders
 from .errors import DataError
 from .labels import is_classification_like
 from .loader import TaskData, load_task, load_tasks
-from .orders import BENCHMARK_FOLDERS, ORDERS, benchmark_folder, resolve_order, task_metric
+from .orders import (
+    BENCHMARK_FOLDERS,
+    ORDERS,
+    benchmark_folder,
+    resolve_order,
+    task_metric,
+    task_sequence,
+)
 from .paths import SPLITS, find_task_file, resolve_data_dir, task_file_path
 from .prompts import INSTRUCTIONS, TASK_TYPES, build_prompt, split_prompt
 from .records import Example, read_records, validate_records
@@ -25,5 +32,5 @@ __all__ = [
     "inspect_benchmark", "is_classification_like", "load_task", "load_tasks", "main_check",
     "main_convert", "memory_buffer", "memory_buffers", "memory_size", "read_records",
     "resolve_data_dir", "resolve_order", "split_prompt", "subsample", "task_file_path",
-    "task_metric", "validate_records",
+    "task_metric", "task_sequence", "validate_records",
 ]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
+
+from aimm.util import atomic_write_text
+from aimm.util import read_json as _read_json
 
 from .errors import DataError
 
@@ -29,32 +30,15 @@ def json_type(value: Any) -> str:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    """Decode a UTF-8 JSON file.
-
-    A leading UTF-8 byte-order mark is accepted.
+    """Decode a UTF-8 JSON file (:func:`aimm.util.read_json`); a leading byte-order mark is
+    accepted.
 
     Raises:
         FileNotFoundError: the file does not exist.
         DataError: ``<file>: ...`` for bytes that are not UTF-8 (with the byte
             offset), an empty file, or malformed JSON (with line and column).
     """
-    raw = Path(path).read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise DataError(
-            f"{path}: not valid UTF-8: byte 0x{raw[err.start]:02x} at byte offset {err.start} "
-            f"({err.reason})"
-        ) from None
-    text = text.removeprefix("\ufeff")
-    if not text.strip():
-        raise DataError(f"{path}: empty file (no JSON content, no records)")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
-        ) from None
+    return _read_json(path, DataError, empty="no JSON content, no records")
 
 
 def dump_json(obj: Any) -> str:
@@ -63,19 +47,5 @@ def dump_json(obj: Any) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` via a temporary file in the same folder and ``os.replace``.
-
-    Readers never see a half-written file; on failure the temporary file is removed.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` (UTF-8) atomically (:func:`aimm.util.atomic_write_text`)."""
+    atomic_write_text(path, text)

@@ -100,6 +100,12 @@ def resolve_order(
     return list(orders[key])
 
 
+
+def task_sequence(benchmark: str, order: int | None, tasks: list[str] | None) -> list[str]:
+    """The tasks of a configuration: the custom list ``tasks`` when given (``order`` is then
+    ignored), else the benchmark's ``order`` (:func:`resolve_order`)."""
+    return resolve_order(benchmark, None if tasks else order, tasks)
+
 def task_metric(benchmark: str, task: str) -> Metric:
     """Per-task score of spec section 8: ``"accuracy"`` or ``"rougeL"``.
 

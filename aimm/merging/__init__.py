@@ -12,9 +12,14 @@ from .controller import (
     NORMALIZE_BY,
     OFFICIAL_FUSION_TABLE,
     VARIANTS,
+    ControllerConfig,
+    ControllerState,
     MergeController,
     MergeEvent,
     fusion_weights,
+    official_next_interval,
+    paper_next_interval,
+    paper_trend,
 )
 
 _FUSION_NAMES = (
@@ -32,6 +37,11 @@ _FUSION_NAMES = (
 )
 
 __all__ = [
+    "ControllerConfig",
+    "ControllerState",
+    "official_next_interval",
+    "paper_next_interval",
+    "paper_trend",
     "MergeController",
     "MergeEvent",
     "fusion_weights",

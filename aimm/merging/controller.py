@@ -1,88 +1,55 @@
 """Merge-timing controller of AIMMerging (pure Python, no torch).
 
 One :class:`MergeController` drives one task (task 2 onwards). The trainer calls
+:meth:`~MergeController.observe` after every inner step with the forgetting signal ``L_hist``
+(loss of one no-grad forward on a memory batch; ``True``: merge now), then
+:meth:`~MergeController.fusion_weights` for ``(w_in, w_out)``, runs ``outer_steps`` rehearsal steps,
+fuses, and calls :meth:`~MergeController.next_interval_after_merge` with ``sum |delta_in|`` (the
+learning signal's numerator), which records the merge and returns the next interval. The
+parameters are one frozen :class:`ControllerConfig` (each release constant a named field with the
+release's value as default), the dynamic state one :class:`ControllerState`, the interval rules
+pure functions (:func:`official_next_interval`, :func:`paper_trend`, :func:`paper_next_interval`).
 
-* :meth:`MergeController.observe` after every inner optimiser step with the
-  forgetting signal ``L_hist`` (loss of one no-grad forward on a memory batch);
-  it returns ``True`` when a merge must happen now;
-* :func:`fusion_weights` (or :meth:`MergeController.fusion_weights`) to get
-  ``(w_in, w_out)`` for the fusion, then runs ``c.outer_steps`` rehearsal steps
-  and fuses;
-* :meth:`MergeController.merged` with ``sum |delta_in|`` (the learning signal
-  numerator); it adapts and returns the next merge interval.
+Fidelity: ``variant="official"`` is spec section 4b transcribed literally (checked against the
+release's ``trainer.py`` of its forked ``transformers==4.28.1``):
 
-Fidelity notes
---------------
-``variant="official"`` is the pseudo-code of spec section 4b, transcribed
-literally (checked against the authors' release, ``trainer.py`` of the forked
-``transformers==4.28.1``):
+* threshold: the first ``floor(2*S/3) + 1`` signal values after a merge (or task start) are
+  collected, ``threshold = threshold_factor * sum / len``; the step completing the collection is
+  not itself tested;
+* ``A += 1`` when ``L >= threshold``; otherwise, once ``step >= planned + S`` (two intervals after
+  the last merge), ``A`` is forced ``+1``; merge when ``(step >= planned and A >= 1) or A >= 3``;
+* ``Lambda = l1 / S`` with the *planned* S; cold start checks ``len(lambdas) > cold_start``
+  *before* appending, so the first ``cold_start + 1`` (=4) merges keep ``S0``;
+* shrink / grow: :func:`official_next_interval`; ``outer = int(S * ratio)``, ``ratio = outer0/S0``.
 
-* threshold: the first ``floor(2*S/3) + 1`` forgetting-signal values after a
-  merge (or task start) are collected, ``threshold = threshold_factor *
-  sum(values) / len(values)``; the step that completes the collection is not
-  itself tested against the threshold;
-* activation ``A += 1`` when ``L >= threshold``; otherwise, once
-  ``step >= planned + S`` (two intervals after the last merge) ``A`` is forced
-  ``+1``; merge when ``(step >= planned and A >= 1) or A >= 3``;
-* ``Lambda = l1 / S`` with the *planned* S; cold start checks
-  ``len(lambdas) > cold_start`` *before* appending, so the first
-  ``cold_start + 1`` (=4) merges keep ``S0``;
-* shrink ``S = max(S_min, int(S / (lam / prev)))`` then ``if S >= 64: S =
-  int(S / 2)``; grow ``S = min(S_max, int(S * (prev / lam + (1 if S < 64 else
-  0.5))))``; ``outer = int(S * ratio)``, ``ratio = outer0 / S0``.
+Our choices where spec and release are silent:
 
-Every constant of the release is a named constructor parameter whose default
-is the release's value (``threshold_window=2/3``, ``halve_at=64``,
-``growth_bonus_small=1.0``, ``growth_bonus_large=0.5``, ``max_activations=3``,
-fusion table boundary 70).
-
-Our choices where spec and release are silent (not in the release):
-
-* zero / non-finite learning signal: the release divides by zero (crash) when a
-  Lambda is 0. Here, if ``prev <= 0`` or ``lam <= 0`` the interval is left
-  unchanged and the event carries ``zero_signal=True``; if ``prev`` or ``lam``
-  is NaN/inf the interval is left unchanged and ``nonfinite_signal=True``.
-  The Lambda is still appended (the record stays faithful).
-* ``normalize_by="actual"`` (spec section 7, defect 3) divides ``l1`` by
-  ``step - last_merge_step`` instead of the planned ``S``.
-* ``variant="paper"`` (spec section 4; the release does not implement it): the
-  trend of the last ``window`` Lambdas (current one included) is measured by the
-  least-squares slope (``trend_method="slope"``, default) or by last minus first
-  (``"endpoints"``), expressed as a relative change over the window
-  ``rel = slope * (window - 1) / mean(|window values|)``. ``rel >
-  balance_tolerance`` -> rising -> ``S = max(S_min, int(S / gamma_down))``;
-  ``rel < -balance_tolerance`` -> falling -> ``S = min(S_max, int(S *
-  gamma_up))``; otherwise balanced -> unchanged. The same cold start applies
-  and fewer than ``window`` Lambdas -> unchanged. FS/threshold/activation logic
-  is the official one.
-* ``threshold_window`` is turned into an exact fraction
-  (``Fraction(x).limit_denominator(1000)``) so that ``floor(S * 2/3)`` equals
-  the release's integer ``int(S * 2 / 3)`` for every S.
-* merge kinds: ``"forced"`` if the observation of the merge step was a forced
-  activation; ``"early"`` if ``A >= max_activations`` before the planned step;
-  ``"planned"`` if at/after the planned step with ``A >= 1``; ``"manual"`` if
-  :meth:`merged` is called although the controller did not ask for a merge
-  (e.g. a final flush at the end of a task).
-* the interval bounds are not enforced on ``initial_interval`` (the release
-  does not either); the ``>= halve_at`` halving may drop below ``min_interval``
-  when ``min_interval > halve_at / 2`` (as in the release).
+* a zero (the release divides by it and crashes) or non-finite Lambda leaves S unchanged; the event
+  carries ``zero_signal`` / ``nonfinite_signal`` and the Lambda is still recorded;
+* ``normalize_by="actual"`` (spec section 7, defect 3) divides ``l1`` by ``step - last_merge_step``;
+* ``variant="paper"`` (spec section 4; not in the release): :func:`paper_trend` of the last
+  ``window`` Lambdas (current one included) and :func:`paper_next_interval`; same cold start,
+  threshold and activations as the official variant;
+* ``threshold_window`` becomes an exact fraction (``limit_denominator(1000)``) so that
+  ``floor(S * 2/3)`` equals the release's ``int(S * 2 / 3)`` for every S;
+* merge kinds: ``forced`` (the merge step's activation was forced), ``early``
+  (``A >= max_activations`` before the planned step), ``planned``; recording a merge the
+  controller did not ask for is refused;
+* bounds are not enforced on ``initial_interval``, and the ``>= halve_at`` halving may drop below
+  ``min_interval`` when ``min_interval > halve_at / 2`` (both as in the release).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any, Mapping, Optional
 
-__all__ = [
-    "MergeController",
-    "MergeEvent",
-    "fusion_weights",
-    "OFFICIAL_FUSION_TABLE",
-    "VARIANTS",
-    "NORMALIZE_BY",
-]
+__all__ = ["ControllerConfig", "ControllerState", "MergeController", "MergeEvent", "fusion_weights",
+           "official_next_interval", "paper_next_interval", "paper_trend", "OFFICIAL_FUSION_TABLE",
+           "VARIANTS", "NORMALIZE_BY"]
 
 VARIANTS = ("official", "paper")
 NORMALIZE_BY = ("planned", "actual")
@@ -99,43 +66,175 @@ OFFICIAL_FUSION_TABLE: dict[str, tuple[float, float]] = {
 }
 
 
-def fusion_weights(
-    activations: int,
-    interval: int,
-    *,
-    boundary: float = 70,
-    activation_boundary: int = 1,
-    table: Optional[Mapping[str, tuple[float, float]]] = None,
-) -> tuple[float, float]:
-    """Official fusion weights ``(w_in, w_out)`` (spec section 3).
+@dataclass(frozen=True)
+class ControllerConfig:
+    """Every parameter of the controller, with the release's value as default; validates itself
+    (``ValueError`` naming the parameter). Float parameters are stored as floats."""
 
-    Args:
-        activations: activation count A at merge time.
-        interval: current planned interval S at merge time (before adaptation).
-        boundary: S boundary of the table; ``S <= boundary`` is "short" (release: 70).
-        activation_boundary: ``A > activation_boundary`` is "many" (release: 1).
-        table: mapping with keys ``many_short``, ``many_long``, ``few_short``,
-            ``few_long``; defaults to :data:`OFFICIAL_FUSION_TABLE`.
+    initial_interval: int = 8  # S0, the first planned interval
+    min_interval: int = 2  # S_min
+    max_interval: int = 128  # S_max
+    cold_start: int = 3  # Lambdas recorded before adaptation; the first cold_start + 1 merges keep S0
+    threshold_factor: float = 2.0  # delta = factor * mean(collected L_hist)
+    outer_ratio: float = 1.0  # outer_steps = int(S * outer_ratio)
+    adaptive: bool = True  # adapt S from Lambda (release flag adaptive_merge_flag)
+    variant: str = "official"  # official (section 4b) | paper (sliding-window trend)
+    normalize_by: str = "planned"  # Lambda = l1 / S (planned) | l1 / (step - last merge) (actual)
+    threshold_window: float = 2 / 3  # floor(threshold_window * S) + 1 values set the threshold
+    halve_at: int = 64  # shrink halving and growth-bonus switch point
+    growth_bonus_small: float = 1.0  # growth bonus while S < halve_at
+    growth_bonus_large: float = 0.5  # growth bonus while S >= halve_at
+    max_activations: int = 3  # early merge at this activation count
+    fusion_boundary: float = 70  # S boundary of the fusion weight table
+    fusion_table: Optional[Mapping[str, tuple[float, float]]] = None  # None: OFFICIAL_FUSION_TABLE
+    window: int = 3  # paper: Lambdas in the trend window (L_w)
+    gamma_up: float = 2.0  # paper: growth factor on a falling trend
+    gamma_down: float = 2.0  # paper: shrink factor on a rising trend
+    balance_tolerance: float = 0.05  # paper: relative change within which the trend is balanced
+    trend_method: str = "slope"  # paper: slope (least squares) | endpoints (last - first)
 
-    Returns:
-        ``(w_in, w_out)`` for ``theta_t + w_in * delta_in + w_out * delta_out``.
-    """
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, rule: str) -> None:
+            if not cond:
+                raise ValueError(f"{name}: {rule}, got {getattr(self, name)!r}")
+
+        for name in ("initial_interval", "min_interval", "max_interval"):
+            need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive int")
+        if self.min_interval > self.max_interval:
+            raise ValueError(f"min_interval: min_interval={self.min_interval} > "
+                             f"max_interval={self.max_interval}")
+        need(_is_int(self.cold_start) and self.cold_start >= 0, "cold_start", "must be an int >= 0")
+        need(_finite(self.threshold_factor) and self.threshold_factor > 0, "threshold_factor", "must be > 0")
+        need(_finite(self.outer_ratio) and self.outer_ratio >= 0, "outer_ratio", "must be >= 0")
+        need(self.variant in VARIANTS, "variant", f"must be one of {VARIANTS}")
+        need(self.normalize_by in NORMALIZE_BY, "normalize_by", f"must be one of {NORMALIZE_BY}")
+        need(_finite(self.threshold_window) and self.threshold_window > 0, "threshold_window", "must be > 0")
+        need(_finite(self.halve_at) and self.halve_at > 0, "halve_at", "must be > 0")
+        for name in ("growth_bonus_small", "growth_bonus_large", "balance_tolerance"):
+            need(_finite(getattr(self, name)) and getattr(self, name) >= 0, name, "must be >= 0")
+        need(_is_int(self.max_activations) and self.max_activations >= 1, "max_activations",
+             "must be an int >= 1")
+        need(_finite(self.fusion_boundary), "fusion_boundary", "must be finite")
+        if self.fusion_table is not None:
+            missing = set(OFFICIAL_FUSION_TABLE) - set(self.fusion_table)
+            if missing:
+                raise ValueError(f"fusion_table: missing keys {sorted(missing)}")
+            object.__setattr__(self, "fusion_table", {k: (float(v[0]), float(v[1]))
+                                                      for k, v in self.fusion_table.items()})
+        need(_is_int(self.window) and self.window >= 2, "window", "must be an int >= 2")
+        for name in ("gamma_up", "gamma_down"):
+            need(_finite(getattr(self, name)) and getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.trend_method in TREND_METHODS, "trend_method", f"must be one of {TREND_METHODS}")
+        for f in dataclasses.fields(self):
+            if f.type == "float":
+                object.__setattr__(self, f.name, float(getattr(self, f.name)))
+        object.__setattr__(self, "adaptive", bool(self.adaptive))
+
+
+@dataclass
+class ControllerState:
+    """The dynamic state of one task's controller (section 4b names in comments)."""
+
+    interval: int  # S
+    ratio: float  # outer0 / S0
+    outer: int  # outer
+    planned: int  # planned
+    last_merge: int = 0  # last_merge
+    collected: list[float] = field(default_factory=list)  # collected
+    threshold: Optional[float] = None  # threshold
+    activations: int = 0  # A
+    forced: int = 0  # forced part of A
+    lambdas: list[float] = field(default_factory=list)  # lambdas
+    lambda_steps: list[int] = field(default_factory=list)
+    last_obs: Optional[dict[str, Any]] = None  # the last observe(): step, loss, activated, forced, merge
+
+    @classmethod
+    def initial(cls, cfg: ControllerConfig) -> "ControllerState":
+        S = cfg.initial_interval
+        return cls(interval=S, ratio=cfg.outer_ratio, outer=int(S * cfg.outer_ratio), planned=S)
+
+
+# ------------------------------------------------------------------------------ pure rules
+def fusion_weights(activations: int, interval: int, *, boundary: float = 70,
+                   activation_boundary: int = 1,
+                   table: Optional[Mapping[str, tuple[float, float]]] = None) -> tuple[float, float]:
+    """Official fusion weights ``(w_in, w_out)`` (spec section 3): ``"many"`` when
+    ``activations > activation_boundary`` (release: 1), ``"short"`` when ``interval <= boundary``
+    (release: 70); ``table`` defaults to :data:`OFFICIAL_FUSION_TABLE`."""
     tbl = OFFICIAL_FUSION_TABLE if table is None else table
     key = ("many" if activations > activation_boundary else "few") + (
-        "_short" if interval <= boundary else "_long"
-    )
+        "_short" if interval <= boundary else "_long")
     w_in, w_out = tbl[key]
     return float(w_in), float(w_out)
 
 
+def official_next_interval(S: int, lam: float, prev: float,
+                           cfg: ControllerConfig) -> tuple[int, bool, bool]:
+    """Section 4b's interval rule: ``(next S, zero_signal, nonfinite_signal)``.
+
+    Rising (``lam >= prev``): ``S = max(S_min, int(S / (lam / prev)))``, then ``int(S / 2)`` if
+    ``S >= halve_at`` (64). Falling: ``S = min(S_max, int(S * (prev / lam + bonus)))``, bonus
+    ``growth_bonus_small`` (1) while ``S < halve_at``, else ``growth_bonus_large`` (0.5). A zero or
+    non-finite signal leaves S unchanged."""
+    if not (math.isfinite(lam) and math.isfinite(prev)):
+        return S, False, True
+    if prev <= 0 or lam <= 0:
+        return S, True, False
+    if lam >= prev:
+        S = max(cfg.min_interval, int(S / (lam / prev)))
+        return (int(S / 2) if S >= cfg.halve_at else S), False, False
+    bonus = cfg.growth_bonus_small if S < cfg.halve_at else cfg.growth_bonus_large
+    return min(cfg.max_interval, int(S * (prev / lam + bonus))), False, False
+
+
+def paper_trend(values: list[float], window: int, trend_method: str = "slope",
+                tolerance: float = 0.05) -> tuple[Optional[str], bool, bool]:
+    """Trend of the last ``window`` Lambdas: ``(trend, zero_signal, nonfinite_signal)`` with trend
+    ``rising`` / ``falling`` / ``balanced`` (``None``: fewer than ``window`` values or not finite).
+
+    The change over the window (least-squares ``slope * (window - 1)``, or last minus first) is
+    relative to the mean absolute value; within ``tolerance`` it is balanced."""
+    n = window
+    if len(values) < n:
+        return None, False, False
+    w = values[-n:]
+    if not all(math.isfinite(v) for v in w):
+        return None, False, True
+    scale = sum(abs(v) for v in w) / n
+    if scale == 0:
+        return "balanced", True, False
+    if trend_method == "slope":
+        xm, ym = (n - 1) / 2, sum(w) / n
+        slope = sum((i - xm) * (v - ym) for i, v in enumerate(w)) / sum((i - xm) ** 2 for i in range(n))
+        change = slope * (n - 1)
+    else:
+        change = w[-1] - w[0]
+    rel = change / scale
+    if rel > tolerance:
+        return "rising", False, False
+    if rel < -tolerance:
+        return "falling", False, False
+    return "balanced", False, False
+
+
+def paper_next_interval(S: int, trend: Optional[str], cfg: ControllerConfig) -> int:
+    """The paper variant's S after a trend: rising -> shrink by ``gamma_down``, falling -> grow by
+    ``gamma_up``, otherwise unchanged (clamped to ``[min_interval, max_interval]``)."""
+    if trend == "rising":
+        return max(cfg.min_interval, int(S / cfg.gamma_down))
+    if trend == "falling":
+        return min(cfg.max_interval, int(S * cfg.gamma_up))
+    return S
+
+
+# ------------------------------------------------------------------------------ the record
 @dataclass
 class MergeEvent:
-    """One merge, as recorded by :meth:`MergeController.merged`.
+    """One merge, as recorded by :meth:`MergeController.next_interval_after_merge`.
 
-    ``lam`` is the learning signal Lambda (dict key ``"lambda"`` in
-    :meth:`as_dict` and for ``event["lambda"]``). ``outer_steps`` is the number of
-    rehearsal steps run for this merge (value before the update);
-    ``outer_steps_after`` the value for the next merge.
+    ``lam`` is the learning signal Lambda (dict key ``"lambda"`` in :meth:`as_dict` and for
+    ``event["lambda"]``). ``outer_steps`` is the number of rehearsal steps run for this merge
+    (value before the update); ``outer_steps_after`` the value for the next merge.
     """
 
     step: int
@@ -150,7 +249,7 @@ class MergeEvent:
     forced_activations: int
     w_in: float
     w_out: float
-    kind: str
+    kind: str  # forced | early | planned
     planned_step: int
     previous_merge_step: int
     threshold: Optional[float]
@@ -169,426 +268,156 @@ class MergeEvent:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MergeEvent":
         d = dict(d)
-        if "lam" not in d:
-            d["lam"] = d["lambda"]
+        d.setdefault("lam", d.get("lambda"))
         d.pop("lambda", None)
         return cls(**d)
 
     def __getitem__(self, key: str) -> Any:
-        if key == "lambda":
-            return self.lam
-        return getattr(self, key)
+        return self.lam if key == "lambda" else getattr(self, key)
 
 
-def _check(cond: bool, name: str, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}: {msg}")
-
-
+# ------------------------------------------------------------------------------ the controller
 class MergeController:
     """Decides when to merge and adapts the merge interval (spec sections 2-4, 4b).
 
-    Args:
-        initial_interval: S0, the first planned interval (release: 8).
-        min_interval, max_interval: clamps S_min, S_max (release: 2, 128).
-        cold_start: number of Lambdas recorded before adaptation starts; the
-            first ``cold_start + 1`` merges keep S0 (release: 3).
-        threshold_factor: delta = factor * mean(collected L_hist) (release: 2.0).
-        outer_ratio: outer/inner ratio; ``outer_steps = int(S * outer_ratio)`` (release: 1).
-        adaptive: adapt S from Lambda (release flag ``adaptive_merge_flag``).
-        variant: ``"official"`` (section 4b) or ``"paper"`` (sliding-window trend).
-        normalize_by: ``"planned"`` (release: Lambda = l1 / S) or ``"actual"``
-            (Lambda = l1 / (step - last_merge_step)).
-        threshold_window: fraction of S for threshold collection,
-            ``floor(threshold_window * S) + 1`` values (release: 2/3).
-        halve_at: shrink halving and growth-bonus switch point (release: 64).
-        growth_bonus_small: growth bonus while ``S < halve_at`` (release: 1.0).
-        growth_bonus_large: growth bonus while ``S >= halve_at`` (release: 0.5).
-        max_activations: early merge at this activation count (release: 3).
-        fusion_boundary: S boundary of the fusion weight table (release: 70).
-        fusion_table: fusion weight table, default :data:`OFFICIAL_FUSION_TABLE`.
-        window: paper variant, number of Lambdas L_w in the trend window (3).
-        gamma_up, gamma_down: paper variant growth / shrink factors (2.0).
-        balance_tolerance: paper variant, relative change within which the trend
-            is "balanced" (0.05).
-        trend_method: paper variant, ``"slope"`` (least squares) or ``"endpoints"``.
+    ``MergeController(config)`` with a :class:`ControllerConfig`; keyword arguments change
+    fields of it (``MergeController(initial_interval=20)``).
     """
 
-    def __init__(
-        self,
-        initial_interval: int = 8,
-        min_interval: int = 2,
-        max_interval: int = 128,
-        cold_start: int = 3,
-        threshold_factor: float = 2.0,
-        outer_ratio: float = 1.0,
-        adaptive: bool = True,
-        variant: str = "official",
-        *,
-        normalize_by: str = "planned",
-        threshold_window: float = 2 / 3,
-        halve_at: int = 64,
-        growth_bonus_small: float = 1.0,
-        growth_bonus_large: float = 0.5,
-        max_activations: int = 3,
-        fusion_boundary: float = 70,
-        fusion_table: Optional[Mapping[str, tuple[float, float]]] = None,
-        window: int = 3,
-        gamma_up: float = 2.0,
-        gamma_down: float = 2.0,
-        balance_tolerance: float = 0.05,
-        trend_method: str = "slope",
-    ) -> None:
-        _check(isinstance(initial_interval, int) and initial_interval > 0,
-               "initial_interval", f"must be a positive int, got {initial_interval!r}")
-        _check(isinstance(min_interval, int) and min_interval > 0,
-               "min_interval", f"must be a positive int, got {min_interval!r}")
-        _check(isinstance(max_interval, int) and max_interval > 0,
-               "max_interval", f"must be a positive int, got {max_interval!r}")
-        _check(min_interval <= max_interval, "min_interval",
-               f"min_interval={min_interval} > max_interval={max_interval}")
-        _check(isinstance(cold_start, int) and cold_start >= 0,
-               "cold_start", f"must be an int >= 0, got {cold_start!r}")
-        _check(_finite(threshold_factor) and threshold_factor > 0,
-               "threshold_factor", f"must be > 0, got {threshold_factor!r}")
-        _check(_finite(outer_ratio) and outer_ratio >= 0,
-               "outer_ratio", f"must be >= 0, got {outer_ratio!r}")
-        _check(variant in VARIANTS, "variant", f"must be one of {VARIANTS}, got {variant!r}")
-        _check(normalize_by in NORMALIZE_BY, "normalize_by",
-               f"must be one of {NORMALIZE_BY}, got {normalize_by!r}")
-        _check(_finite(threshold_window) and threshold_window > 0,
-               "threshold_window", f"must be > 0, got {threshold_window!r}")
-        _check(_finite(halve_at) and halve_at > 0, "halve_at", f"must be > 0, got {halve_at!r}")
-        _check(_finite(growth_bonus_small) and growth_bonus_small >= 0,
-               "growth_bonus_small", f"must be >= 0, got {growth_bonus_small!r}")
-        _check(_finite(growth_bonus_large) and growth_bonus_large >= 0,
-               "growth_bonus_large", f"must be >= 0, got {growth_bonus_large!r}")
-        _check(isinstance(max_activations, int) and max_activations >= 1,
-               "max_activations", f"must be an int >= 1, got {max_activations!r}")
-        _check(_finite(fusion_boundary), "fusion_boundary", f"must be finite, got {fusion_boundary!r}")
-        if fusion_table is not None:
-            missing = set(OFFICIAL_FUSION_TABLE) - set(fusion_table)
-            _check(not missing, "fusion_table", f"missing keys {sorted(missing)}")
-        _check(isinstance(window, int) and window >= 2, "window", f"must be an int >= 2, got {window!r}")
-        _check(_finite(gamma_up) and gamma_up >= 1, "gamma_up", f"must be >= 1, got {gamma_up!r}")
-        _check(_finite(gamma_down) and gamma_down >= 1, "gamma_down", f"must be >= 1, got {gamma_down!r}")
-        _check(_finite(balance_tolerance) and balance_tolerance >= 0,
-               "balance_tolerance", f"must be >= 0, got {balance_tolerance!r}")
-        _check(trend_method in TREND_METHODS, "trend_method",
-               f"must be one of {TREND_METHODS}, got {trend_method!r}")
+    def __init__(self, config: ControllerConfig | None = None, /, **changes: Any) -> None:
+        self.config = dataclasses.replace(config or ControllerConfig(), **changes)
+        self.state = ControllerState.initial(self.config)
+        self.events: list[MergeEvent] = []
+        self._window_frac = Fraction(self.config.threshold_window).limit_denominator(1000)
 
-        self._config: dict[str, Any] = dict(
-            initial_interval=initial_interval, min_interval=min_interval,
-            max_interval=max_interval, cold_start=cold_start,
-            threshold_factor=float(threshold_factor), outer_ratio=float(outer_ratio),
-            adaptive=bool(adaptive), variant=variant, normalize_by=normalize_by,
-            threshold_window=float(threshold_window), halve_at=halve_at,
-            growth_bonus_small=float(growth_bonus_small),
-            growth_bonus_large=float(growth_bonus_large), max_activations=max_activations,
-            fusion_boundary=fusion_boundary,
-            fusion_table=None if fusion_table is None
-            else {k: [float(v[0]), float(v[1])] for k, v in fusion_table.items()},
-            window=window, gamma_up=float(gamma_up), gamma_down=float(gamma_down),
-            balance_tolerance=float(balance_tolerance), trend_method=trend_method,
-        )
-        self._window_frac = Fraction(threshold_window).limit_denominator(1000)
-
-        # Dynamic state (section 4b names in comments).
-        self._interval = initial_interval                       # S
-        self._ratio = float(outer_ratio)                        # outer0 / S0
-        self._outer = int(initial_interval * self._ratio)       # outer
-        self._planned = initial_interval                        # planned
-        self._last_merge = 0                                    # last_merge
-        self._collected: list[float] = []                       # collected
-        self._threshold: Optional[float] = None                 # threshold
-        self._activations = 0                                   # A
-        self._forced = 0                                        # forced part of A
-        self._lambdas: list[float] = []                         # lambdas
-        self._lambda_steps: list[int] = []
-        self._events: list[MergeEvent] = []
-        self._last_obs: Optional[dict[str, Any]] = None
-
-    # ------------------------------------------------------------------ state
-    @property
-    def config(self) -> dict[str, Any]:
-        """Constructor arguments (copy)."""
-        return dict(self._config)
-
-    @property
-    def variant(self) -> str:
-        return self._config["variant"]
-
-    @property
-    def interval(self) -> int:
-        """Current planned merge interval S."""
-        return self._interval
-
-    @property
-    def outer_steps(self) -> int:
-        """Rehearsal steps to run at the next merge."""
-        return self._outer
-
-    @property
-    def activations(self) -> int:
-        """Activation count A since the last merge."""
-        return self._activations
-
-    @property
-    def forced_activations(self) -> int:
-        """How many of :attr:`activations` were forced."""
-        return self._forced
-
-    @property
-    def threshold(self) -> Optional[float]:
-        """Forgetting-signal threshold delta, ``None`` while still collecting."""
-        return self._threshold
-
-    @property
-    def collected(self) -> list[float]:
-        """L_hist values collected so far for the threshold (copy)."""
-        return list(self._collected)
-
-    @property
-    def n_threshold_values(self) -> int:
-        """Number of values collected for the threshold: ``floor(window * S) + 1``."""
-        return math.floor(self._window_frac * self._interval) + 1
-
-    @property
-    def planned_step(self) -> int:
-        return self._planned
-
-    @property
-    def last_merge_step(self) -> int:
-        return self._last_merge
-
-    @property
-    def lambdas(self) -> list[float]:
-        """Learning signals recorded in this task (copy)."""
-        return list(self._lambdas)
-
-    @property
-    def lambda_steps(self) -> list[int]:
-        """Steps at which :attr:`lambdas` were recorded (copy)."""
-        return list(self._lambda_steps)
-
-    @property
-    def events(self) -> list[MergeEvent]:
-        """Merge events (copy of the list)."""
-        return list(self._events)
+    # ------------------------------------------------------------------ read-only views
+    variant = property(lambda self: self.config.variant)
+    interval = property(lambda self: self.state.interval, doc="Current planned merge interval S.")
+    outer_steps = property(lambda self: self.state.outer, doc="Rehearsal steps of the next merge.")
+    activations = property(lambda self: self.state.activations, doc="A since the last merge.")
+    forced_activations = property(lambda self: self.state.forced, doc="Forced part of A.")
+    threshold = property(lambda self: self.state.threshold, doc="delta; None while collecting.")
+    collected = property(lambda self: list(self.state.collected), doc="L_hist values collected.")
+    planned_step = property(lambda self: self.state.planned)
+    last_merge_step = property(lambda self: self.state.last_merge)
+    lambdas = property(lambda self: list(self.state.lambdas), doc="Learning signals of this task.")
+    lambda_steps = property(lambda self: list(self.state.lambda_steps))
 
     @property
     def last_observation(self) -> Optional[dict[str, Any]]:
         """The last :meth:`observe` call: step, loss, activated, forced, merge."""
-        return None if self._last_obs is None else dict(self._last_obs)
+        return None if self.state.last_obs is None else dict(self.state.last_obs)
 
-    # --------------------------------------------------------------- protocol
+    @property
+    def n_threshold_values(self) -> int:
+        """Number of values collected for the threshold: ``floor(window * S) + 1``."""
+        return math.floor(self._window_frac * self.state.interval) + 1
+
+    # ------------------------------------------------------------------ protocol
     def observe(self, step: int, history_loss: float) -> bool:
-        """Feed the forgetting signal of inner step ``step``; return "merge now".
-
-        ``step`` counts inner optimiser steps in this task (1, 2, ...); outer
-        (rehearsal) steps do not advance it.
-        """
-        if step <= self._last_merge:
-            raise ValueError(f"step: must be > last_merge_step={self._last_merge}, got {step}")
+        """Feed the forgetting signal of inner step ``step`` (1, 2, ... in this task; rehearsal
+        steps do not count); return "merge now"."""
+        s = self.state
+        if step <= s.last_merge:
+            raise ValueError(f"step: must be > last_merge_step={s.last_merge}, got {step}")
         L = float(history_loss)
         activated = forced = False
-        if self._threshold is None:
-            self._collected.append(L)
-            if len(self._collected) == self.n_threshold_values:
-                self._threshold = self._config["threshold_factor"] * (
-                    sum(self._collected) / len(self._collected)
-                )
-        elif L >= self._threshold:
-            self._activations += 1
+        if s.threshold is None:
+            s.collected.append(L)
+            if len(s.collected) == self.n_threshold_values:
+                s.threshold = self.config.threshold_factor * (sum(s.collected) / len(s.collected))
+        elif L >= s.threshold:
+            s.activations += 1
             activated = True
-        elif step >= self._planned + self._interval:
-            self._activations += 1
-            self._forced += 1
+        elif step >= s.planned + s.interval:
+            s.activations += 1
+            s.forced += 1
             activated = forced = True
         merge = self._should_merge(step)
-        self._last_obs = dict(step=step, loss=L, activated=activated, forced=forced, merge=merge)
+        s.last_obs = dict(step=step, loss=L, activated=activated, forced=forced, merge=merge)
         return merge
 
     def _should_merge(self, step: int) -> bool:
-        return (step >= self._planned and self._activations >= 1) or (
-            self._activations >= self._config["max_activations"]
-        )
+        s = self.state
+        return (step >= s.planned and s.activations >= 1) or s.activations >= self.config.max_activations
 
     def fusion_weights(self) -> tuple[float, float]:
         """:func:`fusion_weights` for the current A and S with this controller's table."""
-        return fusion_weights(
-            self._activations, self._interval,
-            boundary=self._config["fusion_boundary"], table=self._config["fusion_table"],
-        )
+        return fusion_weights(self.state.activations, self.state.interval,
+                              boundary=self.config.fusion_boundary, table=self.config.fusion_table)
 
-    def _kind(self, step: int) -> str:
-        obs = self._last_obs
-        if obs is not None and obs["step"] == step and obs["forced"]:
-            return "forced"
-        if not self._should_merge(step):
-            return "manual"
-        if step < self._planned:
-            return "early"
-        return "planned"
+    def next_interval_after_merge(self, step: int, param_change_l1: float, *,
+                                  weights: Optional[tuple[float, float]] = None) -> int:
+        """Record the merge of ``step`` (whose :meth:`observe` asked for it), adapt the interval
+        from ``param_change_l1 = sum |delta_in|`` and return the next interval S.
 
-    def merged(
-        self,
-        step: int,
-        param_change_l1: float,
-        *,
-        weights: Optional[tuple[float, float]] = None,
-    ) -> int:
-        """Record a merge at ``step`` and adapt the interval; return the next S.
-
-        Args:
-            step: inner step of the merge (the step whose :meth:`observe` returned True).
-            param_change_l1: ``sum |delta_in|`` over all LoRA parameters.
-            weights: the ``(w_in, w_out)`` actually used, for the event record;
-                defaults to :meth:`fusion_weights`.
+        ``weights``: the ``(w_in, w_out)`` used, for the event; default :meth:`fusion_weights`.
         """
-        if step <= self._last_merge:
-            raise ValueError(f"step: must be > last_merge_step={self._last_merge}, got {step}")
-        cfg = self._config
-        S_before, outer_before = self._interval, self._outer
+        s, cfg = self.state, self.config
+        if step <= s.last_merge:
+            raise ValueError(f"step: must be > last_merge_step={s.last_merge}, got {step}")
+        obs = s.last_obs
+        if obs is not None and obs["step"] == step and obs["forced"]:
+            kind = "forced"
+        elif self._should_merge(step):
+            kind = "early" if step < s.planned else "planned"
+        else:
+            raise ValueError(f"step: no merge was asked for at step {step}")
+        S_before, outer_before = s.interval, s.outer
         w_in, w_out = self.fusion_weights() if weights is None else (float(weights[0]), float(weights[1]))
-        kind = self._kind(step)
-        denom = S_before if cfg["normalize_by"] == "planned" else step - self._last_merge
+        denom = S_before if cfg.normalize_by == "planned" else step - s.last_merge
         l1 = float(param_change_l1)
         lam = l1 / denom
         cold = zero = nonfinite = False
         trend: Optional[str] = None
-
-        if cfg["adaptive"] and len(self._lambdas) > cfg["cold_start"]:
-            prev = self._lambdas[-1]
-            if cfg["variant"] == "official":
-                if not (math.isfinite(lam) and math.isfinite(prev)):
-                    nonfinite = True
-                elif prev <= 0 or lam <= 0:
-                    zero = True
-                else:
-                    S = self._interval
-                    if lam >= prev:
-                        S = max(cfg["min_interval"], int(S / (lam / prev)))
-                        if S >= cfg["halve_at"]:
-                            S = int(S / 2)
-                    else:
-                        bonus = cfg["growth_bonus_small"] if S < cfg["halve_at"] else cfg["growth_bonus_large"]
-                        S = min(cfg["max_interval"], int(S * (prev / lam + bonus)))
-                    self._interval = S
+        if cfg.adaptive and len(s.lambdas) > cfg.cold_start:
+            if cfg.variant == "official":
+                s.interval, zero, nonfinite = official_next_interval(s.interval, lam, s.lambdas[-1], cfg)
             else:
-                trend, zero, nonfinite = self._paper_trend(self._lambdas + [lam])
-                if trend == "rising":
-                    self._interval = max(cfg["min_interval"], int(self._interval / cfg["gamma_down"]))
-                elif trend == "falling":
-                    self._interval = min(cfg["max_interval"], int(self._interval * cfg["gamma_up"]))
-            self._outer = int(self._interval * self._ratio)
-        elif cfg["adaptive"]:
+                trend, zero, nonfinite = paper_trend(s.lambdas + [lam], cfg.window, cfg.trend_method,
+                                                     cfg.balance_tolerance)
+                s.interval = paper_next_interval(s.interval, trend, cfg)
+            s.outer = int(s.interval * s.ratio)
+        elif cfg.adaptive:
             cold = True
+        self.events.append(MergeEvent(
+            step=step, lam=lam, l1=l1, denominator=denom, interval_before=S_before,
+            interval_after=s.interval, outer_steps=outer_before, outer_steps_after=s.outer,
+            activations=s.activations, forced_activations=s.forced, w_in=w_in, w_out=w_out,
+            kind=kind, planned_step=s.planned, previous_merge_step=s.last_merge,
+            threshold=s.threshold, cold_start=cold, zero_signal=zero, nonfinite_signal=nonfinite,
+            trend=trend))
+        s.lambdas.append(lam)
+        s.lambda_steps.append(step)
+        s.planned, s.last_merge = step + s.interval, step
+        s.collected, s.threshold, s.activations, s.forced = [], None, 0, 0
+        return s.interval
 
-        event = MergeEvent(
-            step=step, lam=lam, l1=l1, denominator=denom,
-            interval_before=S_before, interval_after=self._interval,
-            outer_steps=outer_before, outer_steps_after=self._outer,
-            activations=self._activations, forced_activations=self._forced,
-            w_in=w_in, w_out=w_out, kind=kind, planned_step=self._planned,
-            previous_merge_step=self._last_merge, threshold=self._threshold,
-            cold_start=cold, zero_signal=zero, nonfinite_signal=nonfinite, trend=trend,
-        )
-        self._events.append(event)
-        self._lambdas.append(lam)
-        self._lambda_steps.append(step)
-        self._planned = step + self._interval
-        self._last_merge = step
-        self._collected = []
-        self._threshold = None
-        self._activations = 0
-        self._forced = 0
-        return self._interval
-
-    def _paper_trend(self, values: list[float]) -> tuple[Optional[str], bool, bool]:
-        """Trend of the last ``window`` Lambdas: (trend, zero_signal, nonfinite_signal)."""
-        cfg = self._config
-        n = cfg["window"]
-        if len(values) < n:
-            return None, False, False
-        w = values[-n:]
-        if not all(math.isfinite(v) for v in w):
-            return None, False, True
-        scale = sum(abs(v) for v in w) / n
-        if scale == 0:
-            return "balanced", True, False
-        if cfg["trend_method"] == "slope":
-            xm = (n - 1) / 2
-            ym = sum(w) / n
-            slope = sum((i - xm) * (v - ym) for i, v in enumerate(w)) / sum(
-                (i - xm) ** 2 for i in range(n)
-            )
-            change = slope * (n - 1)
-        else:
-            change = w[-1] - w[0]
-        rel = change / scale
-        tol = cfg["balance_tolerance"]
-        if rel > tol:
-            return "rising", False, False
-        if rel < -tol:
-            return "falling", False, False
-        return "balanced", False, False
-
-    # ----------------------------------------------------------- checkpoints
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable snapshot (config + dynamic state + events)."""
-        return {
-            "version": 1,
-            "config": self.config,
-            "state": {
-                "interval": self._interval,
-                "ratio": self._ratio,
-                "outer": self._outer,
-                "planned": self._planned,
-                "last_merge": self._last_merge,
-                "collected": list(self._collected),
-                "threshold": self._threshold,
-                "activations": self._activations,
-                "forced": self._forced,
-                "lambdas": list(self._lambdas),
-                "lambda_steps": list(self._lambda_steps),
-                "last_obs": None if self._last_obs is None else dict(self._last_obs),
-            },
-            "events": [e.as_dict() for e in self._events],
-        }
+        return {"version": 1, "config": asdict(self.config), "state": asdict(self.state),
+                "events": [e.as_dict() for e in self.events]}
 
     @classmethod
     def from_state_dict(cls, d: Mapping[str, Any]) -> "MergeController":
         """Rebuild a controller from :meth:`state_dict` output."""
         if d.get("version") != 1:
             raise ValueError(f"version: unsupported state_dict version {d.get('version')!r}")
-        cfg = dict(d["config"])
-        if cfg.get("fusion_table") is not None:
-            cfg["fusion_table"] = {k: tuple(v) for k, v in cfg["fusion_table"].items()}
-        c = cls(**cfg)
-        s = d["state"]
-        c._interval = int(s["interval"])
-        c._ratio = float(s["ratio"])
-        c._outer = int(s["outer"])
-        c._planned = int(s["planned"])
-        c._last_merge = int(s["last_merge"])
-        c._collected = [float(x) for x in s["collected"]]
-        c._threshold = None if s["threshold"] is None else float(s["threshold"])
-        c._activations = int(s["activations"])
-        c._forced = int(s["forced"])
-        c._lambdas = [float(x) for x in s["lambdas"]]
-        c._lambda_steps = [int(x) for x in s["lambda_steps"]]
-        c._last_obs = None if s["last_obs"] is None else dict(s["last_obs"])
-        c._events = [MergeEvent.from_dict(e) for e in d["events"]]
+        c = cls(ControllerConfig(**d["config"]))
+        c.state = ControllerState(**d["state"])
+        c.events = [MergeEvent.from_dict(e) for e in d["events"]]
         return c
 
     def __repr__(self) -> str:
-        return (
-            f"MergeController(variant={self.variant!r}, interval={self._interval}, "
-            f"outer_steps={self._outer}, planned_step={self._planned}, "
-            f"activations={self._activations}, threshold={self._threshold}, "
-            f"merges={len(self._events)})"
-        )
+        s = self.state
+        return (f"MergeController(variant={self.variant!r}, interval={s.interval}, "
+                f"outer_steps={s.outer}, planned_step={s.planned}, activations={s.activations}, "
+                f"threshold={s.threshold}, merges={len(self.events)})")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _finite(x: Any) -> bool:

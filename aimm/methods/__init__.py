@@ -1,29 +1,44 @@
 """Continual-learning methods: small plug-ins behind :class:`aimm.methods.base.Method`.
 
-Add a method: write ``aimm/methods/<name>.py`` with a ``Method`` subclass and register it here.
+Add a method: write ``aimm/methods/<name>.py`` with a ``Method`` subclass (its facts as class
+attributes) and add the class to :data:`METHODS` below; nothing else in the package names it.
 """
 
 from __future__ import annotations
 
-from aimm.methods.base import Method, NoOptions, Stage
+from typing import TYPE_CHECKING
+
+from aimm.errors import ConfigError
 from aimm.methods.aimmerging import AIMMerging
+from aimm.methods.base import Method, NoOptions, Stage
 from aimm.methods.baselines import MultiTask, Replay, SeqLoRA, SingleTask
 from aimm.methods.recurrent_kif import RecurrentKIF
+from aimm.util import did_you_mean
 
+if TYPE_CHECKING:  # pragma: no cover
+    from aimm.config import RunConfig
+
+#: The registry: method name -> class (the one way to register a method).
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SeqLoRA, Replay, MultiTask, SingleTask, AIMMerging, RecurrentKIF)
 }
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Register a method class under its ``name`` (usable as a decorator)."""
-    METHODS[cls.name] = cls
-    return cls
+def build_method(cfg: "RunConfig", *, source: str = "config") -> Method:
+    """The method of ``cfg`` with its validated ``method_options``.
+
+    Raises :class:`ConfigError` (``<source>: method=...`` or ``<source>: method_options: ...``)
+    for an unknown method or a bad option. :meth:`RunConfig.validate` checks only the config's
+    own fields; this checks the method's.
+    """
+    cls = METHODS.get(cfg.method) if isinstance(cfg.method, str) else None
+    if cls is None:
+        raise ConfigError(f"{source}: method={cfg.method!r}: unknown; choose one of "
+                          f"{', '.join(METHODS)}" + did_you_mean(cfg.method, METHODS))
+    try:
+        return cls(cls.parse_options(cfg.method_options or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: method_options: {exc}") from exc
 
 
-def build_method(name: str, options: dict | None = None) -> Method:
-    cls = METHODS[name]
-    return cls(cls.parse_options(options or {}))
-
-
-__all__ = ["METHODS", "Method", "NoOptions", "Stage", "build_method", "register"]
+__all__ = ["METHODS", "Method", "NoOptions", "Stage", "build_method"]

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from aimm.config import ConfigError
+from aimm.errors import ConfigError
 from aimm.faults import crash_point
-from aimm.merging import MergeController
-from aimm.merging import fusion as F
+from aimm.merging import ControllerConfig, MergeController
+from aimm.merging import fusion
 from aimm.methods.base import Method
 
 
@@ -49,7 +49,7 @@ class AIMMergingOptions:
     rehearsal_batch_size: int | None = None  # None: the run's memory_batch_size (release: 32)
     fast: bool = False  # cheap signals: probe_every=2, probe batch = batch_size // 2,
     #                     rehearsal batch = batch_size (see README, "fast")
-    controller: dict = field(default_factory=dict)  # further MergeController keywords
+    controller: dict = field(default_factory=dict)  # further ControllerConfig fields
 
     def validate(self) -> None:
         if self.outer_optimizer not in ("shared", "separate"):
@@ -77,19 +77,22 @@ class AIMMergingOptions:
                        rehearsal_batch_size=self.rehearsal_batch_size or batch_size)
 
     def make_controller(self) -> MergeController:
-        return MergeController(
+        return MergeController(ControllerConfig(
             initial_interval=self.initial_interval, min_interval=self.min_interval,
             max_interval=self.max_interval, cold_start=self.cold_start,
             threshold_factor=self.threshold_factor, outer_ratio=self.outer_ratio,
             adaptive=self.adaptive, variant=self.variant, normalize_by=self.normalize_by,
-            **self.controller)
+            **self.controller))
 
 
 class AIMMerging(Method):
     name = "aimmerging"
+    display_name = "AIMMerging"
+    color = "#D55E00"  # vermillion
     Options = AIMMergingOptions
     uses_memory = True
     merges = True
+    smoke_options = {"initial_interval": 2}
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)
@@ -104,7 +107,7 @@ class AIMMerging(Method):
             return
         self.options = self.options.resolved(ctx.cfg.batch_size)
         self.controller = self.options.make_controller()
-        self.theta_t = F.snapshot(ctx.lora_params())
+        self.theta_t = fusion.snapshot(ctx.lora_params())
         self.outer_opt = None
         if self.options.outer_optimizer == "separate":
             params = list(ctx.lora_params().values())
@@ -129,16 +132,16 @@ class AIMMerging(Method):
         c = self.controller
         params = ctx.lora_params()
         w_in, w_out = c.fusion_weights()
-        theta_k = F.snapshot(params)
-        delta_in = F.delta(theta_k, self.theta_t)
+        theta_k = fusion.snapshot(params)
+        delta_in = fusion.delta(theta_k, self.theta_t)
         for _ in range(c.outer_steps):
             ctx.rehearsal_step(self.outer_opt, batch_size=self.options.rehearsal_batch_size)
             crash_point("merge")
-        delta_out = F.delta(F.snapshot(params), theta_k)
-        fused = F.weighted_fusion(self.theta_t, delta_in, delta_out, w_in, w_out)
-        F.apply_(params, fused)
+        delta_out = fusion.delta(fusion.snapshot(params), theta_k)
+        fused = fusion.weighted_fusion(self.theta_t, delta_in, delta_out, w_in, w_out)
+        fusion.apply_(params, fused)
         self.theta_t = fused
-        c.merged(ctx.step, F.l1_norm(delta_in), weights=(w_in, w_out))
+        c.next_interval_after_merge(ctx.step, fusion.l1_norm(delta_in), weights=(w_in, w_out))
         event = c.events[-1].as_dict()
         event.pop("extra", None)
         ctx.log_merge(event)

@@ -1,8 +1,9 @@
 """The plug-in interface between the training engine and a continual-learning method.
 
 The engine owns the loop (tasks -> inner optimiser steps -> evaluation -> run store); a method
-only reacts to hooks. A new method is one file with a :class:`Method` subclass plus one line in
-``aimm/methods/__init__.py``; it never edits the engine.
+only reacts to hooks. A new method is one file with a :class:`Method` subclass (its facts as
+class attributes) plus its class in ``METHODS`` of ``aimm/methods/__init__.py``; it never edits
+the engine, and nothing else in the package names it.
 
 Hooks, in the order the engine calls them::
 
@@ -19,11 +20,11 @@ Hooks, in the order the engine calls them::
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from aimm.config import ConfigError
+from aimm.errors import ConfigError
+from aimm.util import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
     from aimm.engine import TrainContext
@@ -47,12 +48,21 @@ class NoOptions:
 class Method:
     """Base class: plain sequential LoRA fine-tuning, no memory, no merging."""
 
-    name: ClassVar[str] = "base"
+    # the method's facts: the engine, plots, notebooks and reproduce read them from here
+    name: ClassVar[str] = "base"  # registry key, config value, run-dir label
+    display_name: ClassVar[str] = "Base"  # in figures and tables
+    color: ClassVar[str] = "#7F7F7F"  # its colour in every figure (Okabe-Ito palette)
     Options: ClassVar[type] = NoOptions
     uses_memory: ClassVar[bool] = False  # build a memory buffer of earlier tasks
     joint: ClassVar[bool] = False  # one stage over all tasks (metrics: OP only)
     fresh_adapter_per_stage: ClassVar[bool] = False  # single-task reference
-    merges: ClassVar[bool] = False  # fuses updates during training (merges.csv has its events)
+    merges: ClassVar[bool] = False  # fuses updates within a stage (merge events, intervals)
+    smoke_options: ClassVar[dict[str, Any]] = {}  # options of a tiny smoke run (a merge in 4 steps)
+
+    @classmethod
+    def sequential(cls) -> bool:
+        """Trains the tasks one after another into one adapter (has a task-1 curve, BWT, FWT)."""
+        return not (cls.joint or cls.fresh_adapter_per_stage)
 
     def __init__(self, options: Any = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -64,10 +74,8 @@ class Method:
         names = [f.name for f in dataclasses.fields(cls.Options)]
         for key in values:
             if key not in names:
-                hint = difflib.get_close_matches(key, names, n=1)
                 raise ConfigError(
-                    f"{cls.name}: unknown option '{key}'"
-                    + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                    f"{cls.name}: unknown option '{key}'" + did_you_mean(key, names)
                     + (f"; options: {', '.join(names)}" if names else "; this method has no options")
                 )
         opts = cls.Options(**values)

@@ -9,12 +9,16 @@ class SeqLoRA(Method):
     """One LoRA adapter trained through the tasks in order (the "vanilla" lower bound)."""
 
     name = "seq_lora"
+    display_name = "SeqLoRA"
+    color = "#0072B2"  # blue
 
 
 class Replay(Method):
     """Experience replay: the memory buffer of earlier tasks is mixed into the training set."""
 
     name = "replay"
+    display_name = "Replay"
+    color = "#009E73"  # green
     uses_memory = True
 
     def training_examples(self, ctx, stage: Stage) -> list:
@@ -25,6 +29,8 @@ class MultiTask(Method):
     """Joint training on all tasks at once: the upper bound. One stage; metrics: OP only."""
 
     name = "mtl"
+    display_name = "Multi-task"
+    color = "#000000"  # black
     joint = True
 
     def stages(self, tasks: list[str]) -> list[Stage]:
@@ -35,6 +41,8 @@ class SingleTask(Method):
     """A fresh LoRA per task, evaluated on that task only: single_i of the FWT metric."""
 
     name = "single_task"
+    display_name = "Single-task"
+    color = "#CC79A7"  # pink
     fresh_adapter_per_stage = True
 
     def stages(self, tasks: list[str]) -> list[Stage]:

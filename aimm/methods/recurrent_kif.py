@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from aimm.config import ConfigError
-from aimm.merging import fusion as F
+from aimm.errors import ConfigError
+from aimm.merging import fusion
 from aimm.methods.base import Method
 
 
@@ -53,6 +53,8 @@ class RecurrentKIFOptions:
 
 class RecurrentKIF(Method):
     name = "recurrent_kif"
+    display_name = "Recurrent-KIF"
+    color = "#E69F00"  # orange
     Options = RecurrentKIFOptions
     uses_memory = True
     merges = True
@@ -69,7 +71,7 @@ class RecurrentKIF(Method):
         self.active = ctx.has_memory
         if not self.active:
             return
-        self.theta_t = F.snapshot(ctx.lora_params())
+        self.theta_t = fusion.snapshot(ctx.lora_params())
         self.ipt_in = self.ipt_out = None
         self.last_merge = 0
         self.outer_opt = None
@@ -80,7 +82,7 @@ class RecurrentKIF(Method):
     def _update(self, state, ctx):
         params = ctx.lora_params()
         grads = {k: p.grad for k, p in params.items()}
-        return F.update_importance(state, params, grads, self.options.beta1, self.options.beta2)
+        return fusion.update_importance(state, params, grads, self.options.beta1, self.options.beta2)
 
     def after_optimizer_step(self, ctx) -> None:
         if self.active:
@@ -96,26 +98,26 @@ class RecurrentKIF(Method):
             return
         o = self.options
         params = ctx.lora_params()
-        theta_k = F.snapshot(params)
-        delta_in = F.delta(theta_k, self.theta_t)
+        theta_k = fusion.snapshot(params)
+        delta_in = fusion.delta(theta_k, self.theta_t)
         outer = int(o.interval * o.outer_ratio)
         for _ in range(outer):
             ctx.rehearsal_step(self.outer_opt, on_grads=self._outer_grads)
-        delta_out = F.delta(F.snapshot(params), theta_k)
-        mask_in = F.top_mask(F.importance_scores(self.ipt_in), o.top_fraction, scope=o.mask_scope)
+        delta_out = fusion.delta(fusion.snapshot(params), theta_k)
+        mask_in = fusion.top_mask(fusion.importance_scores(self.ipt_in), o.top_fraction, scope=o.mask_scope)
         if self.ipt_out is None:  # no rehearsal steps: nothing important on the outer side
             mask_out = {k: torch.zeros_like(v, dtype=torch.bool) for k, v in mask_in.items()}
         else:
-            mask_out = F.top_mask(F.importance_scores(self.ipt_out), o.top_fraction, scope=o.mask_scope)
-        fused = F.mask_fusion(self.theta_t, delta_in, delta_out, mask_in, mask_out)
-        F.apply_(params, fused)
+            mask_out = fusion.top_mask(fusion.importance_scores(self.ipt_out), o.top_fraction, scope=o.mask_scope)
+        fused = fusion.mask_fusion(self.theta_t, delta_in, delta_out, mask_in, mask_out)
+        fusion.apply_(params, fused)
         self.theta_t = fused
         if o.empty_inner_score:
             self.ipt_in = None
         if o.empty_outer_score:
             self.ipt_out = None
         ctx.log_merge({"step": ctx.step, "interval_before": o.interval, "interval_after": o.interval,
-                       "outer_steps": outer, "l1": F.l1_norm(delta_in), "kind": "fixed",
+                       "outer_steps": outer, "l1": fusion.l1_norm(delta_in), "kind": "fixed",
                        "mask_in_share": _share(mask_in), "mask_out_share": _share(mask_out)})
         self.last_merge = ctx.step
         record["merged"] = 1

@@ -9,6 +9,7 @@ from typing import Mapping
 import pandas as pd
 import plotly.graph_objects as go
 
+from aimm.methods import METHODS
 from aimm.plots.results import metrics_bars, scores_heatmap, task1_figure
 from aimm.plots.theme import METHOD_COLORS, PALETTE, method_color, safe_key
 from aimm.plots.trajectory import (
@@ -20,7 +21,14 @@ from aimm.plots.trajectory import (
     training_figure,
 )
 
-NOT_SEQUENTIAL = ("mtl", "single_task")  # no "score on task 1 after each task" curve
+#: methods without a "score on task 1 after each task" curve (joint or one adapter per task)
+NOT_SEQUENTIAL = tuple(name for name, cls in METHODS.items() if not cls.sequential())
+
+
+def is_joint(method: str) -> bool:
+    """A joint-training (multi-task) method: its final scores are the Multi-task reference."""
+    cls = METHODS.get(method)
+    return cls is not None and cls.joint
 
 
 @dataclass
@@ -87,6 +95,18 @@ def multitask_score(run: RunData, first_task: str | None) -> float | None:
     return float(value.iloc[-1]) if len(value) else None
 
 
+def task1_curve(runs: Mapping[str, RunData], *, colors: Mapping[str, str] | None = None,
+                titled: bool = False) -> go.Figure:
+    """The score on the first task after each task of the sequential runs, with the Multi-task
+    line of a joint-training run among ``runs`` (``titled``: a title naming the first task)."""
+    sequential = {lab: r.matrix for lab, r in runs.items()
+                  if r.method not in NOT_SEQUENTIAL and not r.matrix.empty}
+    first = next((m.columns[0] for m in sequential.values() if len(m.columns)), None)
+    joint = next((r for r in runs.values() if is_joint(r.method) and not r.matrix.empty), None)
+    return task1_figure(sequential, multitask=multitask_score(joint, first) if joint else None,
+                        colors=colors, title=f"Score on the first task ({first})" if titled else None)
+
+
 def run_figures(run_dir: str | Path) -> dict[str, go.Figure]:
     """All figures of one run: ``signals_<task>``, ``interval_<task>``, ``history_loss_<task>``
     (tasks with a forgetting signal / merges), ``training``, ``heatmap_<method>``,
@@ -134,13 +154,7 @@ def comparison_figures(run_dirs: Mapping[str, str | Path]) -> dict[str, go.Figur
     runs = {str(label): load_run_data(d) for label, d in run_dirs.items()}
     colors = _run_colors(runs)
     figs: dict[str, go.Figure] = {}
-    sequential = {lab: r for lab, r in runs.items()
-                  if r.method not in NOT_SEQUENTIAL and not r.matrix.empty}
-    first = next((r.matrix.columns[0] for r in sequential.values() if len(r.matrix.columns)), None)
-    mtl = next((r for r in runs.values() if r.method == "mtl"), None)
-    multitask = multitask_score(mtl, first) if mtl is not None else None
-    figs["task1_curve"] = task1_figure({lab: r.matrix for lab, r in sequential.items()},
-                                       multitask=multitask, colors=colors)
+    figs["task1_curve"] = task1_curve(runs, colors=colors)
     figs["metrics_bars"] = metrics_bars({lab: r.metrics for lab, r in runs.items() if r.metrics},
                                         colors=colors)
     for label, run in runs.items():
@@ -167,5 +181,5 @@ def comparison_figures(run_dirs: Mapping[str, str | Path]) -> dict[str, go.Figur
     return figs
 
 
-__all__ = ["RunData", "load_run_data", "run_figures", "comparison_figures"]
+__all__ = ["RunData", "load_run_data", "run_figures", "comparison_figures", "task1_curve"]
 

@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from aimm.plots.theme import (
+    MULTITASK,
     PALETTE,
     apply_paper_theme,
     is_number,
@@ -50,9 +51,9 @@ def task1_figure(matrices: Mapping[str, pd.DataFrame], multitask: float | None =
                               y_title="Score on task 1", title=title)
     if is_number(multitask):
         fig.add_trace(go.Scatter(x=[order[0], order[-1]], y=[float(multitask)] * 2, mode="lines",
-                                 name="Multi-task", meta={"multitask": float(multitask)},
-                                 line=dict(color=method_color("mtl"), width=1.2, dash="dash"),
-                                 hovertemplate="Multi-task %{y:.3f}<extra></extra>"))
+                                 name=method_label(MULTITASK), meta={"multitask": float(multitask)},
+                                 line=dict(color=method_color(MULTITASK), width=1.2, dash="dash"),
+                                 hovertemplate=f"{method_label(MULTITASK)} %{{y:.3f}}<extra></extra>"))
     first_tasks = {tr.meta["first_task"] for tr in fig.data if tr.meta and "first_task" in tr.meta}
     y_title = "Score on task 1" + (f" ({next(iter(first_tasks))})" if len(first_tasks) == 1 else "")
     fig.update_layout(title=title, xaxis=dict(title="After training on", type="category",

@@ -8,23 +8,13 @@ from typing import Any
 
 import plotly.graph_objects as go
 
-# Okabe-Ito (colour-blind safe); one colour per method everywhere.
-METHOD_COLORS: dict[str, str] = {
-    "seq_lora": "#0072B2",  # blue
-    "replay": "#009E73",  # green
-    "mtl": "#000000",  # black
-    "single_task": "#CC79A7",  # pink
-    "aimmerging": "#D55E00",  # vermillion
-    "recurrent_kif": "#E69F00",  # orange
-}
-METHOD_NAMES: dict[str, str] = {
-    "seq_lora": "SeqLoRA",
-    "replay": "Replay",
-    "mtl": "Multi-task",
-    "single_task": "Single-task",
-    "aimmerging": "AIMMerging",
-    "recurrent_kif": "Recurrent-KIF",
-}
+from aimm.methods import METHODS
+
+# Okabe-Ito (colour-blind safe); one colour per method everywhere: the methods' own facts.
+METHOD_COLORS: dict[str, str] = {name: cls.color for name, cls in METHODS.items()}
+METHOD_NAMES: dict[str, str] = {name: cls.display_name for name, cls in METHODS.items()}
+#: the joint-training (upper bound) method: the "Multi-task" line of the task-1 curve
+MULTITASK: str | None = next((name for name, cls in METHODS.items() if cls.joint), None)
 # colour of a merge event by its kind (controller: early / planned / forced; Recurrent-KIF: fixed)
 KIND_COLORS: dict[str, str] = {
     "early": "#E69F00",
