@@ -35,7 +35,7 @@ class RunConfig:
     # what to train on
     benchmark: str = "standard_cl"
     order: int | None = 1
-    tasks: list[str] | None = None  # custom order: overrides `order`
+    tasks: list[str | dict[str, Any]] | None = None  # custom order (names or dataset specs): overrides `order`
     data_dir: str | None = None  # default: $AIMM_DATA, ./data/aimm, ../shared/benchmarks/aimm
     max_train: int | None = 64  # per task (release: 1000 = all)
     max_test: int | None = 100  # per task (release: all)

@@ -15,6 +15,7 @@ tokenizer, which ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM.from_pretrai
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,13 +50,20 @@ def save_adapter(model, folder: str | Path, base_model: str) -> Path:
     previous = config.base_model_name_or_path
     config.base_model_name_or_path = base_model
     try:
-        with tempfile.TemporaryDirectory(prefix="aimm-adapter-") as tmp:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        # PEFT writes into a scratch folder beside the target (never outside the run dir), whose
+        # files are then placed atomically one by one
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=folder.parent))
+        try:
             # aimm never resizes the vocabulary: no full embedding copy, and no Hub lookup (PEFT's
             # "auto" asks the Hub for the base config whenever it is not a local folder)
-            model.save_pretrained(tmp, save_embedding_layers=False)
-            written = sorted(p for p in Path(tmp).iterdir() if p.is_file())
+            model.save_pretrained(str(tmp), save_embedding_layers=False)
+            written = sorted(p for p in tmp.iterdir() if p.is_file())
             for path in written:
                 atomic_write_bytes(folder / path.name, path.read_bytes())
+                path.unlink()
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     finally:
         config.base_model_name_or_path = previous
     names = {p.name for p in written}

@@ -209,7 +209,7 @@ def test_merge_decisions_are_the_same_on_the_release_scale():
             c, merges = MergeController(), []
             for step, loss in enumerate(losses, start=1):
                 if c.observe(step, loss / scale):
-                    c.merged(step, l1s[len(merges)], weights=c.fusion_weights())
+                    c.next_interval_after_merge(step, l1s[len(merges)], weights=c.fusion_weights())
                     merges.append(step)
             runs.append(merges)
         assert runs[0] == runs[1], trial
@@ -256,7 +256,8 @@ def test_release_outer_scheduler_would_leave_the_separate_optimizer_at_lr_0():
     release_outer = torch.optim.AdamW(list(ctx.lora_params().values()), lr=1e-3)
     get_linear_schedule_with_warmup(release_outer, num_warmup_steps=50, num_training_steps=200)
     assert release_outer.param_groups[0]["lr"] == 0.0
-    method = build_method("aimmerging", {"outer_optimizer": "separate", "outer_lr": 1e-3})
+    method = build_method(ctx.cfg.replace(method="aimmerging",
+                                         method_options={"outer_optimizer": "separate", "outer_lr": 1e-3}))
     method.on_stage_start(ctx)  # ours: its own AdamW at a constant outer_lr
     assert method.outer_opt.param_groups[0]["lr"] == 1e-3
     before = {n: p.detach().clone() for n, p in ctx.lora_params().items()}

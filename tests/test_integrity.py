@@ -153,7 +153,7 @@ def test_restart_from_a_later_stage_keeps_the_earlier_ones(finished, reference):
     ('{"completed": [], "scores": [{"stage": 0}]}', "a 'scores' row lacks"),
     ('{"completed": ["sst-2"], "scores": [], "stage_steps": [1],'
      ' "sha256": {"../../etc/passwd": "00"}}', "'sha256' must map run-dir-relative file paths"),
-    ('{"completed": [', "corrupt JSON"),
+    ('{"completed": [', "malformed JSON"),
 ])
 def test_wrongly_shaped_state_json_is_one_line(finished, capsys, state_text, needle):
     run_dir, data = finished

@@ -269,7 +269,7 @@ def test_notebook_and_library_callers_get_the_same_lock(tiny_config, tmp_path):
     ("lr: 3e-4", "lr='3e-4': must be a number, not a string (YAML reads 3e-4 as text"),
     ("batch_size: 8.0", "batch_size=8.0: must be an integer, not a number"),
     ("seed: true", "seed=True: must be an integer, not a boolean"),
-    ("tasks: sst-2", "tasks='sst-2': must be a list of strings or null"),
+    ("tasks: sst-2", "tasks='sst-2': must be a list of strings or mappings or null"),
     ("method_options: [1, 2]", "method_options=[1, 2]: must be a mapping"),
 ])
 def test_yaml_values_of_the_wrong_type_are_refused(tmp_path, capsys, yaml_text, needle):

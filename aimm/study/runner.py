@@ -147,12 +147,23 @@ def run_cell(cell: Cell, out: Path) -> Outcome:
                  .encode())
         fh.flush()
         code = subprocess.run(cell_command(config_path), stdout=fh, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL).returncode
+                              stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent).returncode
     if code == 0 and is_complete(run_dir):
         return Outcome(cell, RAN, log=log)
     reason = _exit_reason(code, log)
     status = IN_USE if "in use" in reason else FAILED
     return Outcome(cell, status, reason, log)
+
+
+def _die_with_parent() -> None:
+    """In the cell's process (Linux): SIGKILL when the study process dies, so a killed study
+    leaves no orphan cell holding its run-dir lock; the next study run resumes that cell."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the cell outlives a killed study
+        pass
 
 
 def run_cells(cells: list[Cell], out: str | Path,
