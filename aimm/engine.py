@@ -33,7 +33,6 @@ from aimm.encoding import EncodedExamples, TruncationCounter
 from aimm.faults import crash_point
 from aimm.integrity import (
     check_run_data,
-    load_adapter,
     record_stage_files,
     require_finite_adapter,
     rewind_run,
