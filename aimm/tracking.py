@@ -115,7 +115,11 @@ class Tracking:
                 import mlflow
 
                 store = self.logs / "mlruns"
-                mlflow.set_tracking_uri(store.resolve().as_uri())  # a local file store
+                # a local file store, no server: MLflow 3 keeps it in maintenance mode and
+                # refuses it unless told (a database store would need SQLAlchemy + a server-side
+                # schema migration for a single run's log)
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+                mlflow.set_tracking_uri(store.resolve().as_uri())
                 tracker = MLflowTracker(experiment_name="aimm", logging_dir=str(store),
                                         run_name=run_name)
             else:

@@ -90,3 +90,29 @@ def test_log_with_names_the_problem(tmp_path, capsys):
     assert main(["run", "--log-with", "tensorbord", "--run-dir", str(tmp_path / "r")]) == 2
     assert "--log-with 'tensorbord': choose from tensorboard, mlflow, wandb" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_mlflow_logs_into_a_local_file_store_read_back_with_its_client(tiny_data, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "run"
+    argv = ["run", "--method", "aimmerging", "-o", "initial_interval=2", "--benchmark",
+            "long_sequence", "--tasks", "sst-2,agnews", "--data-dir", str(tiny_data), "--model",
+            "tiny-causal", "--max-train", "16", "--max-test", "4", "--batch-size", "4",
+            "--max-input-len", "64", "--eval-batch-size", "8", "--run-dir", str(run_dir),
+            "--no-progress", "--log-with", "mlflow"]
+    assert main(argv) == 0
+    client = MlflowClient(tracking_uri=(run_dir / "logs" / "mlruns").resolve().as_uri())
+    (experiment,) = [e for e in client.search_experiments() if e.name == "aimm"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["method"] == "aimmerging"
+    assert run.data.params["method_options.initial_interval"] == "2"
+    steps, merges = load_trajectory(run_dir)
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in loss] == list(steps["global_step"])
+    assert [m.value for m in loss] == pytest.approx(list(steps["loss"]), rel=1e-6)
+    assert len(merges) >= 1
+    assert len(client.get_metric_history(run.info.run_id, "merge/lambda")) == len(merges)
+    op = client.get_metric_history(run.info.run_id, "metrics/OP")
+    assert op[-1].value == pytest.approx(pd.read_json(run_dir / "metrics.json", typ="series")["OP"])
