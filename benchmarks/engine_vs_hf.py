@@ -138,6 +138,7 @@ class Setup:
         self.tokens_per_step = sum(lengths) / len(lengths) * args.batch_size
         self.keep = max(len(t) for t in self.encoded.target_ids) + 1  # aimm's logits_to_keep
         self.shapes = model_shapes(self.peft_model(bundle.model))
+        self.trainer_args: dict = {}  # TrainingArguments as used (filled by the first Trainer run)
         del bundle
 
     @property
@@ -214,6 +215,10 @@ def run_trainer(setup: Setup, work: Path, repeat: int, target_only: bool) -> lis
         lr_scheduler_type="linear", max_grad_norm=1.0, bf16=False, seed=a.seed,
         logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
         disable_tqdm=True, use_cpu=a.device == "cpu", dataloader_pin_memory=a.device != "cpu")
+    setup.trainer_args = {k: str(getattr(args, k)) for k in (
+        "optim", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "weight_decay", "bf16",
+        "train_sampling_strategy", "logging_strategy", "save_strategy", "eval_strategy",
+        "report_to", "dataloader_num_workers", "torch_compile")}
     clock = Clock()
     clock.stamps = []
     verbosity = hf_logging.get_verbosity()
@@ -364,6 +369,7 @@ def measure(args, setup: Setup, trainers: list[str], work: Path) -> dict:
             result["runs"].append(run)
             print(f"[{PROG}] repeat {rep} {name}: {run['s_per_step']:.4f} s/step "
                   f"({len(stamps)} steps)", file=sys.stderr, flush=True)
+            result["trainer_args"] = setup.trainer_args
             result["summary"], result["ratios"] = summarize(
                 result["runs"], setup.tokens_per_step,
                 {k: v["total"] for k, v in flops.items()}, gemm["flops_per_s"])
