@@ -3,7 +3,7 @@
 :class:`Sections` keeps a stack of open sections; a section's time is its wall time minus that of
 the sections opened inside it (exclusive time). An *opaque* section absorbs everything inside it
 (a probe's forward counts as ``probe``, not ``forward``); a transparent one lets its children
-count for themselves (``AIMMerging.merge`` is ``merge``, its rehearsal steps ``rehearsal``).
+count for themselves (a method's ``merge`` is ``merge``, its rehearsal steps ``rehearsal``).
 Time outside every section is what the caller reports as ``other``.
 
 :func:`profiling_hooks` installs the hooks for the duration of a ``with`` block and removes them
@@ -13,7 +13,8 @@ after (nothing is left behind: no overhead when off):
   identity, so a refactor that moves a caller keeps them covered; a target that no longer exists
   is reported in :attr:`Sections.missing` instead of failing;
 * methods of classes (``TrainContext.probe_loss``, ``EncodedExamples.batch``...) are found by
-  class name in the loaded ``aimm`` modules;
+  class name in the loaded ``aimm`` modules; a registered method's own ``merge`` is a transparent
+  ``merge`` section (its rehearsal steps count as ``rehearsal``);
 * the model's forward: global module forward hooks (the outermost module call is one forward;
   ``nn.Embedding`` inputs count the tokens processed, per category), the optimiser step: torch's
   global optimiser step hooks.
@@ -58,7 +59,6 @@ METHODS = [
     ("TrainContext", "to_device", "data", True),
     ("TrainContext", "probe_loss", "probe", True),
     ("TrainContext", "rehearsal_step", "rehearsal", True),
-    ("AIMMerging", "merge", "merge", False),  # its rehearsal steps count as rehearsal
     ("MergeController", "observe", "merge", True),
     ("MergeController", "next_interval_after_merge", "merge", True),
 ]
@@ -224,6 +224,11 @@ def profiling_hooks(sections: Sections):
                 sections.missing.append(f"{cls_name}.{attr}")
                 continue
             _patch_method(patches, sections, cls, attr, category, opaque)
+        from aimm.methods import METHODS as REGISTRY
+
+        for cls in REGISTRY.values():  # a method's own merge(): its rehearsal steps stay rehearsal
+            if "merge" in vars(cls):
+                _patch_method(patches, sections, cls, "merge", "merge", opaque=False)
         for cls, attr, category in TORCH_METHODS + [(Accelerator, "clip_grad_norm_", "optimizer")]:
             _patch_method(patches, sections, cls, attr, category)
         handles += _forward_hooks(sections)
