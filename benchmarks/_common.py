@@ -141,6 +141,14 @@ def finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+def fail(prog: str, message: str) -> None:
+    """Bad user input: one line on stderr naming the parameter, exit code 2."""
+    import sys
+
+    print(f"{prog}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def write_json(path: str | Path, result: dict) -> None:
     """Write atomically (a sub-benchmark killed by ``timeout`` leaves the last complete file)."""
     path = Path(path)

@@ -107,3 +107,178 @@ def test_gpu_check_cpu_smoke_runs_every_sub_benchmark(tmp_path):
     qwen = json.loads((out / "train_overhead_qwen3.json").read_text())
     assert qwen["discarded_first_repeat"] == {"eager": False}
     assert set(qwen["ratios"]) == {"aimmerging_release", "aimmerging_fast"}
+
+
+# ------------------------------------------------------------------------------ engine_vs_hf
+def test_engine_vs_hf_on_a_tiny_model_times_every_trainer(tmp_path):
+    from benchmarks import engine_vs_hf
+
+    out = tmp_path / "evh.json"
+    engine_vs_hf.main(["--model", "tiny-causal", "--steps", "4", "--warmup-steps", "1",
+                       "--repeats", "1", "--batch-size", "2", "--seq-len", "24",
+                       "--gemm-seconds", "0.02", "--threads", "1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["partial"] is False and data["model"] == "tiny-causal"
+    assert data["data"]["uniform_length"] is True  # every sequence is exactly --seq-len tokens
+    assert data["tokens_per_step"] == 2 * 24
+    assert [r["trainer"] for r in data["runs"]] == ["aimm", "trainer", "trainer_target", "floor"]
+    for r in data["runs"]:
+        assert r["steps_done"] == 4, r  # the same number of optimiser steps for every trainer
+        assert len(r["step_s"]) == 3 and positive_finite(r["s_per_step"])
+    for name, s in data["summary"].items():
+        for key in ("s_per_step", "tokens_per_s", "flops_per_step", "gemm_share"):
+            assert positive_finite(s[key]), (name, key)
+    flops = data["flops_per_step"]
+    assert flops["aimm"]["head"] < flops["trainer"]["head"]  # LM head on the target tail only
+    assert flops["aimm"]["total"] == flops["floor"]["total"]
+    assert positive_finite(data["gemm"]["flops_per_s"])
+    for key in ("aimm/trainer", "aimm/trainer_target", "aimm/floor", "trainer/floor"):
+        assert positive_finite(data["ratios"][key]["time_per_step"]), key
+    assert data["ratios"]["aimm/trainer"]["goal"] == 0.8
+    assert isinstance(data["ratios"]["aimm/floor"]["meets_goal"], bool)
+
+
+def test_engine_vs_hf_ratios_and_step_times_on_hand_made_numbers():
+    from benchmarks.engine_vs_hf import steady_step_times, summarize
+
+    assert steady_step_times([0.0, 1.0, 3.0, 6.0, 10.0], warmup=2) == [2.0, 3.0, 4.0]
+    assert steady_step_times([0.0, 1.0, 3.0], warmup=0) == [1.0, 2.0]
+
+    def run(trainer, repeat, s):
+        return {"trainer": trainer, "repeat": repeat, "s_per_step": s}
+
+    runs = [run("aimm", 0, 1.0), run("trainer", 0, 2.0), run("floor", 0, 0.9),
+            run("aimm", 1, 3.0), run("trainer", 1, 4.0), run("floor", 1, 2.0)]
+    summary, ratios = summarize(runs, tokens_per_step=100.0,
+                                flops={"aimm": 50.0, "trainer": 80.0, "floor": 50.0},
+                                gemm_flops_per_s=100.0)
+    assert summary["aimm"]["s_per_step"] == pytest.approx(2.0)
+    assert summary["floor"]["s_per_step"] == pytest.approx(1.45)
+    assert summary["aimm"]["tokens_per_s"] == pytest.approx(50.0)
+    assert summary["aimm"]["gemm_share"] == pytest.approx(0.25)  # 50 FLOP / 2 s / 100 FLOP/s
+    assert summary["trainer"]["n"] == 2
+    r = ratios["aimm/trainer"]
+    assert r["time_per_step"] == pytest.approx(2.0 / 3.0)
+    assert r["per_repeat"] == pytest.approx([0.5, 0.75]) and r["median_of_repeats"] == pytest.approx(0.625)
+    assert r["meets_goal"] is True
+    assert ratios["aimm/floor"]["time_per_step"] == pytest.approx(2.0 / 1.45)
+    assert ratios["aimm/floor"]["meets_goal"] is False
+    assert "aimm/trainer_target" not in ratios  # not measured
+
+
+def test_lora_step_flops_on_hand_made_shapes_and_the_tiny_model():
+    from benchmarks._flops import lora_step_flops, model_shapes
+
+    shapes = {"body_params": 100, "head_params": 10, "lora_params": 5, "layers": 2, "attn_width": 4}
+    f = lora_step_flops(shapes, batch=2, seq_len=3, head_positions=1)
+    assert (f["body"], f["lora"], f["head"], f["attention"]) == (2400, 180, 80, 1728)
+    assert f["total"] == 4388
+
+    from peft import LoraConfig, get_peft_model
+
+    from aimm.models import load_model
+
+    model = get_peft_model(load_model("tiny-causal").model,
+                           LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    s = model_shapes(model)
+    # tiny-causal: hidden 32, 4 heads x 8, 2 kv heads, MLP 64, 2 layers, vocabulary 49,152
+    per_layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 64
+    assert s["body_params"] == 2 * per_layer
+    assert s["head_params"] == 32 * 49152
+    assert s["lora_params"] == 2 * (8 * (32 + 32) + 8 * (32 + 16))
+    assert (s["layers"], s["attn_width"]) == (2, 32)
+
+
+def test_engine_vs_hf_bad_input_is_one_line_and_exit_2(capsys):
+    from benchmarks import engine_vs_hf
+
+    with pytest.raises(SystemExit) as exc:
+        engine_vs_hf.main(["--model", "tiny-causal", "--steps", "2", "--warmup-steps", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--steps 2" in err[0]
+
+
+# ------------------------------------------------------------------------------ study_profile
+def test_sections_count_exclusive_time_and_opaque_sections_absorb(monkeypatch):
+    from benchmarks import _sections
+
+    ticks = iter([0.0, 1.0, 4.0, 10.0])
+    monkeypatch.setattr(_sections.time, "perf_counter", lambda: next(ticks))
+    s = _sections.Sections()
+    outer = s.enter("merge", opaque=False)  # t=0
+    inner = s.enter("rehearsal")  # t=1, opaque
+    assert s.enter("forward") is None  # absorbed: no clock read
+    s.count_tokens(7)
+    s.exit(None)
+    s.exit(inner)  # t=4
+    s.exit(outer)  # t=10
+    totals = s.bucket_totals(0)
+    assert totals["seconds"] == {"rehearsal": 3.0, "merge": 7.0}
+    assert totals["tokens"] == {"rehearsal": 7}
+
+
+def test_study_profile_stage_split_on_hand_made_numbers():
+    from benchmarks.study_profile import stage_split
+
+    split = stage_split({"seconds": {"forward": 1.5, "backward": 0.5, "eval": 1.0}, "calls": {},
+                         "tokens": {"forward": 300, "eval": 600}}, wall=5.0)
+    assert split["seconds"]["other"] == pytest.approx(2.0)
+    assert split["share"]["forward"] == pytest.approx(0.3)
+    assert split["train_tokens_per_s"] == pytest.approx(150.0)  # 300 / (1.5 + 0.5 + 0)
+    assert split["eval_tokens_per_s"] == pytest.approx(600.0)
+    assert split["eval_over_train_tokens_per_s"] == pytest.approx(4.0)
+
+
+def test_study_profile_on_a_tiny_model_splits_a_stage_of_every_method(tmp_path):
+    import torch
+
+    import aimm.engine
+    import aimm.util
+    from benchmarks import study_profile
+
+    backward, writer = torch.Tensor.backward, aimm.util.atomic_write_bytes
+    out = tmp_path / "sp.json"
+    study_profile.main([
+        "--model", "tiny-causal", "--threads", "1", "--max-train", "12", "--batch-size", "3",
+        "--memory-batch-size", "4", "--max-test", "2", "--eval-batch-size", "2",
+        "--prompt-tokens", "24", "--max-input-len", "64", "-o", "aimmerging:initial_interval=2",
+        "-o", "recurrent_kif:interval=2", "--ops", "same", "--top", "5", "--out", str(out)])
+    # every hook is gone afterwards
+    assert torch.Tensor.backward is backward and aimm.util.atomic_write_bytes is writer
+    assert aimm.engine.atomic_write_bytes is writer
+    data = json.loads(out.read_text())
+    assert data["partial"] is False
+    assert list(data["methods"]) == ["seq_lora", "replay", "aimmerging", "recurrent_kif"]
+    for method, r in data["methods"].items():
+        assert r["hooks_missing"] == [], method
+        assert [st["stage"] for st in r["stages"]] == [0, 1]
+        assert r["stages"][0]["seconds"]["model_load"] > 0
+        st = r["stages"][-1]
+        sec = st["seconds"]
+        for cat in ("forward", "backward", "optimizer", "eval", "data", "writes"):
+            assert positive_finite(sec[cat]), (method, cat)
+        assert sum(sec.values()) == pytest.approx(st["wall_s"], rel=1e-6)
+        assert sum(s["wall_s"] for s in r["stages"]) == pytest.approx(r["run_wall_s"], rel=1e-6)
+        assert positive_finite(st["eval_over_train_tokens_per_s"])
+        timers = st["engine_timers"]
+        for cat in ("probe", "rehearsal"):  # the hooks see what the engine's own timers see
+            assert sec[cat] == pytest.approx(timers[cat], abs=0.02 + 0.1 * timers[cat])
+        assert r["ops"]["top"] and positive_finite(r["ops"]["top"][0]["self_cpu_s"])
+    for method in ("seq_lora", "replay"):
+        sec = data["methods"][method]["stages"][-1]["seconds"]
+        assert sec["probe"] == sec["rehearsal"] == sec["merge"] == 0
+    aim = data["methods"]["aimmerging"]["stages"][-1]
+    assert aim["merges"] >= 1 and aim["seconds"]["probe"] > 0 and aim["seconds"]["merge"] > 0
+    kif = data["methods"]["recurrent_kif"]["stages"][-1]
+    assert kif["merges"] >= 1 and kif["seconds"]["rehearsal"] > 0 and kif["seconds"]["probe"] == 0
+
+
+def test_study_profile_bad_method_is_one_line_and_exit_2(capsys):
+    from benchmarks import study_profile
+
+    with pytest.raises(SystemExit) as exc:
+        study_profile.main(["--methods", "seq_lora,nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--methods" in err[0] and "aimmerging" in err[0]
