@@ -30,7 +30,7 @@ def run_config(method: str, data_dir, run_dir):
     return RunConfig.from_dict(dict(
         benchmark="long_sequence", tasks=["sst-2", "rte"], data_dir=str(data_dir),
         model="tiny-causal", method=method, method_options=METHODS[method], max_train=24,
-        max_test=2, batch_size=4, epochs=3, lr=3e-3, warmup_steps=0, max_input_len=64,
+        max_test=2, batch_size=4, epochs=2, lr=3e-3, warmup_steps=0, max_input_len=64,
         eval_batch_size=8, memory_batch_size=4, buffer_fraction=0.25, lora_dropout=0.0,
         run_dir=str(run_dir), progress=False))
 

@@ -57,6 +57,7 @@ __all__ = [
     "top_mask",
     "mask_fusion",
     "mask_weights",
+    "mask_share",
 ]
 
 Tensors = Mapping[str, torch.Tensor]
@@ -247,6 +248,15 @@ def top_mask(scores: Tensors, fraction: float = 0.2, *, scope: str = "global") -
         return {k: scores[k] > reduce.quantile([scores[k]], q) for k in keys}
     thr = reduce.quantile([scores[k] for k in keys], q)
     return {k: scores[k] > thr for k in keys}
+
+
+def mask_share(masks: Mapping[str, torch.Tensor]) -> float:
+    """Share of ``True`` entries over all masks (over all shards when sharded)."""
+    masks = _as_dict(masks)
+    on = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    counts = reduce.all_reduce_sum(torch.tensor([on, total], dtype=torch.float64))
+    return float(counts[0] / max(1.0, float(counts[1])))
 
 
 def mask_weights(
