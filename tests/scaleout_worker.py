@@ -117,8 +117,11 @@ def fsdp2_patches() -> None:
 
 
 def main(data_dir: str, out: str) -> None:
+    from accelerate import PartialState
+
     from aimm.engine import run
 
+    PartialState()  # the gloo process group (the engine's Accelerator would also create it)
     out_dir = Path(out)
     for method in METHODS:
         run(run_config(method, data_dir, out_dir / f"ddp-{method}"))
