@@ -82,8 +82,10 @@ def test_single_process_reductions_are_the_plain_local_ones():
 
 
 def test_layout_follows_the_accelerator():
+    from accelerate.utils import DistributedType
+
     def acc(kind, stage=None):
-        return SimpleNamespace(distributed_type=f"DistributedType.{kind}",
+        return SimpleNamespace(distributed_type=DistributedType[kind],
                                state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
 
     assert reduce.layout_for(acc("FSDP")) is True
