@@ -39,6 +39,7 @@ from aimm.integrity import (
     verify_for_resume,
 )
 from aimm.loss import lm_loss
+from aimm.merging import reduce
 from aimm.methods import Method, Stage, build_method
 from aimm.runs import (
     RunDirError,
@@ -289,6 +290,7 @@ class Engine:
         if cfg.compile:
             bundle.model.compile(backend=cfg.compile_backend)  # in place: parameter names (and saved adapters) unchanged
         model = accelerator.prepare_model(bundle.model)
+        reduce.set_layout(reduce.layout_for(accelerator, self.method.merges))  # sharded under FSDP
         if accelerator.is_main_process:
             self.store.write_config(self.cfg.to_dict())
             if not (self.run_dir / "environment.json").exists():
@@ -392,9 +394,11 @@ class Engine:
         for step_index in range(start, total):
             losses = []
             for micro in plan[step_index]:
-                micro = shard(micro, accelerator)
-                batch = ctx.to_device(train.batch(micro))
+                local = shard(micro, accelerator)
+                batch = ctx.to_device(train.batch(local))
                 loss = lm_loss(model, batch, bundle.is_seq2seq)
+                if accelerator.num_processes > 1:  # the one-process token mean, see rank_share
+                    loss = loss * rank_share(train.target_ids, micro, local, accelerator.num_processes)
                 if self.loss_hook is not None:
                     loss = self.loss_hook(ctx, loss)
                 losses.append(loss.detach())
@@ -611,6 +615,19 @@ def shard(indices: list[int], accelerator) -> list[int]:
     """This rank's share of a micro-batch (data parallel: ranks split every batch)."""
     n = accelerator.num_processes
     return indices if n == 1 else indices[accelerator.process_index :: n]
+
+
+def rank_share(target_ids: list, micro: list[int], local: list[int], ranks: int) -> float:
+    """``ranks`` x this rank's share of the micro-batch's target tokens.
+
+    The loss is a mean over target tokens and data parallelism averages the ranks' gradients, so
+    with unequal token counts per rank (targets of different lengths) the plain per-rank mean
+    would weight tokens differently than one process on the whole batch; scaling each rank's
+    loss by this factor makes the averaged gradient (and the mean logged loss) equal the
+    one-process token mean.
+    """
+    tokens = lambda idx: sum(len(target_ids[i]) for i in idx)  # noqa: E731
+    return ranks * tokens(local) / max(1, tokens(micro))
 
 
 def mean_over_ranks(value: torch.Tensor, accelerator) -> torch.Tensor:

@@ -34,6 +34,7 @@ _FUSION_NAMES = (
     "top_mask",
     "mask_fusion",
     "mask_weights",
+    "mask_share",
 )
 
 __all__ = [

@@ -31,6 +31,10 @@ Fidelity notes (spec section 3; authors' release ``trainer.py`` and
   tensors, the input state is not modified) and skips parameters whose
   gradient is ``None`` (their EMAs are carried over unchanged); the release's
   NaN-gradient guard (abort the update loop) is not reproduced: NaNs propagate.
+* Scale-out: the two reductions over all LoRA parameters (``l1_norm``, the global quantile of
+  ``top_mask``) go through :mod:`aimm.merging.reduce`, which all-reduces / all-gathers over the
+  ranks when the tensors are sharded (FSDP) and computes locally otherwise (one process, DDP).
+  FSDP2 ``DTensor`` inputs are used through their local shard; all else is element-wise.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from __future__ import annotations
 from typing import Iterable, Mapping, Optional, Union
 
 import torch
+
+from aimm.merging import reduce
 
 __all__ = [
     "snapshot",
@@ -51,6 +57,7 @@ __all__ = [
     "top_mask",
     "mask_fusion",
     "mask_weights",
+    "mask_share",
 ]
 
 Tensors = Mapping[str, torch.Tensor]
@@ -58,11 +65,10 @@ ParamsLike = Union[Mapping[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]
 
 
 def _as_dict(params: ParamsLike) -> dict[str, torch.Tensor]:
+    """name -> tensor; FSDP2 ``DTensor`` parameters as their local shard (see ``reduce.local``)."""
     if isinstance(params, torch.nn.Module):
-        return dict(params.named_parameters())
-    if isinstance(params, Mapping):
-        return dict(params)
-    return dict(params)
+        params = params.named_parameters()
+    return {k: reduce.local(v) for k, v in dict(params).items()}
 
 
 def _same_keys(name_a: str, a: Tensors, name_b: str, b: Tensors) -> list[str]:
@@ -96,6 +102,7 @@ def delta(after: Tensors, before: Tensors) -> dict[str, torch.Tensor]:
     keys = _same_keys("after", after, "before", before)
     if not keys:
         return {}
+    after, before = _as_dict(after), _as_dict(before)
     out = torch._foreach_sub([after[k].detach() for k in keys], [before[k].detach() for k in keys])
     return dict(zip(keys, out))
 
@@ -104,14 +111,10 @@ def l1_norm(deltas: Tensors) -> float:
     """``sum |delta|`` over all tensors, as a Python float (one host sync).
 
     Per-tensor L1 norms via ``_foreach_norm(ord=1)`` accumulated in float32
-    (float64 for float64 inputs), summed on device in float64, one ``.item()``.
+    (float64 for float64 inputs), summed on device in float64, one ``.item()``;
+    over all shards when the LoRA tensors are sharded (:mod:`aimm.merging.reduce`).
     """
-    ts = [t.detach() for t in deltas.values()]
-    if not ts:
-        return 0.0
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-    norms = torch._foreach_norm(ts, 1, dtype=acc)
-    return torch.stack(norms).to(torch.float64).sum().item()
+    return reduce.l1_norm(list(deltas.values()))
 
 
 def weighted_fusion(
@@ -126,6 +129,7 @@ def weighted_fusion(
     _same_keys("theta_t", theta_t, "delta_out", delta_out)
     if not keys:
         return {}
+    theta_t, delta_in, delta_out = _as_dict(theta_t), _as_dict(delta_in), _as_dict(delta_out)
     a = torch._foreach_mul([delta_in[k].detach() for k in keys], float(w_in))
     b = torch._foreach_mul([delta_out[k].detach() for k in keys], float(w_out))
     torch._foreach_add_(a, b)
@@ -183,6 +187,8 @@ def update_importance(
         raise ValueError(f"beta2: must be in (0, 1), got {beta2!r}")
     ipt_old = dict(state["ipt"]) if state else {}
     unc_old = dict(state["unc"]) if state else {}
+    params = _as_dict(params)
+    grads = {k: None if g is None else reduce.local(g) for k, g in grads.items()}
     keys = [k for k in params if grads.get(k) is not None]
     new_ipt = dict(ipt_old)
     new_unc = dict(unc_old)
@@ -213,20 +219,7 @@ def importance_scores(state: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[s
     return dict(zip(keys, out))
 
 
-def _quantile_linear(x: torch.Tensor, q: float) -> torch.Tensor:
-    """``torch.quantile(x, q)`` (linear interpolation) via kthvalue, no size limit."""
-    flat = x.detach().reshape(-1)
-    n = flat.numel()
-    # Same arithmetic as ATen's quantile: rank computed in the input dtype.
-    rank = torch.tensor(q, dtype=flat.dtype) * (n - 1)
-    lo = int(rank.item())
-    hi = min(lo + 1, n - 1)
-    weight = rank - lo
-    v_lo = torch.kthvalue(flat, lo + 1).values
-    if hi == lo or weight.item() == 0.0:
-        return v_lo
-    v_hi = torch.kthvalue(flat, hi + 1).values
-    return torch.lerp(v_lo, v_hi, weight.to(v_lo.device))
+_quantile_linear = reduce.quantile_linear  # kept for callers of the old private name
 
 
 def top_mask(scores: Tensors, fraction: float = 0.2, *, scope: str = "global") -> dict[str, torch.Tensor]:
@@ -239,7 +232,8 @@ def top_mask(scores: Tensors, fraction: float = 0.2, *, scope: str = "global") -
             mask fusion used) or ``"per_tensor"`` (one quantile per tensor).
 
     The comparison is strict as in the release, so ties at the threshold are
-    dropped (an all-zero score gives an all-False mask).
+    dropped (an all-zero score gives an all-False mask). When the LoRA tensors are
+    sharded the quantile is the exact one over all shards (:func:`aimm.merging.reduce.quantile`).
     """
     if not (0.0 <= fraction <= 1.0):
         raise ValueError(f"fraction: must be in [0, 1], got {fraction!r}")
@@ -249,11 +243,20 @@ def top_mask(scores: Tensors, fraction: float = 0.2, *, scope: str = "global") -
     if not keys:
         return {}
     q = 1.0 - fraction
+    scores = _as_dict(scores)
     if scope == "per_tensor":
-        return {k: scores[k] > _quantile_linear(scores[k], q) for k in keys}
-    flat = torch.cat([scores[k].detach().reshape(-1) for k in keys])
-    thr = _quantile_linear(flat, q)
+        return {k: scores[k] > reduce.quantile([scores[k]], q) for k in keys}
+    thr = reduce.quantile([scores[k] for k in keys], q)
     return {k: scores[k] > thr for k in keys}
+
+
+def mask_share(masks: Mapping[str, torch.Tensor]) -> float:
+    """Share of ``True`` entries over all masks (over all shards when sharded)."""
+    masks = _as_dict(masks)
+    on = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    counts = reduce.all_reduce_sum(torch.tensor([on, total], dtype=torch.float64))
+    return float(counts[0] / max(1.0, float(counts[1])))
 
 
 def mask_weights(
@@ -300,6 +303,7 @@ def mask_fusion(
     _same_keys("theta_t", theta_t, "mask_out", mask_out)
     if not keys:
         return {}
+    theta_t, delta_in, delta_out = _as_dict(theta_t), _as_dict(delta_in), _as_dict(delta_out)
     ws = [mask_weights(mask_in[k], mask_out[k], both_on, both_off, only_one_on) for k in keys]
     dt = [delta_in[k].dtype for k in keys]
     w_in = [w[0].to(dt[i]) for i, w in enumerate(ws)]

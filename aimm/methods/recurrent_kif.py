@@ -142,5 +142,4 @@ class RecurrentKIF(Method):
 
 
 def _share(masks: dict) -> float:
-    total = sum(m.numel() for m in masks.values())
-    return float(sum(int(m.sum()) for m in masks.values()) / max(1, total))
+    return fusion.mask_share(masks)  # over all shards under FSDP
