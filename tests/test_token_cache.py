@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,60 @@ def test_golden_runs_identical_through_the_cache(case, cache, tmp_path, monkeypa
         for rel in compared_files(run_dir):
             assert (run_dir / rel).read_bytes() == (GOLDEN / case / rel).read_bytes(), (
                 f"{case} ({attempt} cache): {rel} differs from the golden")
+
+
+def test_benchmark_reports_fresh_miss_and_hit_times(tmp_path, monkeypatch, tokenizer_dir):
+    from benchmarks import token_cache as bench
+    from conftest import make_tiny_benchmark
+
+    data = make_tiny_benchmark(tmp_path / "bench", n_train=70, n_test=70)
+    monkeypatch.setenv("AIMM_CACHE", str(tokenizer_dir.parent))  # its tokenizer; the run moves it
+    out = bench.main(["--data-dir", str(data), "--benchmark", "long_sequence", "--tasks",
+                      "sst-2,agnews", "--max-train", "70", "--max-test", "70",
+                      "--out", str(tmp_path / "tc.json")])
+    assert json.loads((tmp_path / "tc.json").read_text())["tasks"] == ["sst-2", "agnews"]
+    assert [(s["task"], s["split"], s["n"]) for s in out["splits"]] == [
+        ("sst-2", "train", 70), ("sst-2", "test", 70), ("agnews", "train", 70), ("agnews", "test", 70)]
+    assert all(s[k] > 0 for s in out["splits"] for k in ("fresh_s", "miss_write_s", "hit_s"))
+    assert [len(rows) for rows in out["stages"].values()] == [2, 2, 2]
+    assert out["cache_bytes"] > 0
+    assert os.environ["AIMM_CACHE"] == str(tokenizer_dir.parent)  # restored
+
+
+class FilesOnly:
+    """A tokenizer without ``backend_tokenizer`` (like a slow one): fingerprinted by its saved
+    files."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.name_or_path = tok.name_or_path
+        self.eos_token_id, self.pad_token_id = tok.eos_token_id, tok.pad_token_id
+
+    def __call__(self, *a, **k):
+        return self.tok(*a, **k)
+
+    def __len__(self):
+        return len(self.tok)
+
+    def encode(self, *a, **k):
+        return self.tok.encode(*a, **k)
+
+    def save_pretrained(self, path):
+        return self.tok.save_pretrained(path)
+
+    @property
+    def special_tokens_map(self):
+        return self.tok.special_tokens_map
+
+
+def test_a_tokenizer_without_backend_is_keyed_by_its_saved_files(cache, tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    slow = FilesOnly(tok)
+    first = token_cache.tokenizer_fingerprint(slow)
+    assert first is not None and token_cache.tokenizer_fingerprint(slow) == first
+    assert first != token_cache.tokenizer_fingerprint(tok)  # another class
+    prompts, targets = texts()
+    assert encode(slow, prompts, targets) == encode(tok, prompts, targets)
+    tok.add_tokens(["QQZX"])
+    assert token_cache.tokenizer_fingerprint(slow) != first
+    assert token_cache.tokenizer_fingerprint(object()) is None
