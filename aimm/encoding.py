@@ -15,6 +15,10 @@ Prompts longer than ``max_input_len`` tokens are cut by one of :data:`TRUNCATION
   are kept, so the model still sees the question it must answer (helps decoder-only models).
 
 Every truncation is counted (:class:`TruncationCounter`).
+
+Prompt and target ids of 64 or more texts are cached on disk by fingerprint
+(:mod:`aimm.token_cache`; ``AIMM_TOKEN_CACHE=0`` turns it off): bump
+:data:`aimm.token_cache.ENCODING_VERSION` whenever this module changes how ids are made.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+
+from aimm.token_cache import cached_encode
 
 IGNORE_INDEX = -100
 PROMPT_TAIL_TOKENS = 8
@@ -79,6 +85,19 @@ def _ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
 
 
+def _prompt_ids(tokenizer, prompts: Sequence[str], is_seq2seq: bool, max_input_len: int | None,
+                truncation: str) -> tuple[list[list[int]], list[bool]]:
+    eos = tokenizer.eos_token_id if is_seq2seq else None
+    out, cut_rows = [], []
+    for ids in _ids(tokenizer, prompts):
+        if is_seq2seq:
+            ids = ids + [eos]
+        cut = cut_prompt(ids, max_input_len, truncation, eos)
+        out.append(cut)
+        cut_rows.append(len(cut) < len(ids))
+    return out, cut_rows
+
+
 def encode_prompts(
     tokenizer,
     prompts: Sequence[str],
@@ -89,18 +108,28 @@ def encode_prompts(
     truncation: str = "release",
 ) -> list[list[int]]:
     """Token ids of each prompt (seq2seq: EOS appended, as T5), cut to ``max_input_len`` by
-    ``truncation`` (see the module docstring; ``max_input_len`` None: no truncation)."""
-    eos = tokenizer.eos_token_id if is_seq2seq else None
-    out = []
-    for ids in _ids(tokenizer, prompts):
-        if is_seq2seq:
-            ids = ids + [eos]
-        cut = cut_prompt(ids, max_input_len, truncation, eos)
-        if counter is not None:
-            counter.seen += 1
-            counter.prompts += len(cut) < len(ids)
-        out.append(cut)
+    ``truncation`` (see the module docstring; ``max_input_len`` None: no truncation).
+    Read from / written to the token cache (:mod:`aimm.token_cache`)."""
+    params = dict(kind="prompts", is_seq2seq=is_seq2seq, max_len=max_input_len,
+                  truncation=truncation, eos=tokenizer.eos_token_id, tail=PROMPT_TAIL_TOKENS)
+    out, cut_rows = cached_encode(
+        tokenizer, prompts, params,
+        lambda texts: _prompt_ids(tokenizer, texts, is_seq2seq, max_input_len, truncation))
+    if counter is not None:
+        counter.seen += len(out)
+        counter.prompts += sum(cut_rows)
     return out
+
+
+def _target_ids(tokenizer, targets: Sequence[str], is_seq2seq: bool,
+                max_target_len: int) -> tuple[list[list[int]], list[bool]]:
+    texts = list(targets) if is_seq2seq else [" " + t for t in targets]
+    out, cut_rows = [], []
+    for ids in _ids(tokenizer, texts):
+        cut = ids[: max_target_len - 1]
+        out.append(cut + [tokenizer.eos_token_id])
+        cut_rows.append(len(cut) < len(ids))
+    return out, cut_rows
 
 
 def encode_targets(
@@ -111,14 +140,15 @@ def encode_targets(
     max_target_len: int,
     counter: TruncationCounter | None = None,
 ) -> list[list[int]]:
-    """Target ids + EOS; decoder-only targets get a leading space (they follow ``Answer:``)."""
-    texts = list(targets) if is_seq2seq else [" " + t for t in targets]
-    out = []
-    for ids in _ids(tokenizer, texts):
-        cut = ids[: max_target_len - 1]
-        if counter is not None:
-            counter.targets += len(cut) < len(ids)
-        out.append(cut + [tokenizer.eos_token_id])
+    """Target ids + EOS; decoder-only targets get a leading space (they follow ``Answer:``).
+    Read from / written to the token cache (:mod:`aimm.token_cache`)."""
+    params = dict(kind="targets", is_seq2seq=is_seq2seq, max_len=max_target_len,
+                  eos=tokenizer.eos_token_id)
+    out, cut_rows = cached_encode(
+        tokenizer, targets, params,
+        lambda texts: _target_ids(tokenizer, texts, is_seq2seq, max_target_len))
+    if counter is not None:
+        counter.targets += sum(cut_rows)
     return out
 
 
