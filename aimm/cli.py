@@ -108,7 +108,7 @@ def config_values(args) -> tuple[dict, str]:
 
 
 def cmd_run(args) -> int:
-    from aimm.engine import Engine
+    from aimm.training.engine import Engine
     from aimm.runs import report_text
     from aimm.tracking import Tracking, check_trackers
 

@@ -8,7 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from aimm.engine import lr_lambda, plan_micro_batches, run
+from aimm.schedule import lr_lambda, plan_micro_batches
+from aimm.training.engine import run
 from aimm.runs import load_metrics, load_scores_matrix, load_trajectory
 
 METHODS = ["seq_lora", "replay", "mtl", "single_task", "aimmerging", "recurrent_kif"]
@@ -81,7 +82,7 @@ def test_probe_history_records_the_forgetting_signal_for_seq_lora(tiny_config):
 def test_resume_after_an_interruption_gives_the_same_metrics(tiny_config, tmp_path, monkeypatch):
     full = run(tiny_config(method="aimmerging", run_dir=str(tmp_path / "full"),
                            method_options={"initial_interval": 2}))
-    from aimm import engine
+    from aimm.training import engine
 
     original = engine.Engine._evaluate
     calls = {"n": 0}

@@ -11,7 +11,8 @@ import torch
 
 from aimm.config import RunConfig
 from aimm.encoding import EncodedExamples
-from aimm.engine import TrainContext, run
+from aimm.training.context import TrainContext
+from aimm.training.engine import run
 from aimm.loss import lm_loss
 from aimm.merging import MergeController
 from aimm.methods import Stage

@@ -51,7 +51,7 @@ def golden_run(case: str, root: Path) -> Path:
 
     from aimm.config import RunConfig
     from aimm.data.synthetic import make_synthetic_benchmark
-    from aimm.engine import run
+    from aimm.training.engine import run
 
     data = make_synthetic_benchmark(root / "data", n_train=24, n_test=6, seed=0)
     cfg = RunConfig.from_dict(dict(

@@ -351,7 +351,7 @@ def test_export_without_browser_writes_html_and_warns_once(tmp_path, monkeypatch
 
 # ------------------------------------------------------------------------------ real tiny run
 def test_run_figures_of_a_tiny_run(tiny_config):
-    from aimm.engine import run
+    from aimm.training.engine import run
 
     cfg = tiny_config(method="aimmerging", method_options={"initial_interval": 2}, probe_history=True)
     live = plots.LiveTrainingPlot(every=3)

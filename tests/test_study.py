@@ -252,7 +252,7 @@ def comparable(summary: pd.DataFrame) -> pd.DataFrame:
 def test_tiny_grid_killed_and_resumed_matches_an_uninterrupted_grid(tiny_study_config, tmp_path,
                                                                      capsys):
     from aimm.config import RunConfig
-    from aimm.engine import run
+    from aimm.training.engine import run
     from aimm.study import plan_cells
     from aimm.study.grid import write_runs_csv
 

@@ -39,7 +39,7 @@ def live_training_figure(title: str | None = None) -> go.FigureWidget:
 class LiveTrainingPlot:
     """Engine callback that draws the training into a FigureWidget while it runs.
 
-    ``aimm.engine.run(cfg, callbacks=[plot])``; show ``plot.widget`` in the notebook. Points are
+    ``aimm.training.engine.run(cfg, callbacks=[plot])``; show ``plot.widget`` in the notebook. Points are
     buffered and sent to the widget every ``every`` steps in one ``batch_update``. Without a
     widget frontend (papermill, plain Python) it still works; use :meth:`figure` for a static copy.
     """

@@ -30,7 +30,7 @@ from typing import Callable
 
 import yaml
 
-from aimm.engine import RESUME_FREE_FIELDS
+from aimm.training.engine import RESUME_FREE_FIELDS
 from aimm.runs import atomic_write_text, read_json
 from aimm.study.grid import Cell
 
