@@ -135,7 +135,7 @@ def _named(ctx):
 def test_recurrent_kif_emas_follow_the_release_update_after_clip_and_step(tiny_config, monkeypatch,
                                                                           empty_inner):
     inner_log, outer_log = [], []
-    original_after, original_outer = RecurrentKIF.after_optimizer_step, RecurrentKIF._outer_grads
+    original_after, original_outer = RecurrentKIF.after_optimizer_step, RecurrentKIF.after_rehearsal_step
     original_before = RecurrentKIF.before_optimizer_step
 
     def before(self, ctx):
@@ -163,7 +163,7 @@ def test_recurrent_kif_emas_follow_the_release_update_after_clip_and_step(tiny_c
 
     monkeypatch.setattr(RecurrentKIF, "before_optimizer_step", before)
     monkeypatch.setattr(RecurrentKIF, "after_optimizer_step", after)
-    monkeypatch.setattr(RecurrentKIF, "_outer_grads", outer)
+    monkeypatch.setattr(RecurrentKIF, "after_rehearsal_step", outer)
     max_norm = 1e-4  # every step is clipped: the recorded norms prove the EMAs see clipped grads
     run(tiny_config(method="recurrent_kif", max_grad_norm=max_norm, warmup_steps=0,  # lr > 0 at step 1
                     method_options={"interval": 2, "empty_inner_score": empty_inner}))
