@@ -191,8 +191,8 @@ def test_steps_csv_records_the_release_scale_beside_the_raw_probe(tiny_config):
     run_dir = run(tiny_config(method="aimmerging", grad_accum=2, max_train=24,
                               method_options={"initial_interval": 2}))
     steps = pd.read_csv(run_dir / "stages" / "02_agnews" / "steps.csv")
-    assert steps["history_loss"].notna().all()
-    pd.testing.assert_series_equal(steps["history_loss_release"], steps["history_loss"] / 2,
+    assert steps["forgetting_signal"].notna().all()
+    pd.testing.assert_series_equal(steps["forgetting_signal_release"], steps["forgetting_signal"] / 2,
                                    check_names=False)
     ok = steps["threshold"].notna()
     assert ok.any()
@@ -276,10 +276,10 @@ def test_probe_runs_without_gradients_in_train_mode_by_default():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
     ctx.memory_rng = random.Random(1)
-    evals = [ctx.probe_loss("eval") for _ in range(2)]
+    evals = [ctx.forgetting_signal("eval") for _ in range(2)]
     ctx.memory_rng = random.Random(1)
-    trains = [ctx.probe_loss("train") for _ in range(2)]
+    trains = [ctx.forgetting_signal("train") for _ in range(2)]
     ctx.memory_rng = random.Random(1)
-    assert [ctx.probe_loss("eval") for _ in range(2)] == evals  # dropout off: deterministic
+    assert [ctx.forgetting_signal("eval") for _ in range(2)] == evals  # dropout off: deterministic
     assert trains != evals  # training_step_no_grad: model.train(), dropout on
     assert all(p.grad is None for p in ctx.lora_params().values()) and ctx.model.training

@@ -69,7 +69,7 @@ class CountingState(SeqLoRA):
     def stage_state(self):
         return {"seen": list(self.seen), "total": self.total.clone()}
 
-    def load_stage_state(self, state):
+    def load_stage_state(self, state, model):
         CountingState.loaded.append(state)
         self.seen, self.total = list(state["seen"]), state["total"]
 

@@ -260,7 +260,7 @@ def test_notebook_and_library_callers_get_the_same_lock(tiny_config, tmp_path):
 
 # ------------------------------------------------------------------ 5. strict types
 @pytest.mark.parametrize("yaml_text, needle", [
-    ("probe_history: \"no\"", "probe_history='no': must be true or false, not a string"),
+    ("record_forgetting_signal: \"no\"", "record_forgetting_signal='no': must be true or false, not a string"),
     ("compile: \"false\"", "compile='false': must be true or false"),
     ("progress: \"yes\"", "progress='yes': must be true or false"),
     ("fused_optimizer: \"off\"", "fused_optimizer='off': must be true or false"),

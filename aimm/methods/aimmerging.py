@@ -104,9 +104,9 @@ class AIMMerging(InnerOuterMerging):
         c = self.controller
         if ctx.step % self.options.probe_every:
             return False
-        loss = ctx.probe_loss(self.options.probe_mode, self.options.probe_batch_size)
+        loss = ctx.forgetting_signal(self.options.probe_mode, self.options.probe_batch_size)
         merge_now = c.observe(ctx.step, loss)
-        record.update(history_loss=loss, threshold=c.threshold, activations=c.activations,
+        record.update(forgetting_signal=loss, threshold=c.threshold, activations=c.activations,
                       interval=c.interval, planned_step=c.planned_step)
         return merge_now
 

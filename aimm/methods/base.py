@@ -11,7 +11,7 @@ default)::
 
     setup_model(bundle, cfg)           -> once: the model to train (default: attach LoRA)
     trainable_parameters(model)        -> once per stage: what the inner optimiser updates
-    load_stage_state(state)            -> on resume only, before the next stage: what
+    load_stage_state(state, model)     -> on resume only, before the next stage: what
                                           stage_state() returned at the last completed stage
     stages(tasks)                      -> which tasks each stage trains and evaluates
     training_examples(ctx, stage)      -> the examples of the stage's inner phase
@@ -143,8 +143,8 @@ class Method:
 
     def after_step(self, ctx: "TrainContext", record: dict[str, Any]) -> None:
         """Called after every inner optimiser step. Base: optional forgetting-signal probe."""
-        if ctx.cfg.probe_history and ctx.has_memory:
-            record["history_loss"] = ctx.probe_loss()
+        if ctx.cfg.record_forgetting_signal and ctx.has_memory:
+            record["forgetting_signal"] = ctx.forgetting_signal()
 
     def on_stage_end(self, ctx: "TrainContext") -> None:
         """After the stage's last inner step, before the finite-adapter check, evaluation and the
@@ -160,9 +160,10 @@ class Method:
         the main process only, after evaluation."""
         return None
 
-    def load_stage_state(self, state: dict[str, Any]) -> None:
-        """On resume, before the next stage runs: what :meth:`stage_state` returned at the last
-        completed stage, so a resumed run continues as an uninterrupted one."""
+    def load_stage_state(self, state: dict[str, Any], model: torch.nn.Module) -> None:
+        """On resume, before the next stage runs (its adapter already restored into ``model``):
+        what :meth:`stage_state` returned at the last completed stage, so a resumed run continues
+        as an uninterrupted one (a full fine-tune puts its saved weights back into ``model``)."""
 
     # ---------------------------------------------------------------- resume within a stage
     def state_dict(self) -> dict[str, Any]:

@@ -77,8 +77,8 @@ class RecurrentKIF(InnerOuterMerging):
         self.ipt_out = self._update(self.ipt_out, ctx)
 
     def should_merge(self, ctx, record: dict) -> bool:
-        if ctx.cfg.probe_history:
-            record["history_loss"] = ctx.probe_loss()
+        if ctx.cfg.record_forgetting_signal:
+            record["forgetting_signal"] = ctx.forgetting_signal()
         record["interval"] = self.options.interval
         return ctx.step - self.last_merge >= self.options.interval
 

@@ -79,7 +79,7 @@ class LiveTrainingPlot:
             self._stage_starts[stage] = (str(rec.get("task", stage)), float(gs))
         self._x.append(gs)
         self._loss.append(rec.get("loss"))
-        hist = rec.get("history_loss")
+        hist = rec.get("forgetting_signal")
         if hist is not None and np.isfinite(hist):
             self._hx.append(gs)
             self._hy.append(hist)

@@ -100,7 +100,7 @@ class TrainContext:
         indices = self.memory_rng.sample(range(len(self.memory)), k)
         return self.to_device(self.memory.batch(indices))
 
-    def probe_loss(self, mode: str = "train", batch_size: int | None = None) -> float:
+    def forgetting_signal(self, mode: str = "train", batch_size: int | None = None) -> float:
         """Forgetting signal: one no-grad forward on a random memory batch (spec §2).
 
         ``mode="train"`` keeps dropout on, as the release does; ``"eval"`` turns it off. Under

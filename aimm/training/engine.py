@@ -163,7 +163,7 @@ class Engine:
         """
         from aimm.data import memory_buffers
 
-        if not (self.method.uses_memory or self.cfg.probe_history) or self.method.joint:
+        if not (self.method.uses_memory or self.cfg.record_forgetting_signal) or self.method.joint:
             return {}
         first = tasks.index(stage.train_tasks[0])
         earlier = {task: data[task].train for task in tasks[:first]}
@@ -254,7 +254,7 @@ class Engine:
         restore_stage_adapter(model, stage_dir)
         method_state = artifacts.read_method_state(stage_dir)
         if method_state is not None:
-            self.method.load_stage_state(method_state)
+            self.method.load_stage_state(method_state, model)
 
     def _all_warnings(self) -> list[str]:
         path = self.run_dir / "warnings.json"

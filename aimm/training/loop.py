@@ -174,7 +174,7 @@ def release_scale(record: dict, grad_accum: int) -> None:
     at its 8 x 4), and its threshold is a mean of those values times the factor; the paper's
     figures plot that scale. Merge decisions are the same on either scale (exact scaling).
     """
-    for name in ("history_loss", "threshold"):
+    for name in ("forgetting_signal", "threshold"):
         value = record.get(name)
         if value is not None:
             record[f"{name}_release"] = value / grad_accum
