@@ -168,6 +168,18 @@ def parse_checkpoint(data: bytes) -> dict[str, Any]:
     return payload
 
 
+def split_tensors(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``obj`` as plain JSON with its tensors taken out (referenced by key), for files that keep
+    the tensors in safetensors and the rest in JSON (the tagged forms of this module)."""
+    tensors: dict[str, torch.Tensor] = {}
+    return _encode(obj, tensors), tensors
+
+
+def join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of :func:`split_tensors`; anything unexpected raises ``ValueError``/``KeyError``."""
+    return _decode(obj, tensors)
+
+
 # ---------------------------------------------------------------------------------- checks
 _FIELDS = {"stage": int, "step": int, "lora": dict, "optimizer": dict, "scheduler": dict,
            "rng": dict, "method": dict, "steps": list, "merges": list, "optimizer_steps": int,
@@ -244,5 +256,5 @@ def load_checkpoint(path: Path, on_problem: Callable[[str], None] | None = None,
     return None
 
 
-__all__ = ["CheckpointError", "capture_rng", "checkpoint_bytes", "load_checkpoint",
-           "parse_checkpoint", "payload_problem", "restore_rng", "save_checkpoint"]
+__all__ = ["CheckpointError", "capture_rng", "checkpoint_bytes", "join_tensors", "load_checkpoint",
+           "parse_checkpoint", "payload_problem", "restore_rng", "save_checkpoint", "split_tensors"]

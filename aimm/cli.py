@@ -48,8 +48,8 @@ def _config_flags(p, single_run: bool) -> None:
     p.add_argument("--eval-mode", help="generate | label_scoring")
     p.add_argument("--eval-batch-size", type=int)
     p.add_argument("--buffer-mode", help="official | capped")
-    p.add_argument("--probe-history", action="store_true", default=None,
-                   help="record the forgetting signal (history loss) for any method")
+    p.add_argument("--record-forgetting-signal", "--probe-history", action="store_true", default=None,
+                   help="record the forgetting signal for any method (old name: --probe-history)")
     p.add_argument("--checkpoint-every", type=int, help="within-task checkpoint every N steps")
     p.add_argument("--nan-policy", help="stop | skip")
     if single_run:
@@ -67,7 +67,7 @@ def _config_flags(p, single_run: bool) -> None:
 
 FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train", "max_test",
                "epochs", "lr", "batch_size", "grad_accum", "max_input_len", "eval_mode",
-               "eval_batch_size", "buffer_mode", "probe_history", "checkpoint_every",
+               "eval_batch_size", "buffer_mode", "record_forgetting_signal", "checkpoint_every",
                "nan_policy", "seed", "run_dir", "device", "dtype")
 
 
@@ -108,7 +108,7 @@ def config_values(args) -> tuple[dict, str]:
 
 
 def cmd_run(args) -> int:
-    from aimm.engine import Engine
+    from aimm.training.engine import Engine
     from aimm.runs import report_text
     from aimm.tracking import Tracking, check_trackers
 

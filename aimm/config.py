@@ -30,6 +30,30 @@ from aimm.util import did_you_mean, is_int, is_num
 MAX_LR = 1e36
 
 
+#: Old config names -> their new names (read with a deprecation warning; old run dirs keep them).
+RENAMED = {"probe_history": "record_forgetting_signal"}
+
+
+def renamed_fields(values: dict[str, Any], *, source: str = "config", warn: bool = False) -> dict[str, Any]:
+    """``values`` with the old names of :data:`RENAMED` replaced by the new ones (a stored
+    ``config.json`` of an older run reads as today's). Both names at once: ``ConfigError``."""
+    if not any(old in values for old in RENAMED):
+        return values
+    out = dict(values)
+    for old, new in RENAMED.items():
+        if old not in out:
+            continue
+        if new in out:
+            raise ConfigError(f"{source}: {old} is the old name of {new}; give only {new}")
+        if warn:
+            import warnings
+
+            warnings.warn(f"{source}: '{old}' is deprecated, read as '{new}'; rename it",
+                          FutureWarning, stacklevel=3)
+        out[new] = out.pop(old)
+    return out
+
+
 @dataclass
 class RunConfig:
     # what to train on
@@ -68,7 +92,7 @@ class RunConfig:
     buffer_mode: str = "official"  # official (uncapped) | capped
     buffer_seed: int = 42  # the release's fixed random.seed(42), independent of `seed`
     memory_batch_size: int = 32
-    probe_history: bool = False  # record the forgetting signal for any method
+    record_forgetting_signal: bool = False  # probe the forgetting signal after every step, any method
     # evaluation
     eval_mode: str = "generate"  # generate | label_scoring
     eval_batch_size: int = 16
@@ -92,7 +116,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> "RunConfig":
-        """Build and validate; unknown names raise with a suggestion."""
+        """Build and validate; unknown names raise with a suggestion; an old name
+        (:data:`RENAMED`) is read as its new one with a one-line deprecation warning."""
+        values = renamed_fields(values, source=source, warn=True)
         names = cls.field_names()
         unknown = [k for k in values if k not in names]
         if unknown:

@@ -75,14 +75,14 @@ def _deleted_copies(store: RunStore, sums: dict[str, str]) -> set[tuple[int, str
 def restart_hint(k: int) -> str:
     kept = f"stages 1-{k - 1} are kept" if k > 2 else "stage 1 is kept" if k == 2 else "it starts over"
     return (f"re-run from stage {k}: the same `aimm run` command with --restart-from-stage {k} "
-            f"(or aimm.engine.run(cfg, restart_from_stage={k})); {kept}")
+            f"(or aimm.training.engine.run(cfg, restart_from_stage={k})); {kept}")
 
 
 # ---------------------------------------------------------------------------------- recording
-def record_stage_files(state: dict, run_dir: Path, stage_dir: Path) -> None:
-    """Put the sha256 of every file of ``stage_dir`` and of the result set into ``state``."""
+def record_stage_files(sums: dict[str, str], run_dir: Path, stage_dir: Path) -> None:
+    """Put the sha256 of every file of ``stage_dir`` and of the result set into ``sums`` (the
+    ``sha256`` map of ``state.json``)."""
     run_dir = Path(run_dir)
-    sums = state.setdefault("sha256", {})
     files = [p for p in Path(stage_dir).rglob("*") if p.is_file() and not p.name.endswith(".tmp")]
     files += [run_dir / name for name in RESULT_FILES if (run_dir / name).is_file()]
     for path in sorted(files):

@@ -151,3 +151,21 @@ def cl_metrics(
         "FWT": None if single_task is None else fwt(arr, single_task),
         "forgetting": forgetting(arr, allow_partial=allow_partial),
     }
+
+
+def run_metrics(scores, *, joint: bool = False, single_task: bool = False) -> dict:
+    """The numbers of a complete run's ``metrics.json``, by the kind of method.
+
+    ``joint`` (one stage over all tasks, a 1 x T matrix): ``{"OP"}``, the mean of the row.
+    ``single_task`` (a fresh adapter per task, only the diagonal evaluated):
+    ``{"single_task": [diagonal], "OP": its mean}``. Otherwise :func:`cl_metrics`. The two
+    means are plain sums in task order divided by T (as every version wrote them).
+    """
+    rows = [[float(x) for x in row] for row in scores]
+    t = len(rows[-1])
+    if joint:
+        return {"OP": sum(rows[-1]) / t}
+    if single_task:
+        diagonal = [rows[j][j] for j in range(t)]
+        return {"single_task": diagonal, "OP": sum(diagonal) / t}
+    return cl_metrics(rows)

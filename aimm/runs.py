@@ -12,8 +12,9 @@ Layout of ``runs/<run_id>/``::
     scores.csv             long form: stage, after_task, eval_task, metric, score, n
     scores_matrix.csv      scores[j][i] (rows: after task j, columns: task i)
     metrics.json           OP / BWT / FWT / forgetting (or OP for joint training)
-    stages/<k>_<name>/     adapter.safetensors, steps.csv (per inner step), merges.csv,
-                           predictions/<task>.jsonl
+    stages/<k>_<name>/     adapter.safetensors, adapter/ (PEFT), steps.csv (per inner step),
+                           merges.csv, memory.json, stage.json, predictions/<task>.jsonl,
+                           method_state.safetensors + .json (a method's cross-stage state)
     checkpoints/           within-task checkpoints (optional; safetensors + JSON, no pickle)
 
 Every file is written atomically (temporary file, then ``os.replace``), so a killed process
@@ -222,7 +223,7 @@ class RunStore:
         return self.config_path.is_file()
 
     def read_config(self) -> dict[str, Any]:
-        return read_json(self.config_path)
+        return load_config(self.root)
 
     def read_state(self) -> dict[str, Any]:
         """The resume point; a wrongly shaped ``state.json`` raises :class:`RunDirError`."""
@@ -313,7 +314,10 @@ def _csv_or_empty(path: Path) -> pd.DataFrame:
 
 
 def load_config(run_dir: str | Path) -> dict[str, Any]:
-    return read_json(Path(run_dir) / "config.json")
+    """A run's ``config.json``; an older run's renamed fields read under today's names."""
+    from aimm.config import renamed_fields
+
+    return renamed_fields(read_json(Path(run_dir) / "config.json"))
 
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
@@ -344,15 +348,22 @@ def _concat_stage_csv(run_dir: Path, filename: str) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+#: steps.csv columns of older versions -> today's names (renamed on read)
+RENAMED_COLUMNS = {"history_loss": "forgetting_signal",
+                   "history_loss_release": "forgetting_signal_release"}
+
+
 def load_trajectory(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(steps, merges) DataFrames of all completed stages.
 
-    steps: task, task_index, step, global_step, loss, lr, and where recorded history_loss,
-    threshold, activations, interval. merges: task, step, lambda, interval_before,
-    interval_after, outer_steps, w_in, w_out, activations, kind.
+    steps: task, task_index, step, global_step, loss, lr, and where recorded forgetting_signal
+    (and forgetting_signal_release), threshold, activations, interval; an older run's
+    ``history_loss`` columns read as ``forgetting_signal``. merges: task, step, lambda,
+    interval_before, interval_after, outer_steps, w_in, w_out, activations, kind.
     """
     run_dir = Path(run_dir)
-    return _concat_stage_csv(run_dir, "steps.csv"), _concat_stage_csv(run_dir, "merges.csv")
+    steps = _concat_stage_csv(run_dir, "steps.csv").rename(columns=RENAMED_COLUMNS)
+    return steps, _concat_stage_csv(run_dir, "merges.csv")
 
 
 def report_text(run_dir: str | Path) -> str:

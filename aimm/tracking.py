@@ -28,7 +28,7 @@ from aimm.config import ConfigError
 
 #: tracker -> the package it needs
 TRACKERS: dict[str, str] = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
-STEP_SIGNALS = {"history_loss": "signal/forgetting", "threshold": "signal/threshold",
+STEP_SIGNALS = {"forgetting_signal": "signal/forgetting", "threshold": "signal/threshold",
                 "interval": "signal/interval", "activations": "signal/activations"}
 MERGE_VALUES = {"lambda": "merge/lambda", "w_in": "merge/w_in", "w_out": "merge/w_out",
                 "interval_after": "merge/interval_after"}

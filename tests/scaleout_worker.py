@@ -80,7 +80,8 @@ def fsdp2_patches() -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    import aimm.engine as engine
+    import aimm.training.engine as engine
+    from aimm.training import artifacts
     from aimm.merging import reduce
     from aimm.models import lora_parameters
     from aimm.runs import atomic_write_csv
@@ -101,7 +102,7 @@ def fsdp2_patches() -> None:
         full.update({k: p.detach().full_tensor().clone() for k, p in params.items()})
         return [0.0] * accelerator.num_processes
 
-    def evaluate(self, ctx, stage, data, accelerator):  # rank 0: save what the test compares
+    def evaluate(self, ctx, stage, data):  # rank 0: save what the test compares
         stage_dir = self.store.stage_dir(stage.index, stage.name)
         stage_dir.mkdir(parents=True, exist_ok=True)
         save_file(full, str(stage_dir / "adapter.safetensors"))
@@ -113,7 +114,7 @@ def fsdp2_patches() -> None:
     reduce.layout_for = lambda accelerator, merges=True: True  # accelerate's FSDP -> sharded
     engine.lora_checksums = gather_full
     engine.Engine._evaluate = evaluate
-    engine.Engine._write_results = lambda self, tasks, state: None
+    artifacts.write_results = lambda *args, **kwargs: None
 
 
 def main(data_dir: str, out: str) -> None:

@@ -105,7 +105,7 @@ def test_spec_problems_fail_in_the_config(spec, message, tmp_path):
 
 @pytest.mark.slow
 def test_a_run_on_two_local_datasets(datasets_dir, tmp_path):
-    from aimm.engine import run
+    from aimm.training.engine import run
     from aimm.runs import load_metrics
 
     tasks = [{"name": "sent", "path": str(datasets_dir / "sent_jsonl"), "input": "text",

@@ -8,7 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from aimm.engine import lr_lambda, plan_micro_batches, run
+from aimm.schedule import lr_lambda, plan_micro_batches
+from aimm.training.engine import run
 from aimm.runs import load_metrics, load_scores_matrix, load_trajectory
 
 METHODS = ["seq_lora", "replay", "mtl", "single_task", "aimmerging", "recurrent_kif"]
@@ -60,9 +61,9 @@ def test_aimmerging_merges_in_every_task_after_the_first_and_records_a_trajector
     for task in ("agnews", "rte"):
         assert (merges["task"] == task).sum() >= 1
         s = steps[steps["task"] == task]
-        assert s["history_loss"].notna().all()  # a probe after every inner step
+        assert s["forgetting_signal"].notna().all()  # a probe after every inner step
         assert {"threshold", "activations", "interval"} <= set(s.columns)
-    assert steps[steps["task"] == "sst-2"]["history_loss"].isna().all()
+    assert steps[steps["task"] == "sst-2"]["forgetting_signal"].isna().all()
     assert {"lambda", "interval_before", "interval_after", "outer_steps", "w_in", "w_out",
             "kind"} <= set(merges.columns)
     assert set(merges["kind"]) <= {"early", "planned", "forced"}
@@ -71,17 +72,17 @@ def test_aimmerging_merges_in_every_task_after_the_first_and_records_a_trajector
     assert metrics["merges_per_stage"]["agnews"] >= 1
 
 
-def test_probe_history_records_the_forgetting_signal_for_seq_lora(tiny_config):
-    run_dir = run(tiny_config(method="seq_lora", probe_history=True))
+def test_record_forgetting_signal_records_the_forgetting_signal_for_seq_lora(tiny_config):
+    run_dir = run(tiny_config(method="seq_lora", record_forgetting_signal=True))
     steps, merges = load_trajectory(run_dir)
     assert merges.empty
-    assert steps[steps["task"] == "agnews"]["history_loss"].notna().all()
+    assert steps[steps["task"] == "agnews"]["forgetting_signal"].notna().all()
 
 
 def test_resume_after_an_interruption_gives_the_same_metrics(tiny_config, tmp_path, monkeypatch):
     full = run(tiny_config(method="aimmerging", run_dir=str(tmp_path / "full"),
                            method_options={"initial_interval": 2}))
-    from aimm import engine
+    from aimm.training import engine
 
     original = engine.Engine._evaluate
     calls = {"n": 0}

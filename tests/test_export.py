@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from aimm.cli import main
-from aimm.engine import run
+from aimm.training.engine import run
 from aimm.runs import load_metrics, load_scores_matrix
 
 

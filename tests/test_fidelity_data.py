@@ -16,7 +16,7 @@ import pytest
 from aimm.config import ConfigError, RunConfig
 from aimm.data import load_tasks, memory_buffers
 from aimm.encoding import encode_prompts, encode_targets
-from aimm.engine import Engine, memory_records
+from aimm.training.engine import Engine, memory_records
 from conftest import real_data_or_skip
 
 STANDARD_CL_ORDER_1 = ["dbpedia", "amazon", "yahoo", "agnews"]  # dataset_order.py, dataset_id 4
@@ -120,7 +120,7 @@ def test_buffer_seed_not_the_training_seed_sets_the_buffer(tiny_config, tiny_dat
 
 
 def test_every_stage_writes_memory_json_in_buffer_order(tiny_config, tiny_data):
-    from aimm.engine import run
+    from aimm.training.engine import run
 
     run_dir = run(tiny_config(method="replay"))
     data = load_tasks(tiny_data, "long_sequence", ["sst-2", "agnews"], max_train=16)
@@ -168,7 +168,7 @@ def test_no_truncation_at_evaluation_and_middle_cut_as_option(tokenizer):
 def test_engine_evaluates_untruncated_under_release_and_cut_under_middle(tiny_config, monkeypatch,
                                                                          tmp_path):
     import aimm.evaluation as ev
-    from aimm.engine import run
+    from aimm.training.engine import run
 
     seen = []
     original = ev.evaluate_task

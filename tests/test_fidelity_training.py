@@ -11,7 +11,8 @@ import torch
 
 from aimm.config import RunConfig
 from aimm.encoding import EncodedExamples
-from aimm.engine import TrainContext, run
+from aimm.training.context import TrainContext
+from aimm.training.engine import run
 from aimm.loss import lm_loss
 from aimm.merging import MergeController
 from aimm.methods import Stage
@@ -134,7 +135,7 @@ def _named(ctx):
 def test_recurrent_kif_emas_follow_the_release_update_after_clip_and_step(tiny_config, monkeypatch,
                                                                           empty_inner):
     inner_log, outer_log = [], []
-    original_after, original_outer = RecurrentKIF.after_optimizer_step, RecurrentKIF._outer_grads
+    original_after, original_outer = RecurrentKIF.after_optimizer_step, RecurrentKIF.after_rehearsal_step
     original_before = RecurrentKIF.before_optimizer_step
 
     def before(self, ctx):
@@ -162,7 +163,7 @@ def test_recurrent_kif_emas_follow_the_release_update_after_clip_and_step(tiny_c
 
     monkeypatch.setattr(RecurrentKIF, "before_optimizer_step", before)
     monkeypatch.setattr(RecurrentKIF, "after_optimizer_step", after)
-    monkeypatch.setattr(RecurrentKIF, "_outer_grads", outer)
+    monkeypatch.setattr(RecurrentKIF, "after_rehearsal_step", outer)
     max_norm = 1e-4  # every step is clipped: the recorded norms prove the EMAs see clipped grads
     run(tiny_config(method="recurrent_kif", max_grad_norm=max_norm, warmup_steps=0,  # lr > 0 at step 1
                     method_options={"interval": 2, "empty_inner_score": empty_inner}))
@@ -190,8 +191,8 @@ def test_steps_csv_records_the_release_scale_beside_the_raw_probe(tiny_config):
     run_dir = run(tiny_config(method="aimmerging", grad_accum=2, max_train=24,
                               method_options={"initial_interval": 2}))
     steps = pd.read_csv(run_dir / "stages" / "02_agnews" / "steps.csv")
-    assert steps["history_loss"].notna().all()
-    pd.testing.assert_series_equal(steps["history_loss_release"], steps["history_loss"] / 2,
+    assert steps["forgetting_signal"].notna().all()
+    pd.testing.assert_series_equal(steps["forgetting_signal_release"], steps["forgetting_signal"] / 2,
                                    check_names=False)
     ok = steps["threshold"].notna()
     assert ok.any()
@@ -275,10 +276,10 @@ def test_probe_runs_without_gradients_in_train_mode_by_default():
             if "lora_B" in name:
                 p.normal_(0.0, 0.5)
     ctx.memory_rng = random.Random(1)
-    evals = [ctx.probe_loss("eval") for _ in range(2)]
+    evals = [ctx.forgetting_signal("eval") for _ in range(2)]
     ctx.memory_rng = random.Random(1)
-    trains = [ctx.probe_loss("train") for _ in range(2)]
+    trains = [ctx.forgetting_signal("train") for _ in range(2)]
     ctx.memory_rng = random.Random(1)
-    assert [ctx.probe_loss("eval") for _ in range(2)] == evals  # dropout off: deterministic
+    assert [ctx.forgetting_signal("eval") for _ in range(2)] == evals  # dropout off: deterministic
     assert trains != evals  # training_step_no_grad: model.train(), dropout on
     assert all(p.grad is None for p in ctx.lora_params().values()) and ctx.model.training

@@ -33,7 +33,7 @@ TASKS = ["sst-2", "agnews", "rte"]
 # seq_lora score by label likelihood, because greedy generation of an untrained tiny model scores
 # 0.0 everywhere (seq_lora keeps generation covered)
 CASES: dict[str, dict] = {
-    "seq_lora": dict(method="seq_lora", probe_history=True),
+    "seq_lora": dict(method="seq_lora", record_forgetting_signal=True),
     "replay": dict(method="replay", eval_mode="label_scoring"),
     "mtl": dict(method="mtl", eval_mode="label_scoring"),
     "single_task": dict(method="single_task", eval_mode="label_scoring"),
@@ -51,7 +51,7 @@ def golden_run(case: str, root: Path) -> Path:
 
     from aimm.config import RunConfig
     from aimm.data.synthetic import make_synthetic_benchmark
-    from aimm.engine import run
+    from aimm.training.engine import run
 
     data = make_synthetic_benchmark(root / "data", n_train=24, n_test=6, seed=0)
     cfg = RunConfig.from_dict(dict(

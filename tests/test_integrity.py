@@ -15,7 +15,7 @@ import pytest
 from aimm.cli import main
 from aimm.config import RunConfig
 from aimm.data import DataError, main_check
-from aimm.engine import Engine, run
+from aimm.training.engine import Engine, run
 from aimm.integrity import verify_run
 from aimm.runs import RunDirError, load_metrics, load_scores_matrix, load_trajectory, load_warnings
 

@@ -134,7 +134,7 @@ def test_engine_runs_compiled_with_buckets_and_evaluates_eagerly(tiny_config):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from aimm.engine import run
+    from aimm.training.engine import run
     from aimm.runs import load_metrics
 
     cfg = tiny_config(method="aimmerging", method_options={"initial_interval": 2}, compile=True,

@@ -70,7 +70,7 @@ def test_runs_json_names_complete_runs_of_each_method(reproduced):
         assert config["model"] == "tiny-causal" and config["tasks"] == TASKS
     # seq_lora records the forgetting signal (notebook 03 compares it with AIMMerging's)
     steps = pd.read_csv(out / "seq_lora-s42" / "stages" / "02_agnews" / "steps.csv")
-    assert steps["history_loss"].notna().all()
+    assert steps["forgetting_signal"].notna().all()
     merges = pd.read_csv(out / "aimmerging-s42" / "stages" / "02_agnews" / "merges.csv")
     assert len(merges) >= 1
 
@@ -109,7 +109,7 @@ def _figure_stems() -> list[str]:
     stems = ["data_labels", "data_token_lengths", "heatmap_seq_lora", "heatmap_aimmerging",
              "task1_curve", "metrics_bars"]
     for task in TASKS[1:]:
-        stems += [f"signals_{task}", f"interval_{task}", f"history_loss_{task}"]
+        stems += [f"signals_{task}", f"interval_{task}", f"forgetting_signal_{task}"]
     return stems
 
 
@@ -178,7 +178,7 @@ def test_configs_lay_out_one_run_per_method_and_seed(tmp_path):
     assert [c.run_id for c in cfgs] == ["seq_lora-s1", "seq_lora-s2", "replay-s1", "replay-s2",
                                         "aimmerging-s1", "aimmerging-s2"]
     assert all(Path(c.run_dir) == tmp_path / "x" / c.run_id for c in cfgs)
-    assert {c.method: c.probe_history for c in cfgs} == {"seq_lora": True, "replay": True,
+    assert {c.method: c.record_forgetting_signal for c in cfgs} == {"seq_lora": True, "replay": True,
                                                          "aimmerging": False}
     assert all(c.batch_size == 2 and c.model == "smollm2-135m" for c in cfgs)
     assert notebook.run_dirs(p) == {c.run_id: Path(c.run_dir) for c in cfgs}
@@ -243,7 +243,7 @@ def test_explorer_redraws_for_each_control(reproduced):
     c, fig = box.controls, box.figure
     assert c["run"].value == "smoke" and c["method"].value == "aimmerging-s42"
     assert list(c["task"].options) == TASKS and c["task"].value == "rte"
-    assert "history_loss" in c["signal"].options and "lambda" in c["signal"].options
+    assert "forgetting_signal" in c["signal"].options and "lambda" in c["signal"].options
     assert len(fig.data[0].x) == c["steps"].max
     c["signal"].value = "lambda"
     assert fig.data[0].name == "lambda" and len(fig.data[0].x) >= 1
@@ -251,9 +251,9 @@ def test_explorer_redraws_for_each_control(reproduced):
     c["steps"].value = (2, 3)
     assert list(fig.data[0].x) == [2, 3]
     c["method"].value = "seq_lora-s42"
-    assert "lambda" not in c["signal"].options and "history_loss" in c["signal"].options
+    assert "lambda" not in c["signal"].options and "forgetting_signal" in c["signal"].options
     c["task"].value = "sst-2"
-    assert c["signal"].options and "history_loss" not in c["signal"].options
+    assert c["signal"].options and "forgetting_signal" not in c["signal"].options
 
 
 # ------------------------------------------------------------------------------- tables / figures
@@ -277,4 +277,4 @@ def test_metrics_table_takes_fwt_from_single_task_and_task1_curve_the_mtl_line(t
     names = [t.name for t in figs["task1_curve"].data]
     assert "Multi-task" in names and len(names) == 2  # seq_lora + the mtl line
     traj = notebook.trajectory_figures(runs)
-    assert not traj["signals"] and set(traj["history_loss"]) == {"history_loss_agnews"}
+    assert not traj["signals"] and set(traj["forgetting_signal"]) == {"forgetting_signal_agnews"}

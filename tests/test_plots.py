@@ -29,7 +29,7 @@ def synthetic_run(n_steps: int = 40, slope: float = -0.01, seed: int = 0):
             rec = {"task": task, "stage": stage, "step": step, "global_step": g,
                    "loss": 2.0 - 0.01 * g + rng.normal(0, 0.01), "lr": 1e-3}
             if stage == 1:
-                rec.update(history_loss=1.0 + slope * step + rng.normal(0, 0.001),
+                rec.update(forgetting_signal=1.0 + slope * step + rng.normal(0, 0.001),
                            threshold=np.nan if step - last <= 2 else 2.1, activations=0,
                            interval=interval, planned_step=last + interval)
                 if step - last >= interval:
@@ -96,7 +96,7 @@ def test_signals_figure():
     fs, ls = tr["Forgetting signal"], tr["Learning signal Λ"]
     assert fs.type == "scatter" and fs.mode == "markers" and fs.yaxis in (None, "y")
     amazon = steps[steps.task == "amazon"]
-    np.testing.assert_allclose(fs.y, amazon.history_loss)
+    np.testing.assert_allclose(fs.y, amazon.forgetting_signal)
     np.testing.assert_array_equal(fs.x, amazon.step)
     assert ls.mode == "lines+markers" and ls.yaxis == "y2"
     np.testing.assert_allclose(ls.y, merges["lambda"])
@@ -149,26 +149,26 @@ def test_interval_figure():
 
 def test_forgetting_signal_figures_plot_the_release_scale_and_say_so():
     steps, merges = synthetic_run()
-    steps["history_loss_release"] = steps["history_loss"] / 4  # the release's probe: loss / 4
+    steps["forgetting_signal_release"] = steps["forgetting_signal"] / 4  # the release's probe: loss / 4
     steps["threshold_release"] = steps["threshold"] / 4
     amazon = steps[steps.task == "amazon"]
     fig = plots.signals_figure(steps, merges, "amazon")
-    np.testing.assert_allclose(by_name(fig)["Forgetting signal"].y, amazon.history_loss / 4)
+    np.testing.assert_allclose(by_name(fig)["Forgetting signal"].y, amazon.forgetting_signal / 4)
     np.testing.assert_allclose(by_name(fig)["Threshold δ"].y, amazon.threshold / 4)
     assert "release scale" in fig.layout.yaxis.title.text
-    hist = plots.history_loss_figure({"aimmerging": steps}, "amazon")
-    np.testing.assert_allclose(hist.data[0].y, amazon.history_loss / 4)
+    hist = plots.forgetting_signal_figure({"aimmerging": steps}, "amazon")
+    np.testing.assert_allclose(hist.data[0].y, amazon.forgetting_signal / 4)
     assert "release scale" in hist.layout.yaxis.title.text
     raw, _ = synthetic_run(seed=3)  # a run without the column: both plotted raw, axis says so
-    mixed = plots.history_loss_figure({"aimmerging": steps, "seq_lora": raw}, "amazon")
-    np.testing.assert_allclose(mixed.data[0].y, amazon.history_loss)
+    mixed = plots.forgetting_signal_figure({"aimmerging": steps, "seq_lora": raw}, "amazon")
+    np.testing.assert_allclose(mixed.data[0].y, amazon.forgetting_signal)
     assert mixed.layout.yaxis.title.text == "History loss"
 
 
-def test_history_loss_figure_fits_the_slope():
+def test_forgetting_signal_figure_fits_the_slope():
     a, _ = synthetic_run(slope=-0.01, seed=1)
     b, _ = synthetic_run(slope=0.02, seed=2)
-    fig = plots.history_loss_figure({"aimmerging": a, "seq_lora": b}, "amazon")
+    fig = plots.forgetting_signal_figure({"aimmerging": a, "seq_lora": b}, "amazon")
     scatters = [t for t in fig.data if t.mode == "markers"]
     fits = [t for t in fig.data if t.mode == "lines"]
     assert [t.name for t in scatters] == ["AIMMerging", "SeqLoRA"]
@@ -183,11 +183,11 @@ def test_history_loss_figure_fits_the_slope():
     assert fits[0].line.color == plots.METHOD_COLORS["aimmerging"]
     # exact line
     x = np.arange(10.0)
-    exact = pd.DataFrame({"task": "t", "step": x, "history_loss": 3 * x + 1})
-    fit = [t for t in plots.history_loss_figure({"replay": exact}, "t").data if t.mode == "lines"][0]
+    exact = pd.DataFrame({"task": "t", "step": x, "forgetting_signal": 3 * x + 1})
+    fit = [t for t in plots.forgetting_signal_figure({"replay": exact}, "t").data if t.mode == "lines"][0]
     assert fit.meta["slope"] == pytest.approx(3) and fit.meta["intercept"] == pytest.approx(1)
-    assert_no_data(plots.history_loss_figure({}, "amazon"))
-    assert_no_data(plots.history_loss_figure({"x": a}, "dbpedia"))
+    assert_no_data(plots.forgetting_signal_figure({}, "amazon"))
+    assert_no_data(plots.forgetting_signal_figure({"x": a}, "dbpedia"))
 
 
 def test_training_figure_and_live_plot():
@@ -218,7 +218,7 @@ def test_training_figure_and_live_plot():
             live.on_stage_end(Stage, [{"eval_task": rec["task"], "score": 0.5}])
     w = live.widget
     assert len(w.data[0].x) == len(steps)
-    assert len(w.data[1].x) == steps.history_loss.notna().sum()
+    assert len(w.data[1].x) == steps.forgetting_signal.notna().sum()
     assert {x for x in w.data[2].x if x is not None} == set(merges.step + 40)
     assert "after amazon" in w.layout.title.text
     static = live.figure()
@@ -351,13 +351,13 @@ def test_export_without_browser_writes_html_and_warns_once(tmp_path, monkeypatch
 
 # ------------------------------------------------------------------------------ real tiny run
 def test_run_figures_of_a_tiny_run(tiny_config):
-    from aimm.engine import run
+    from aimm.training.engine import run
 
-    cfg = tiny_config(method="aimmerging", method_options={"initial_interval": 2}, probe_history=True)
+    cfg = tiny_config(method="aimmerging", method_options={"initial_interval": 2}, record_forgetting_signal=True)
     live = plots.LiveTrainingPlot(every=3)
     run_dir = run(cfg, callbacks=[live])
     figs = plots.run_figures(run_dir)
-    for key in ("signals_agnews", "interval_agnews", "history_loss_agnews", "training",
+    for key in ("signals_agnews", "interval_agnews", "forgetting_signal_agnews", "training",
                 "heatmap_aimmerging", "task1_curve", "metrics_bars"):
         assert key in figs, sorted(figs)
         assert not plots.is_no_data(figs[key]), key

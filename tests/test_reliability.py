@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from aimm.config import ConfigError, RunConfig
-from aimm.engine import Engine, NonFiniteLossError, run
+from aimm.training.engine import Engine, NonFiniteLossError, run
 from aimm.runs import load_metrics, load_scores_matrix, load_trajectory, load_warnings
 
 

@@ -101,7 +101,7 @@ def test_layout_follows_the_accelerator():
 
 
 def test_rank_share_gives_the_one_process_token_mean():
-    from aimm.engine import rank_share
+    from aimm.training.loop import rank_share
 
     targets = [[1], [1, 2, 3, 4, 5], [1, 2], [1]]  # tokens per example: 1, 5, 2, 1
     micro = [0, 1, 2, 3]

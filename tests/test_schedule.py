@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from aimm.engine import run
+from aimm.training.engine import run
 from aimm.schedule import (
     lr_lambda,
     plan_optimizer_steps,

@@ -20,7 +20,7 @@ import yaml
 from aimm.checkpoint import CheckpointError, load_checkpoint
 from aimm.cli import main
 from aimm.config import ConfigError, RunConfig
-from aimm.engine import Engine, run
+from aimm.training.engine import Engine, run
 from aimm.runs import RunDirError, RunStore, load_metrics, load_warnings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,7 +177,7 @@ def hook(event, args):
         if isinstance(args[0], (str, bytes, os.PathLike)):
             writes.append([event, os.fsdecode(args[0])])
 sys.addaudithook(hook)
-from aimm.engine import run
+from aimm.training.engine import run
 run(json.loads(sys.argv[1]))
 print("WRITES " + json.dumps(writes))
 """
@@ -260,7 +260,7 @@ def test_notebook_and_library_callers_get_the_same_lock(tiny_config, tmp_path):
 
 # ------------------------------------------------------------------ 5. strict types
 @pytest.mark.parametrize("yaml_text, needle", [
-    ("probe_history: \"no\"", "probe_history='no': must be true or false, not a string"),
+    ("record_forgetting_signal: \"no\"", "record_forgetting_signal='no': must be true or false, not a string"),
     ("compile: \"false\"", "compile='false': must be true or false"),
     ("progress: \"yes\"", "progress='yes': must be true or false"),
     ("fused_optimizer: \"off\"", "fused_optimizer='off': must be true or false"),
@@ -351,9 +351,9 @@ def test_a_stage_whose_adapter_is_not_finite_is_not_completed(tiny_data, tmp_pat
                                                               monkeypatch):
     """Weights can go non-finite while the loss that was checked is finite (a bad rehearsal or
     fusion step; here: poisoned during stage 2's only step). The stage is not completed."""
-    import aimm.engine
+    import aimm.methods.base
 
-    real, calls = aimm.engine.lm_loss, []
+    real, calls = aimm.methods.base.lm_loss, []
 
     def poisoned(model, batch, is_seq2seq):
         loss = real(model, batch, is_seq2seq)
@@ -363,7 +363,7 @@ def test_a_stage_whose_adapter_is_not_finite_is_not_completed(tiny_data, tmp_pat
             lora.data.fill_(float("inf"))
         return loss
 
-    monkeypatch.setattr(aimm.engine, "lm_loss", poisoned)
+    monkeypatch.setattr(aimm.methods.base, "lm_loss", poisoned)  # the inner loss
     run_dir = tmp_path / "r"
     code = main(_tiny_args(tiny_data, run_dir, "--max-train", "4", "--method", "seq_lora"))
     err = capsys.readouterr().err

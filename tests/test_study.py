@@ -252,7 +252,7 @@ def comparable(summary: pd.DataFrame) -> pd.DataFrame:
 def test_tiny_grid_killed_and_resumed_matches_an_uninterrupted_grid(tiny_study_config, tmp_path,
                                                                      capsys):
     from aimm.config import RunConfig
-    from aimm.engine import run
+    from aimm.training.engine import run
     from aimm.study import plan_cells
     from aimm.study.grid import write_runs_csv
 
@@ -345,7 +345,7 @@ def test_method_bars_carry_the_95_percent_intervals(hand_study):
 def seed_run(seed: int, task: str = "amazon"):
     rng = np.random.default_rng(seed)
     steps = pd.DataFrame({"task": task, "step": range(1, 21),
-                          "history_loss": 1 + rng.normal(0, 0.01, 20), "threshold": 2.0,
+                          "forgetting_signal": 1 + rng.normal(0, 0.01, 20), "threshold": 2.0,
                           "interval": [4] * 8 + [8 + seed] * 12})
     merges = pd.DataFrame({"task": task, "step": [4, 8, 16 + seed], "lambda": [0.3, 0.2, 0.1],
                            "interval_before": [4, 4, 8 + seed], "interval_after": [4, 8 + seed, 8 + seed],
@@ -377,5 +377,5 @@ def test_controller_table_per_seed_and_task():
     assert table[["seed", "task", "merges", "merges_early", "merges_forced", "merges_planned"]
                  ].values.tolist() == [["seed 1", "amazon", 3, 1, 1, 1], ["seed 2", "amazon", 3, 1, 1, 1]]
     assert table["intervals"].tolist() == ["4->9", "4->10"]
-    h1, h2 = runs["seed 1"][0]["history_loss"], steps["history_loss"]
+    h1, h2 = runs["seed 1"][0]["forgetting_signal"], steps["forgetting_signal"]
     assert table["max_signal_ratio"].tolist() == pytest.approx([h1.max() / 2.0, h2[10:].max() / 0.5])

@@ -42,7 +42,7 @@ def test_tensorboard_logs_every_step_merge_and_task(tiny_data, tmp_path):
     assert [s for s, _ in main_run["train/loss"]] == list(steps["global_step"])
     assert [v for _, v in main_run["train/loss"]] == pytest.approx(list(steps["loss"]), rel=1e-6)
     assert len(main_run["train/lr"]) == len(steps)
-    forgetting = steps.dropna(subset=["history_loss"])
+    forgetting = steps.dropna(subset=["forgetting_signal"])
     assert len(forgetting) > 0 and len(main_run["signal/forgetting"]) == len(forgetting)
     assert len(main_run["signal/threshold"]) == steps["threshold"].notna().sum()
     assert len(main_run["signal/interval"]) == steps["interval"].notna().sum()

@@ -201,7 +201,7 @@ def write_release_layout(spec: TaskSpec, dst: str | Path, benchmark_folder: str 
     """The spec's train and test splits as ``<dst>/<benchmark folder>/<split>/<name>_T5.json``."""
     import json
 
-    from aimm.runs import atomic_write_bytes
+    from aimm.util import atomic_write_bytes
 
     from .paths import FILE_SUFFIX
 

@@ -1,8 +1,8 @@
 """Merge-timing controller of AIMMerging (pure Python, no torch).
 
 One :class:`MergeController` drives one task (task 2 onwards). The trainer calls
-:meth:`~MergeController.observe` after every inner step with the forgetting signal ``L_hist``
-(loss of one no-grad forward on a memory batch; ``True``: merge now), then
+:meth:`~MergeController.observe` after every inner step with the forgetting signal (the
+paper's L_hist: loss of one no-grad forward on a memory batch; ``True``: merge now), then
 :meth:`~MergeController.fusion_weights` for ``(w_in, w_out)``, runs ``outer_steps`` rehearsal steps,
 fuses, and calls :meth:`~MergeController.next_interval_after_merge` with ``sum |delta_in|`` (the
 learning signal's numerator), which records the merge and returns the next interval. The
@@ -75,7 +75,7 @@ class ControllerConfig:
     min_interval: int = 2  # S_min
     max_interval: int = 128  # S_max
     cold_start: int = 3  # Lambdas recorded before adaptation; the first cold_start + 1 merges keep S0
-    threshold_factor: float = 2.0  # delta = factor * mean(collected L_hist)
+    threshold_factor: float = 2.0  # delta = factor * mean(collected forgetting signals)
     outer_ratio: float = 1.0  # outer_steps = int(S * outer_ratio)
     adaptive: bool = True  # adapt S from Lambda (release flag adaptive_merge_flag)
     variant: str = "official"  # official (section 4b) | paper (sliding-window trend)
@@ -297,7 +297,7 @@ class MergeController:
     activations = property(lambda self: self.state.activations, doc="A since the last merge.")
     forced_activations = property(lambda self: self.state.forced, doc="Forced part of A.")
     threshold = property(lambda self: self.state.threshold, doc="delta; None while collecting.")
-    collected = property(lambda self: list(self.state.collected), doc="L_hist values collected.")
+    collected = property(lambda self: list(self.state.collected), doc="Forgetting-signal values collected.")
     planned_step = property(lambda self: self.state.planned)
     last_merge_step = property(lambda self: self.state.last_merge)
     lambdas = property(lambda self: list(self.state.lambdas), doc="Learning signals of this task.")
@@ -314,13 +314,13 @@ class MergeController:
         return math.floor(self._window_frac * self.state.interval) + 1
 
     # ------------------------------------------------------------------ protocol
-    def observe(self, step: int, history_loss: float) -> bool:
+    def observe(self, step: int, forgetting_signal: float) -> bool:
         """Feed the forgetting signal of inner step ``step`` (1, 2, ... in this task; rehearsal
         steps do not count); return "merge now"."""
         s = self.state
         if step <= s.last_merge:
             raise ValueError(f"step: must be > last_merge_step={s.last_merge}, got {step}")
-        L = float(history_loss)
+        L = float(forgetting_signal)
         activated = forced = False
         if s.threshold is None:
             s.collected.append(L)

@@ -1,20 +1,34 @@
 """The plug-in interface between the training engine and a continual-learning method.
 
-The engine owns the loop (tasks -> inner optimiser steps -> evaluation -> run store); a method
-only reacts to hooks. A new method is one file with a :class:`Method` subclass (its facts as
-class attributes) plus its class in ``METHODS`` of ``aimm/methods/__init__.py``; it never edits
-the engine, and nothing else in the package names it.
+The engine (:mod:`aimm.training.engine`) owns the loop (tasks -> inner optimiser steps ->
+evaluation -> run store); a method only reacts to hooks and sees a
+:class:`~aimm.training.context.TrainContext`. A new method is one file with a :class:`Method`
+subclass (its facts as class attributes) plus its class in ``METHODS`` of
+``aimm/methods/__init__.py``; it never edits the engine, and nothing else in the package names it.
 
-Hooks, in the order the engine calls them::
+Hooks, in the order the engine calls them (every one a no-op or today's LoRA behaviour by
+default)::
 
+    setup_model(bundle, cfg)           -> once: the model to train (default: attach LoRA)
+    trainable_parameters(model)        -> once per stage: what the inner optimiser updates
+    load_stage_state(state, model)     -> on resume only, before the next stage: what
+                                          stage_state() returned at the last completed stage
     stages(tasks)                      -> which tasks each stage trains and evaluates
     training_examples(ctx, stage)      -> the examples of the stage's inner phase
     on_stage_start(ctx)                -> e.g. reset a controller, snapshot parameters
-    before_optimizer_step(ctx)         -> gradients of the inner step are available
-    after_optimizer_step(ctx)          -> clipped gradients still live, weights updated
-    after_step(ctx, record)            -> after every inner optimiser step; may add fields to the
+      inner_loss(ctx, batch)           -> one micro-batch's loss before / grad_accum and
+                                          backward (default: lm_loss + extra_loss)
+      extra_loss(ctx, batch)           -> a term added to it (None: nothing), e.g. a penalty
+      before_optimizer_step(ctx)       -> gradients of the inner step are available
+      after_optimizer_step(ctx)        -> clipped gradients still live, weights updated
+      after_step(ctx, record)          -> after every inner optimiser step; may add fields to the
                                           step's trajectory record, run rehearsal, merge
-    on_stage_end(ctx)
+    on_stage_end(ctx)                  -> after the last inner step, BEFORE the adapter check and
+                                          evaluation: may change the model (continual merging)
+    stage_state()                      -> after evaluation: cross-stage state saved in the stage
+                                          folder (tensors + plain data; None: nothing)
+
+``state_dict`` / ``load_state_dict`` are the within-stage counterpart (checkpoints).
 """
 
 from __future__ import annotations
@@ -23,21 +37,16 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
+
 from aimm.errors import ConfigError
+from aimm.loss import lm_loss
+from aimm.training.context import Stage
 from aimm.util import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
-    from aimm.engine import TrainContext
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One training phase: train on ``train_tasks``, then evaluate ``eval_tasks``."""
-
-    index: int
-    name: str
-    train_tasks: tuple[str, ...]
-    eval_tasks: tuple[str, ...]
+    from aimm.models import ModelBundle
+    from aimm.training.context import TrainContext
 
 
 @dataclass
@@ -84,6 +93,23 @@ class Method:
             check()
         return opts
 
+    # ---------------------------------------------------------------- model
+    def setup_model(self, bundle: "ModelBundle", cfg: Any) -> "ModelBundle":
+        """The model this method trains, from the loaded base ``bundle`` (once per run).
+
+        Default: one LoRA adapter from the run's ``lora_*`` settings. A method may attach another
+        PEFT config (prompt tuning) or unfreeze the base weights (full fine-tuning); what it
+        returns is what the engine prepares, trains and evaluates."""
+        from aimm.models import attach_lora
+
+        return attach_lora(bundle, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                           targets=cfg.lora_targets)
+
+    def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """What the inner optimiser updates (every stage). Default: every parameter with
+        ``requires_grad`` (after :meth:`setup_model`: the LoRA weights), in model order."""
+        return [p for p in model.parameters() if p.requires_grad]
+
     # ---------------------------------------------------------------- hooks
     def stages(self, tasks: list[str]) -> list[Stage]:
         return [Stage(i, t, (t,), tuple(tasks[: i + 1])) for i, t in enumerate(tasks)]
@@ -93,6 +119,19 @@ class Method:
 
     def on_stage_start(self, ctx: "TrainContext") -> None:
         pass
+
+    def inner_loss(self, ctx: "TrainContext", batch: dict) -> torch.Tensor:
+        """The loss of one inner micro-batch (before ``/ grad_accum`` and backward): the
+        target-token cross-entropy plus :meth:`extra_loss`. Override to reuse the forward's
+        outputs (e.g. distillation on the same logits)."""
+        loss = lm_loss(ctx.model, batch, ctx.is_seq2seq)
+        extra = self.extra_loss(ctx, batch)
+        return loss if extra is None else loss + extra
+
+    def extra_loss(self, ctx: "TrainContext", batch: dict) -> torch.Tensor | None:
+        """A term added to every inner micro-batch loss before backward (a penalty, a
+        regulariser); ``None`` adds nothing. Rehearsal steps do not add it."""
+        return None
 
     def before_optimizer_step(self, ctx: "TrainContext") -> None:
         """Called after backward, before clipping and the inner optimiser step (grads live)."""
@@ -104,11 +143,27 @@ class Method:
 
     def after_step(self, ctx: "TrainContext", record: dict[str, Any]) -> None:
         """Called after every inner optimiser step. Base: optional forgetting-signal probe."""
-        if ctx.cfg.probe_history and ctx.has_memory:
-            record["history_loss"] = ctx.probe_loss()
+        if ctx.cfg.record_forgetting_signal and ctx.has_memory:
+            record["forgetting_signal"] = ctx.forgetting_signal()
 
     def on_stage_end(self, ctx: "TrainContext") -> None:
-        pass
+        """After the stage's last inner step, before the finite-adapter check, evaluation and the
+        stage folder: a change to the model here (e.g. merging the task's update into a running
+        model) is what gets evaluated and saved."""
+
+    # ---------------------------------------------------------------- state across stages
+    def stage_state(self) -> dict[str, Any] | None:
+        """State a later stage needs (Fisher information, old adapters, task vectors, ...),
+        saved at every stage end in the stage folder as ``method_state.safetensors`` (tensors)
+        + ``method_state.json`` (plain data: str/int/float/bool/None, lists, tuples, dicts),
+        sha256-recorded like every stage file. ``None`` (default): nothing is saved. Called on
+        the main process only, after evaluation."""
+        return None
+
+    def load_stage_state(self, state: dict[str, Any], model: torch.nn.Module) -> None:
+        """On resume, before the next stage runs (its adapter already restored into ``model``):
+        what :meth:`stage_state` returned at the last completed stage, so a resumed run continues
+        as an uninterrupted one (a full fine-tune puts its saved weights back into ``model``)."""
 
     # ---------------------------------------------------------------- resume within a stage
     def state_dict(self) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-SIGNALS = ("history_loss", "loss", "lr", "threshold", "interval", "activations", "lambda")
+SIGNALS = ("forgetting_signal", "loss", "lr", "threshold", "interval", "activations", "lambda")
 
 
 def experiments(run_root: str | Path) -> dict[str, dict[str, Path]]:

@@ -58,7 +58,7 @@ def method_defaults(method: str) -> dict[str, Any]:
     from aimm.methods import METHODS
 
     cls = METHODS.get(method)
-    return {"probe_history": True} if cls and cls.sequential() and not cls.merges else {}
+    return {"record_forgetting_signal": True} if cls and cls.sequential() and not cls.merges else {}
 
 
 def method_fact(method: str, fact: str) -> Any:

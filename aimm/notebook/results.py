@@ -22,17 +22,17 @@ def first_method(runs: dict[str, Path], fact: str) -> str | None:
 def trajectory_figures(runs: dict[str, Path], merging_method: str | None = None,
                        baseline_method: str | None = None) -> dict[str, dict[str, Any]]:
     """Notebook 03's figures (spec §10) for every task after the first:
-    ``{"signals": {...}, "interval": {...}, "history_loss": {...}}``, keyed by file stem.
+    ``{"signals": {...}, "interval": {...}, "forgetting_signal": {...}}``, keyed by file stem.
 
     Signals and interval come from the first run of ``merging_method`` (default: the first run
     of a merging method); the history-loss panels put the first ``baseline_method`` run (default:
-    a sequential method that does not merge, trained with ``probe_history``) against it, with
+    a sequential method that does not merge, trained with ``record_forgetting_signal``) against it, with
     linear fits. Sections without the runs they need are empty.
     """
     from aimm import plots
     from aimm.plots.theme import safe_key
 
-    out: dict[str, dict[str, Any]] = {"signals": {}, "interval": {}, "history_loss": {}}
+    out: dict[str, dict[str, Any]] = {"signals": {}, "interval": {}, "forgetting_signal": {}}
     merging_method = merging_method or first_method(runs, "merges")
     baseline_method = baseline_method or first_method(runs, "baseline")
     first = {m: next(iter(runs_of(runs, m).values()), None)
@@ -49,7 +49,7 @@ def trajectory_figures(runs: dict[str, Path], merging_method: str | None = None,
                 title=f"{plots.method_label(merging_method)}: {task}")
             out["interval"][f"interval_{key}"] = plots.interval_figure(
                 merging.steps, merging.merges, task, title=f"Merge interval: {task}")
-        out["history_loss"][f"history_loss_{key}"] = plots.history_loss_figure(
+        out["forgetting_signal"][f"forgetting_signal_{key}"] = plots.forgetting_signal_figure(
             {m: r.steps for m, r in data.items()}, task, title=f"History loss: {task}")
     return out
 

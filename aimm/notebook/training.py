@@ -56,7 +56,7 @@ def plan_table(params: NotebookParams):
         rows.append({"run": cfg.run_id, "method": cfg.method, "seed": cfg.seed, "model": cfg.model,
                      "tasks": " → ".join(cfg.task_names()), "max_train": cfg.max_train,
                      "max_test": cfg.max_test, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-                     "probe_history": cfg.probe_history,
+                     "record_forgetting_signal": cfg.record_forgetting_signal,
                      "method_options": json.dumps(cfg.method_options) if cfg.method_options else "",
                      "stages_done": done, "run_dir": cfg.run_dir})
     return pd.DataFrame(rows)

@@ -1,7 +1,7 @@
 """Figures of aimm: pure functions from run data (DataFrames / dicts) to plotly Figures.
 
 Trajectory (spec §10): :func:`signals_figure`, :func:`interval_figure`,
-:func:`history_loss_figure`, :func:`training_figure`, :class:`LiveTrainingPlot`. Results:
+:func:`forgetting_signal_figure`, :func:`training_figure`, :class:`LiveTrainingPlot`. Results:
 :func:`task1_figure`, :func:`scores_heatmap`, :func:`metrics_bars`. Data preparation:
 :func:`label_distribution_figure`, :func:`token_length_figure`. Whole runs:
 :func:`run_figures`, :func:`comparison_figures`. Studies: :func:`method_ci_bars` (95% error
@@ -39,7 +39,7 @@ from aimm.plots.theme import (
     no_data_figure,
 )
 from aimm.plots.trajectory import (
-    history_loss_figure,
+    forgetting_signal_figure,
     interval_figure,
     linear_fit,
     signals_figure,
@@ -49,7 +49,7 @@ from aimm.plots.trajectory import (
 __all__ = [
     "BrowserNotFoundError", "KIND_COLORS", "LiveTrainingPlot", "METHOD_COLORS", "METHOD_NAMES",
     "RunData", "apply_paper_theme", "browser_or_none", "comparison_figures", "export", "export_figures",
-    "find_browser", "history_loss_figure", "interval_figure", "is_no_data",
+    "find_browser", "forgetting_signal_figure", "interval_figure", "is_no_data",
     "label_distribution_figure", "linear_fit", "live_training_figure", "load_run_data",
     "method_ci_bars", "method_color", "method_label", "metrics_bars", "no_data_figure",
     "run_figures", "scores_heatmap", "seed_interval_figure", "seed_signals_figure",

@@ -14,7 +14,7 @@ from aimm.plots.results import metrics_bars, scores_heatmap, task1_figure
 from aimm.plots.theme import METHOD_COLORS, PALETTE, method_color, safe_key
 from aimm.plots.trajectory import (
     _numeric,
-    history_loss_figure,
+    forgetting_signal_figure,
     interval_figure,
     select_task,
     signals_figure,
@@ -54,7 +54,7 @@ class RunData:
         return [str(t) for t in dict.fromkeys(s["task"])]
 
     def has_history(self, task: str) -> bool:
-        return bool(_numeric(select_task(self.steps, task), "history_loss").notna().any())
+        return bool(_numeric(select_task(self.steps, task), "forgetting_signal").notna().any())
 
     def has_merges(self, task: str) -> bool:
         return not select_task(self.merges, task).empty
@@ -108,7 +108,7 @@ def task1_curve(runs: Mapping[str, RunData], *, colors: Mapping[str, str] | None
 
 
 def run_figures(run_dir: str | Path) -> dict[str, go.Figure]:
-    """All figures of one run: ``signals_<task>``, ``interval_<task>``, ``history_loss_<task>``
+    """All figures of one run: ``signals_<task>``, ``interval_<task>``, ``forgetting_signal_<task>``
     (tasks with a forgetting signal / merges), ``training``, ``heatmap_<method>``,
     ``task1_curve`` and ``metrics_bars``."""
     run = load_run_data(run_dir)
@@ -121,7 +121,7 @@ def run_figures(run_dir: str | Path) -> dict[str, go.Figure]:
         if run.has_interval(task):
             figs[f"interval_{key}"] = interval_figure(run.steps, run.merges, task)
         if run.has_history(task):
-            figs[f"history_loss_{key}"] = history_loss_figure({label: run.steps}, task)
+            figs[f"forgetting_signal_{key}"] = forgetting_signal_figure({label: run.steps}, task)
     figs["training"] = training_figure(run.steps, run.merges)
     figs[f"heatmap_{safe_key(label)}"] = scores_heatmap(run.matrix, title=None)
     if run.method not in NOT_SEQUENTIAL and len(run.matrix) > 1:
@@ -148,7 +148,7 @@ def _run_colors(runs: Mapping[str, RunData]) -> dict[str, str]:
 
 def comparison_figures(run_dirs: Mapping[str, str | Path]) -> dict[str, go.Figure]:
     """Figures comparing runs (``{label: run_dir}``): ``task1_curve`` (with the Multi-task line
-    from an ``mtl`` run), ``metrics_bars``, ``heatmap_<label>``, ``history_loss_<task>`` (all
+    from an ``mtl`` run), ``metrics_bars``, ``heatmap_<label>``, ``forgetting_signal_<task>`` (all
     runs with a forgetting signal) and ``signals_<task>`` / ``interval_<task>`` of the merging
     runs (``signals_<label>_<task>`` when there are several)."""
     runs = {str(label): load_run_data(d) for label, d in run_dirs.items()}
@@ -165,7 +165,7 @@ def comparison_figures(run_dirs: Mapping[str, str | Path]) -> dict[str, go.Figur
     for task in tasks:
         with_hist = {lab: r.steps for lab, r in runs.items() if r.has_history(task)}
         if with_hist:
-            figs[f"history_loss_{safe_key(task)}"] = history_loss_figure(with_hist, task, colors=colors)
+            figs[f"forgetting_signal_{safe_key(task)}"] = forgetting_signal_figure(with_hist, task, colors=colors)
     merging = {lab: r for lab, r in runs.items() if not r.merges.empty}
     for label, run in merging.items():
         prefix = "" if len(merging) == 1 else f"{safe_key(label)}_"

@@ -39,7 +39,7 @@ def live_training_figure(title: str | None = None) -> go.FigureWidget:
 class LiveTrainingPlot:
     """Engine callback that draws the training into a FigureWidget while it runs.
 
-    ``aimm.engine.run(cfg, callbacks=[plot])``; show ``plot.widget`` in the notebook. Points are
+    ``aimm.training.engine.run(cfg, callbacks=[plot])``; show ``plot.widget`` in the notebook. Points are
     buffered and sent to the widget every ``every`` steps in one ``batch_update``. Without a
     widget frontend (papermill, plain Python) it still works; use :meth:`figure` for a static copy.
     """
@@ -79,7 +79,7 @@ class LiveTrainingPlot:
             self._stage_starts[stage] = (str(rec.get("task", stage)), float(gs))
         self._x.append(gs)
         self._loss.append(rec.get("loss"))
-        hist = rec.get("history_loss")
+        hist = rec.get("forgetting_signal")
         if hist is not None and np.isfinite(hist):
             self._hx.append(gs)
             self._hy.append(hist)

@@ -102,7 +102,7 @@ def seed_signals_figure(runs: Trajectories, task: Any, title: str | None = None,
     for i, (label, (steps, merges)) in enumerate((runs or {}).items()):
         s, m = select_task(steps, task), select_task(merges, task)
         color, label = seed_color(i), str(label)
-        hist = _numeric(s, "history_loss")
+        hist = _numeric(s, "forgetting_signal")
         if hist.notna().any():
             ok = hist.notna()
             fig.add_trace(go.Scatter(

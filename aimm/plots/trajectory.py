@@ -58,14 +58,14 @@ def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _has_release(df: pd.DataFrame) -> bool:
-    return bool(_numeric(df, "history_loss_release").notna().any())
+    return bool(_numeric(df, "forgetting_signal_release").notna().any())
 
 
 def forgetting_signal(df: pd.DataFrame, release: bool | None = None) -> pd.Series:
-    """The forgetting signal to plot: the release's scale (``history_loss_release``, the raw
-    loss / grad_accum the paper's figures show) where recorded, else the raw ``history_loss``."""
+    """The forgetting signal to plot: the release's scale (``forgetting_signal_release``, the raw
+    loss / grad_accum the paper's figures show) where recorded, else the raw ``forgetting_signal``."""
     release = _has_release(df) if release is None else release
-    return _numeric(df, "history_loss_release" if release else "history_loss")
+    return _numeric(df, "forgetting_signal_release" if release else "forgetting_signal")
 
 
 def _kinds(merges: pd.DataFrame) -> pd.Series:
@@ -241,7 +241,7 @@ def linear_fit(x: Any, y: Any) -> tuple[float, float] | None:
     return float(slope), float(intercept)
 
 
-def history_loss_figure(runs: Mapping[str, pd.DataFrame], task: Any, title: str | None = None,
+def forgetting_signal_figure(runs: Mapping[str, pd.DataFrame], task: Any, title: str | None = None,
                         colors: Mapping[str, str] | None = None) -> go.Figure:
     """History (memory) loss per inner step of one task for several runs (e.g. seq_lora vs
     aimmerging): markers per run plus its least-squares line; the legend gives the slope.
@@ -250,7 +250,7 @@ def history_loss_figure(runs: Mapping[str, pd.DataFrame], task: Any, title: str 
     fig = go.Figure()
     colors = dict(colors or {})
     tasks = {label: select_task(steps, task) for label, steps in (runs or {}).items()}
-    with_hist = [s for s in tasks.values() if _numeric(s, "history_loss").notna().any()]
+    with_hist = [s for s in tasks.values() if _numeric(s, "forgetting_signal").notna().any()]
     release = bool(with_hist) and all(_has_release(s) for s in with_hist)
     y_title = Y_HISTORY_RELEASE if release else Y_HISTORY
     for i, (label, s) in enumerate(tasks.items()):
@@ -348,7 +348,7 @@ def training_figure(steps: pd.DataFrame, merges: pd.DataFrame | None = None,
                              legendrank=1,
                              line=dict(color="#333333", width=1.1),
                              hovertemplate="step %{x}<br>loss %{y:.4f}<extra></extra>"))
-    hist = _numeric(s, "history_loss")
+    hist = _numeric(s, "forgetting_signal")
     if hist.notna().any():
         ok = hist.notna()
         fig.add_trace(go.Scatter(

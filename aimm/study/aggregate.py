@@ -253,8 +253,8 @@ def controller_table(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.D
                 values = pd.Series(dtype=float)
             row["intervals"] = "->".join(str(int(v)) for v in dict.fromkeys(values))
             ratio = float("nan")
-            if {"history_loss", "threshold"} <= set(s.columns):
-                h = pd.to_numeric(s["history_loss"], errors="coerce")
+            if {"forgetting_signal", "threshold"} <= set(s.columns):
+                h = pd.to_numeric(s["forgetting_signal"], errors="coerce")
                 t = pd.to_numeric(s["threshold"], errors="coerce")
                 r = (h / t.where(t > 0)).dropna()
                 ratio = float(r.max()) if len(r) else ratio

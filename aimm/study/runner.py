@@ -30,8 +30,8 @@ from typing import Callable
 
 import yaml
 
-from aimm.engine import RESUME_FREE_FIELDS
-from aimm.runs import atomic_write_text, read_json
+from aimm.training.engine import RESUME_FREE_FIELDS
+from aimm.runs import atomic_write_text, load_config, read_json
 from aimm.study.grid import Cell
 
 LOCK_FILE = "run.lock"  # the engine's exclusive flock for the duration of a run
@@ -129,7 +129,7 @@ def run_cell(cell: Cell, out: Path) -> Outcome:
     config_json = run_dir / "config.json"
     if is_complete(run_dir) and config_json.is_file():
         try:
-            diff = config_difference(read_json(config_json), planned)
+            diff = config_difference(load_config(config_json.parent), planned)
         except OSError as exc:
             return Outcome(cell, FAILED, str(exc))
         if diff:
