@@ -12,7 +12,7 @@ after (nothing is left behind: no overhead when off):
 * functions are wrapped wherever ``aimm`` modules bound them (``from x import f`` included), by
   identity, so a refactor that moves a caller keeps them covered; a target that no longer exists
   is reported in :attr:`Sections.missing` instead of failing;
-* methods of classes (``TrainContext.probe_loss``, ``EncodedExamples.batch``...) are found by
+* methods of classes (``TrainContext.forgetting_signal``, ``EncodedExamples.batch``...) are found by
   class name in the loaded ``aimm`` modules; a registered method's own ``merge`` is a transparent
   ``merge`` section (its rehearsal steps count as ``rehearsal``);
 * the model's forward: global module forward hooks (the outermost module call is one forward;
@@ -57,7 +57,7 @@ METHODS = [
     ("EncodedExamples", "from_texts", "data", True),
     ("EncodedExamples", "batch", "data", True),
     ("TrainContext", "to_device", "data", True),
-    ("TrainContext", "probe_loss", "probe", True),
+    ("TrainContext", "forgetting_signal", "probe", True),
     ("TrainContext", "rehearsal_step", "rehearsal", True),
     ("MergeController", "observe", "merge", True),
     ("MergeController", "next_interval_after_merge", "merge", True),
@@ -71,7 +71,8 @@ TORCH_METHODS = [
 ]
 
 # modules imported before patching, so that their bindings are patched too
-PRELOAD = ("aimm.engine", "aimm.evaluation", "aimm.export", "aimm.integrity", "aimm.data",
+PRELOAD = ("aimm.engine", "aimm.training.engine", "aimm.training.loop", "aimm.training.artifacts",
+           "aimm.evaluation", "aimm.export", "aimm.integrity", "aimm.data",
            "aimm.models", "aimm.merging.fusion", "aimm.methods", "aimm.encoding", "accelerate")
 
 
