@@ -13,8 +13,9 @@ within-stage checkpoint); ``"skip"`` drops the step (its scheduler step still co
 ``skipped=1``. Within-stage checkpoints are written every ``checkpoint_every`` steps and after the
 stage's last step, and restored after ``on_stage_start``.
 
-This module imports nothing from :mod:`aimm.training.context` at run time (the context imports
-:func:`optimizer_step` from here).
+This module imports nothing from :mod:`aimm.training.context` or :mod:`aimm.methods` (the context
+imports :func:`optimizer_step` from here, and the methods import the context): ``TrainContext``
+and ``Method`` in the annotations below are names for the reader, not imports.
 """
 
 from __future__ import annotations
@@ -23,16 +24,14 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
 from aimm.faults import crash_point
 
-if TYPE_CHECKING:  # pragma: no cover
-    from aimm.methods.base import Method
-    from aimm.training.context import TrainContext
-
+TrainContext = Any  # aimm.training.context.TrainContext (not imported: it imports this module)
+Method = Any  # aimm.methods.base.Method (not imported: methods import the context)
 Hook = Callable[["TrainContext"], None]
 
 
