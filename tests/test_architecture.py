@@ -1,8 +1,8 @@
 """The package's shape: no import cycle among ``aimm`` modules, no module over 450 lines.
 
 Imports are read from the source (AST), anywhere in a module: at the top, inside functions and
-methods, lazy ``__getattr__`` ones. Only imports under ``if TYPE_CHECKING:`` are left out (they
-never run). Importing ``aimm.a.b`` also imports the package ``aimm.a`` (its ``__init__`` runs), so
+methods, lazy ``__getattr__`` ones, and those under ``if TYPE_CHECKING:`` too (they never run, but a
+reader and a type checker follow them, so they may not close a cycle either). Importing ``aimm.a.b`` also imports the package ``aimm.a`` (its ``__init__`` runs), so
 that is an edge too. The one exception: a submodule importing its own parent package
 (``aimm/data/loader.py`` -> ``aimm.data``) is not an edge, so a package and the submodules it
 re-exports do not count as a cycle; a package's imports of its submodules do count.
@@ -29,28 +29,12 @@ def modules() -> dict[str, Path]:
     return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _type_checking_nodes(tree: ast.AST) -> set[int]:
-    """ids of the nodes under ``if TYPE_CHECKING:``."""
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If):
-            test = node.test
-            name = test.id if isinstance(test, ast.Name) else getattr(test, "attr", None)
-            if name == "TYPE_CHECKING":
-                for child in node.body:
-                    skip.update(id(n) for n in ast.walk(child))
-    return skip
-
-
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     """The aimm modules ``name`` imports (the module itself when ``from pkg import submodule``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    skip = _type_checking_nodes(tree)
     is_package = path.name == "__init__.py"
     out: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names if a.name.split(".")[0] == "aimm")
         elif isinstance(node, ast.ImportFrom):
@@ -121,7 +105,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path):
+def test_the_cycle_finder_counts_function_level_and_type_checking_imports(tmp_path):
     a = tmp_path / "a.py"
     a.write_text("from aimm.b import x\n")
     b = tmp_path / "b.py"
@@ -130,7 +114,7 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path
     c.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from aimm.a import z\n")
     known = {"aimm.a", "aimm.b", "aimm.c"}
     graph = {n: imports_of(n, p, known) for n, p in (("aimm.a", a), ("aimm.b", b), ("aimm.c", c))}
-    assert graph == {"aimm.a": {"aimm.b"}, "aimm.b": {"aimm.a"}, "aimm.c": set()}
+    assert graph == {"aimm.a": {"aimm.b"}, "aimm.b": {"aimm.a"}, "aimm.c": {"aimm.a"}}
     assert cycles(graph) == [["aimm.a", "aimm.b"]]
 
 
