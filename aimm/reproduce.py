@@ -50,12 +50,23 @@ RELEASE_SIZES: dict[str, Any] = {
 #: never reach the peak lr. The release-sized presets keep the release's exact 50 warmup steps.
 CPU_WARMUP = {"max_warmup_fraction": 0.1}
 PRESETS: dict[str, dict[str, Any]] = {
+    # The main job: seq_lora and AIMMerging, sized so that AIMMerging's controller acts. 128
+    # training examples at batch 4 = 32 inner steps per task; label scoring (classification
+    # tasks: the likelihood of each label, faster than generating) on 40 test examples per task.
+    # One change to AIMMerging's release options: initial_interval (S0) 2 instead of 8. With S0 8
+    # a 32-step task gets two forced merges (steps 16 and 32) and never leaves the cold start
+    # (the first 4 merges keep S0), so the interval cannot move. S0 2 scales the first interval
+    # to the task (release: ~310 steps per task / S0 8, ~39 intervals; here 32 / 2 = 16): merges
+    # come at least every 2 * S0 = 4 steps, so every task after the first has 5 merges or more
+    # even when all are forced, the cold start ends, and S adapts from the 5th merge on.
     "demo": {
         "benchmark": "standard_cl", "order": 1, "tasks": None,
         "methods": ["seq_lora", "aimmerging"], "model": "smollm2-135m",
-        "max_train": 64, "max_test": 40, "epochs": 1, "seeds": [42],
+        "max_train": 128, "max_test": 40, "epochs": 1, "seeds": [42],
+        "method_options": {"aimmerging": {"initial_interval": 2}},
         "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
-                  "eval_batch_size": 20, "dtype": "bfloat16", **CPU_WARMUP},
+                  "eval_mode": "label_scoring", "eval_batch_size": 20, "dtype": "bfloat16",
+                  **CPU_WARMUP},
     },
     # The CPU study (issue #14): 4 methods x 3 seeds on Standard CL order 1, label scoring on 100
     # test examples per task; 192 training examples at batch 4 = 48 inner steps per task. The

@@ -198,7 +198,7 @@ def test_every_preset_is_valid_and_the_demo_is_small():
         preset_parameters(name, data_dir=None)
     demo = preset_parameters("demo")
     assert demo["model"] == "smollm2-135m" and demo["methods"] == ["seq_lora", "aimmerging"]
-    assert demo["max_train"] <= 64 and demo["interactive"] is False
+    assert demo["max_train"] <= 128 and demo["interactive"] is False
     full = preset_parameters("superni")
     assert full["max_train"] == 1000 and full["max_test"] is None and full["epochs"] == 10
     with pytest.raises(ConfigError, match="did you mean 'demo'"):
@@ -488,3 +488,27 @@ def test_study_preset_is_the_issue_14_cpu_study():
     assert steps >= 48  # every task after the first has at least 48 inner steps
     assert cfg.method_options == {"fast": True}  # release controller, fast signals
 
+
+def test_demo_preset_sizes_make_the_controller_act_even_with_forced_merges_only():
+    """The demo's AIMMerging options and sizes, through the real controller, in the worst case
+    for the number of merges: a flat forgetting signal (never reaches 2x its mean: forced merges
+    only, two intervals apart) and a learning signal that keeps falling (the interval grows).
+    Every task after the first still gets five merges and a changed interval."""
+    import math
+
+    from aimm.merging import MergeController
+
+    demo = preset_parameters("demo")
+    cfg = next(c for c in notebook.configs(demo) if c.method == "aimmerging")
+    assert cfg.eval_mode == "label_scoring"
+    steps = math.ceil(cfg.max_train * cfg.epochs / cfg.batch_size) // cfg.grad_accum
+    from aimm.methods import build_method
+
+    controller = build_method(cfg).options.make_controller()
+    assert isinstance(controller, MergeController)
+    for step in range(1, steps + 1):
+        if controller.observe(step, 1.0):
+            controller.next_interval_after_merge(step, 100.0 / step)  # falling Lambda
+    events = controller.events
+    assert len(events) >= 5 and all(e.kind == "forced" for e in events)
+    assert len({events[0].interval_before, *(e.interval_after for e in events)}) >= 2
