@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -230,7 +231,10 @@ def cmd_reproduce(args) -> int:
     from aimm.reproduce import reproduce
 
     out = reproduce(args.preset, run_root=args.run_root, fig_dir=args.fig_dir,
-                    data_dir=args.data_dir, model=args.model)
+                    data_dir=args.data_dir, model=args.model, smoke=args.smoke,
+                    results_dir=args.results_dir,
+                    command=shlex.join(["aimm", *sys.argv[1:]]) if sys.argv[1:2] == ["reproduce"]
+                    else None)
     print(f"reproduction written to {out}")
     return 0
 
@@ -278,11 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--stage", type=int, help="stage number k (1-based; default: the last completed)")
     rp = sub.add_parser("reproduce", help="run the notebooks 01-04 with papermill")
     rp.add_argument("--preset", default="demo",
-                    help="demo | smoke | standard_cl | long_sequence | superni")
+                    help="demo | study | smoke | standard_cl | long_sequence | superni")
     rp.add_argument("--run-root", default="runs")
     rp.add_argument("--fig-dir", default="Fig")
     rp.add_argument("--data-dir")
     rp.add_argument("--model")
+    rp.add_argument("--smoke", action="store_true",
+                    help="the preset's grid with the tiny random model and tiny sizes (a quick check)")
+    rp.add_argument("--results-dir",
+                    help="where the evidence goes (tables, study figures, command.txt); default: "
+                         "the preset's (study: results/study-cpu), none with --smoke")
     return parser
 
 

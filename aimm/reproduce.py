@@ -7,12 +7,18 @@ root) into ``<run_root>/<preset>/notebooks/`` with the preset's parameters; the 
 preset resumes: the engine continues each run after its last completed task (finished runs are
 only read), and the notebooks are cheap to execute again. Without a Chrome/Chromium for kaleido
 the figures are exported as HTML only, with one warning (:func:`aimm.plots.usable_formats`).
+
+A preset with a results folder (:data:`RESULTS`; ``study``: ``results/study-cpu``) ends by copying
+its evidence there (:mod:`aimm.evidence`: tables, ``study_*`` figures, ``command.txt`` with the
+command, the package versions and the wall time). A smoke run writes none unless ``results_dir``
+is given.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -39,17 +45,42 @@ RELEASE_SIZES: dict[str, Any] = {
 
 #: Notebook parameters of each preset (see :class:`aimm.notebook.NotebookParams`). ``demo`` is
 #: the README's main job, sized to finish within 30 minutes on 2 CPU cores. The CPU presets
-#: (``demo``, ``smoke``) cap the warmup at 10% of a task's steps (``max_warmup_fraction`` 0.1):
-#: with 16 steps per task the release's 50 warmup steps would never reach the peak lr. The
-#: release-sized presets keep the release's exact 50 warmup steps (no cap).
+#: (``demo``, ``study``, ``smoke``) cap the warmup at 10% of a task's steps
+#: (``max_warmup_fraction`` 0.1): with 32-48 steps per task the release's 50 warmup steps would
+#: never reach the peak lr. The release-sized presets keep the release's exact 50 warmup steps.
 CPU_WARMUP = {"max_warmup_fraction": 0.1}
 PRESETS: dict[str, dict[str, Any]] = {
+    # The main job: seq_lora and AIMMerging, sized so that AIMMerging's controller acts. 128
+    # training examples at batch 4 = 32 inner steps per task; label scoring (classification
+    # tasks: the likelihood of each label, faster than generating) on 40 test examples per task.
+    # One change to AIMMerging's release options: initial_interval (S0) 2 instead of 8. With S0 8
+    # a 32-step task gets two forced merges (steps 16 and 32) and never leaves the cold start
+    # (the first 4 merges keep S0), so the interval cannot move. S0 2 scales the first interval
+    # to the task (release: ~310 steps per task / S0 8, ~39 intervals; here 32 / 2 = 16): merges
+    # come at least every 2 * S0 = 4 steps, so every task after the first has 5 merges or more
+    # even when all are forced, the cold start ends, and S adapts from the 5th merge on.
     "demo": {
         "benchmark": "standard_cl", "order": 1, "tasks": None,
         "methods": ["seq_lora", "aimmerging"], "model": "smollm2-135m",
-        "max_train": 64, "max_test": 40, "epochs": 1, "seeds": [42],
+        "max_train": 128, "max_test": 40, "epochs": 1, "seeds": [42],
+        "method_options": {"aimmerging": {"initial_interval": 2}},
         "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
-                  "eval_batch_size": 20, "dtype": "bfloat16", **CPU_WARMUP},
+                  "eval_mode": "label_scoring", "eval_batch_size": 20, "dtype": "bfloat16",
+                  **CPU_WARMUP},
+    },
+    # The CPU study (issue #14): 4 methods x 3 seeds on Standard CL order 1, label scoring on 100
+    # test examples per task; 192 training examples at batch 4 = 48 inner steps per task. The
+    # release controller (S0 8, cold start 3) with AIMMerging's `fast` signals (probe every 2nd
+    # step on half a batch, rehearsal at the inner batch size): the release probe costs ~3x a
+    # seq_lora step (benchmarks/results/cpu-2core), over the 120-minute budget of 2 idle cores.
+    "study": {
+        "benchmark": "standard_cl", "order": 1, "orders": [1], "tasks": None,
+        "methods": ["seq_lora", "replay", "aimmerging", "recurrent_kif"], "model": "smollm2-135m",
+        "max_train": 192, "max_test": 100, "epochs": 1, "seeds": [1, 2, 3],
+        "method_options": {"aimmerging": {"fast": True}}, "fig_formats": ["html", "png"],
+        "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
+                  "eval_mode": "label_scoring", "eval_batch_size": 20, "dtype": "bfloat16",
+                  **CPU_WARMUP},
     },
     "smoke": {  # tiny random model on three tasks (tests; pass data_dir for a tiny benchmark)
         "benchmark": "long_sequence", "order": None, "tasks": ["sst-2", "agnews", "rte"],
@@ -63,6 +94,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "superni": {"benchmark": "superni", "order": 1, "methods": ALL_METHODS,
                 "model": "smollm2-135m", "seeds": [42], **RELEASE_SIZES},
 }
+
+
+#: Presets whose evidence is committed: preset -> results folder (relative to the working dir).
+RESULTS: dict[str, str] = {"study": "results/study-cpu"}
 
 
 def preset_parameters(preset: str, run_root: str | Path = "runs", fig_dir: str | Path = "Fig",
@@ -110,11 +145,27 @@ def _kernel_name(workdir: Path) -> str:
     return "aimm-reproduce"
 
 
+def command_line(preset: str, **flags: Any) -> str:
+    """``aimm reproduce --preset P`` with the flags given (None / False left out)."""
+    parts = ["aimm", "reproduce", "--preset", preset]
+    for key, value in flags.items():
+        if value is True:
+            parts.append(f"--{key.replace('_', '-')}")
+        elif value not in (None, False):
+            parts += [f"--{key.replace('_', '-')}", str(value)]
+    return shlex.join(parts)
+
+
 def reproduce(preset: str = "demo", run_root: str | Path = "runs", fig_dir: str | Path = "Fig",
               data_dir: str | Path | None = None, model: str | None = None, smoke: bool = False,
               notebooks: tuple[str, ...] = NOTEBOOKS, progress: bool = True,
-              log_output: bool = True, **overrides: Any) -> Path:
+              log_output: bool = True, results_dir: str | Path | None = None,
+              command: str | None = None, **overrides: Any) -> Path:
     """Execute notebooks 01-04 with the preset's parameters; returns ``<run_root>/<preset>``.
+
+    ``results_dir``: where the evidence goes (default: the preset's :data:`RESULTS` folder, none
+    for a smoke run); ``command``: the command line recorded in its ``command.txt`` (default:
+    the equivalent ``aimm reproduce`` line).
 
     Without ``data_dir`` the data is looked up in the documented places and, when none is
     found, downloaded into ``./data/aimm`` (:func:`aimm.data.download.ensure_data`; with
@@ -128,6 +179,7 @@ def reproduce(preset: str = "demo", run_root: str | Path = "runs", fig_dir: str 
 
     from aimm.plots.output import usable_formats
 
+    started = time.time()
     params = preset_parameters(preset, run_root=run_root, fig_dir=fig_dir, data_dir=data_dir,
                                model=model, smoke=smoke, **overrides)
     params["data_dir"] = str(ensure_data(params.get("data_dir")).resolve())  # found or downloaded
@@ -154,10 +206,24 @@ def reproduce(preset: str = "demo", run_root: str | Path = "runs", fig_dir: str 
                                           "seconds": round(time.perf_counter() - start, 1)}
     figures = sorted(str(p) for p in Path(params["fig_dir"]).glob("*") if p.is_file())
     summary["figures"] = figures
+    summary["wall_seconds"] = round(time.time() - started, 1)
     from aimm.runs import atomic_write_json
 
     atomic_write_json(out / "reproduce.json", summary)
+    if results_dir is None and not smoke:
+        results_dir = RESULTS.get(preset)
+    if results_dir is not None:
+        from aimm.evidence import write_results
+
+        command = command or command_line(preset, run_root=run_root, fig_dir=fig_dir,
+                                          data_dir=data_dir, model=model, smoke=smoke,
+                                          results_dir=results_dir)
+        written = write_results(results_dir, params["output_dir"] or out, params["fig_dir"],
+                                command, time.time() - started, started, summary["notebooks"],
+                                params)
+        if log_output:
+            print(f"[aimm reproduce] {len(written)} files of evidence in {results_dir}", flush=True)
     return out
 
 
-__all__ = ["NOTEBOOKS", "PRESETS", "preset_parameters", "reproduce"]
+__all__ = ["NOTEBOOKS", "PRESETS", "RESULTS", "command_line", "preset_parameters", "reproduce"]

