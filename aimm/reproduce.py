@@ -69,18 +69,21 @@ PRESETS: dict[str, dict[str, Any]] = {
                   **CPU_WARMUP},
     },
     # The CPU study (issue #14): 4 methods x 3 seeds on Standard CL order 1, label scoring on 100
-    # test examples per task; 192 training examples at batch 4 = 48 inner steps per task. The
+    # test examples per task; 96 training examples at batch 2 = 48 inner steps per task. The
     # release controller (S0 8, cold start 3) with AIMMerging's `fast` signals (probe every 2nd
     # step on half a batch, rehearsal at the inner batch size): the release probe costs ~3x a
-    # seq_lora step (benchmarks/results/cpu-2core), over the 120-minute budget of 2 idle cores.
+    # seq_lora step (benchmarks/results/cpu-2core). Sized for the 120-minute budget of 2 idle
+    # cores (estimated ~105 min from per-step timings: batch 2 rather than 4 halves the inner
+    # steps' cost, memory batch 4 Recurrent-KIF's rehearsal, and seq_lora / replay do not record
+    # the forgetting signal, probe_history false).
     "study": {
         "benchmark": "standard_cl", "order": 1, "orders": [1], "tasks": None,
         "methods": ["seq_lora", "replay", "aimmerging", "recurrent_kif"], "model": "smollm2-135m",
-        "max_train": 192, "max_test": 100, "epochs": 1, "seeds": [1, 2, 3],
+        "max_train": 96, "max_test": 100, "epochs": 1, "seeds": [1, 2, 3],
         "method_options": {"aimmerging": {"fast": True}}, "fig_formats": ["html", "png"],
-        "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
-                  "eval_mode": "label_scoring", "eval_batch_size": 20, "dtype": "bfloat16",
-                  **CPU_WARMUP},
+        "extra": {"batch_size": 2, "max_input_len": 256, "memory_batch_size": 4,
+                  "probe_history": False, "eval_mode": "label_scoring", "eval_batch_size": 20,
+                  "dtype": "bfloat16", **CPU_WARMUP},
     },
     "smoke": {  # tiny random model on three tasks (tests; pass data_dir for a tiny benchmark)
         "benchmark": "long_sequence", "order": None, "tasks": ["sst-2", "agnews", "rte"],

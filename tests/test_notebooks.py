@@ -298,11 +298,9 @@ def study_smoke(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("nb-study")
     bench = make_synthetic_benchmark(root / "bench", tasks=STUDY_BENCH, n_train=16, n_test=4)
-    # batch 2: 8 steps per task, so that AIMMerging's `fast` probe (every 2nd step) merges once
-    extra = {**PRESETS["study"]["extra"], "batch_size": 2}
     out = reproduce("study", smoke=True, run_root=root / "runs", fig_dir=root / "Fig",
-                    data_dir=bench, results_dir=root / "results", seeds=[1, 2], extra=extra,
-                    progress=False, log_output=False)
+                    data_dir=bench, results_dir=root / "results", seeds=[1, 2], progress=False,
+                    log_output=False)
     return out, root / "Fig", root / "results"
 
 
@@ -483,6 +481,7 @@ def test_study_preset_is_the_issue_14_cpu_study():
     assert study["model"] == "smollm2-135m" and study["seeds"] == [1, 2, 3]
     assert study["methods"] == STUDY_METHODS
     assert study["max_test"] == 100 and study["extra"]["eval_mode"] == "label_scoring"
+    assert study["extra"]["max_warmup_fraction"] == 0.1
     cfg = next(c for c in notebook.configs(study) if c.method == "aimmerging")
     steps = math.ceil(cfg.max_train * cfg.epochs / cfg.batch_size) // cfg.grad_accum
     assert steps >= 48  # every task after the first has at least 48 inner steps
