@@ -40,7 +40,7 @@ from aimm.models import cache_root
 log = logging.getLogger(__name__)
 
 #: Bump whenever :mod:`aimm.encoding` changes how ids are made: old cache files then go unused.
-ENCODING_VERSION = 1
+ENCODING_VERSION = 2
 #: Fewer texts than this are tokenised directly (see README, "Tokenisation cache").
 MIN_CACHED = 64
 ENV_SWITCH = "AIMM_TOKEN_CACHE"
@@ -145,12 +145,20 @@ def _quiet_datasets():
             enable_progress_bars()
 
 
-def _columns(dataset, n: int) -> Encoded:
+def _text_check(text: str) -> int:
+    """A 32-bit digest of one text, stored beside its ids: a file of other texts (same length
+    and columns, e.g. copied or renamed) is never taken for this one."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "little", signed=True)
+
+
+def _columns(dataset, texts: Sequence[str]) -> Encoded:
     """``ids`` and ``cut`` columns of a cached dataset as Python lists (checked: ``n`` rows)."""
     table = dataset.data.table
-    if dataset.num_rows != n or table.column_names != ["ids", "cut"]:
-        raise ValueError(f"expected {n} rows of ids, cut; found {dataset.num_rows} rows of "
-                         f"{', '.join(table.column_names)}")
+    if dataset.num_rows != len(texts) or table.column_names != ["ids", "cut", "check"]:
+        raise ValueError(f"expected {len(texts)} rows of ids, cut, check; found {dataset.num_rows} "
+                         f"rows of {', '.join(table.column_names)}")
+    if table.column("check").to_pylist() != [_text_check(t) for t in texts]:
+        raise ValueError("the file holds the ids of other texts")
     ids = table.column("ids").combine_chunks()
     flat = ids.values.to_numpy().tolist()
     offsets = ids.offsets.to_numpy().tolist()
@@ -170,15 +178,16 @@ def _map(texts: Sequence[str], key: str, path: Path, compute: Callable[[list[str
         except BaseException as exc:
             failures.append(exc)
             raise
-        return {"ids": ids, "cut": cut}
+        return {"ids": ids, "cut": cut, "check": [_text_check(t) for t in batch]}
 
-    features = Features({"ids": List(Value("int32")), "cut": Value("bool")})
+    features = Features({"ids": List(Value("int32")), "cut": Value("bool"),
+                         "check": Value("int32")})
     with _quiet_datasets():
         out = Dataset.from_dict({"text": list(texts)}).map(
             tokenise, batched=True, batch_size=1000, input_columns="text", remove_columns=["text"],
             features=features, cache_file_name=str(path), new_fingerprint=key,
             load_from_cache_file=reuse)
-    return _columns(out, len(texts))
+    return _columns(out, texts)
 
 
 def cached_encode(tokenizer, texts: Sequence[str], params: dict,

@@ -278,6 +278,15 @@ def test_tiny_grid_killed_and_resumed_matches_an_uninterrupted_grid(tiny_study_c
     assert proc.poll() is None, "the study ended before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    # the killed cell's process may still be on its way out (its run-dir lock is released by the
+    # kernel when it has exited): a user re-running at once would see the cell "in use"
+    from aimm.study.runner import in_use
+
+    cell_dir = out / "runs" / "aimmerging-custom-s1"
+    deadline = time.monotonic() + 60
+    while in_use(cell_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not in_use(cell_dir), "the killed cell still holds its lock after 60 s"
     runs = sorted((out / "runs").iterdir())
     done = {p.name: json.loads((p / "metrics.json").read_text()).get("complete", False)
             if (p / "metrics.json").is_file() else False for p in runs}
