@@ -186,7 +186,9 @@ def reproduce(preset: str = "demo", run_root: str | Path = "runs", fig_dir: str 
     params = preset_parameters(preset, run_root=run_root, fig_dir=fig_dir, data_dir=data_dir,
                                model=model, smoke=smoke, **overrides)
     params["data_dir"] = str(ensure_data(params.get("data_dir")).resolve())  # found or downloaded
-    wanted = list(params["fig_formats"])
+    from aimm.notebook.params import NotebookParams
+
+    wanted = list(params.get("fig_formats") or NotebookParams().fig_formats)
     params["fig_formats"] = usable_formats(wanted)  # warns once when static formats are skipped
     out = Path(params["run_root"]) / params["run_name"]
     nb_out = out / "notebooks"

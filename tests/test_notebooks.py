@@ -511,3 +511,16 @@ def test_demo_preset_sizes_make_the_controller_act_even_with_forced_merges_only(
     events = controller.events
     assert len(events) >= 5 and all(e.kind == "forced" for e in events)
     assert len({events[0].interval_before, *(e.interval_after for e in events)}) >= 2
+
+
+def test_reproduce_runs_a_preset_that_names_no_figure_formats(tmp_path, tiny_data):
+    """The demo preset leaves ``fig_formats`` to the notebook default; reproduce() must fill it
+    (a KeyError here once broke `make demo` before any notebook ran)."""
+    from aimm.notebook.params import NotebookParams
+
+    out = reproduce("demo", run_root=tmp_path / "runs", fig_dir=tmp_path / "fig",
+                    data_dir=tiny_data, notebooks=(), log_output=False)
+    summary = json.loads((out / "reproduce.json").read_text())
+    kept = summary["parameters"]["fig_formats"]
+    assert "html" in kept and set(kept) | set(summary["skipped_formats"]) == set(
+        NotebookParams().fig_formats)
