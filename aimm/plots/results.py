@@ -111,11 +111,16 @@ def metrics_bars(metrics: Mapping[str, Mapping[str, Any]], title: str | None = N
             hovertemplate=f"{name}<br>%{{x}} = %{{y:.3f}}<extra></extra>"))
     if not fig.data:
         return no_data_figure("no data: no metrics", y_title="Score", title=title)
+    return grouped_bars_layout(fig, [lab for _, lab in present], title, "Score")
+
+
+def grouped_bars_layout(fig, categories: list[str], title: str | None, y_title: str):
+    """The metric bars' shared look: groups per metric in ``categories`` order, a zero line."""
     fig.add_hline(y=0, line=dict(color="black", width=0.8))
     fig.update_layout(title=title, barmode="group", bargap=0.25, bargroupgap=0.05,
                       xaxis=dict(title=None, type="category", categoryorder="array",
-                                 categoryarray=[lab for _, lab in present]),
-                      yaxis=dict(title="Score"))
+                                 categoryarray=categories),
+                      yaxis=dict(title=y_title))
     fig.update_xaxes(showgrid=False)
     return apply_paper_theme(fig, "one")
 

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import pandas as pd
 import plotly.graph_objects as go
 
-from aimm.plots.results import METRIC_KEYS
+from aimm.plots.results import METRIC_KEYS, grouped_bars_layout
 from aimm.plots.theme import (
     PALETTE,
     apply_paper_theme,
@@ -83,13 +83,7 @@ def method_ci_bars(summary: pd.DataFrame, order: Any = None, title: str | None =
             hovertemplate=f"{name} (n={n})<br>%{{x}} = %{{y:.3f}}<br>95% CI %{{customdata}}<extra></extra>"))
     if not fig.data:
         return no_data_figure("no data: no metrics in the study summary", y_title="Score", title=title)
-    fig.add_hline(y=0, line=dict(color="black", width=0.8))
-    fig.update_layout(title=title, barmode="group", bargap=0.25, bargroupgap=0.05,
-                      xaxis=dict(title=None, type="category", categoryorder="array",
-                                 categoryarray=[lab for _, lab in present]),
-                      yaxis=dict(title="Score (mean, 95% CI)"))
-    fig.update_xaxes(showgrid=False)
-    return apply_paper_theme(fig, "one")
+    return grouped_bars_layout(fig, [lab for _, lab in present], title, "Score (mean, 95% CI)")
 
 
 def seed_signals_figure(runs: Trajectories, task: Any, title: str | None = None,
