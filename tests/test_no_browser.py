@@ -20,7 +20,7 @@ from conftest import make_tiny_benchmark
 from test_notebooks import assert_html_figures
 
 REPO = Path(__file__).resolve().parents[1]
-HIDE = 'IFS=:; for f in $AIMM_HIDE; do mount --bind /dev/null "$f" || exit 97; done; exec "$@"'
+HIDE = 'IFS=:; for f in $AIMM_HIDE; do "$AIMM_MOUNT" --bind /dev/null "$f" || exit 97; done; exec "$@"'
 
 
 def installed_browsers() -> list[str]:
@@ -46,11 +46,14 @@ def no_browser_command(argv: list[str], hidden: list[str]) -> tuple[list[str], d
     if not hidden:
         return argv, {}
     userns = [] if os.geteuid() == 0 else ["--map-root-user"]
-    if shutil.which("unshare") is None or subprocess.run(
-            ["unshare", "--mount", *userns, "true"], capture_output=True).returncode != 0:
+    # absolute paths: the child runs with PATH cut down to the venv
+    unshare, mount, sh = (shutil.which(tool) for tool in ("unshare", "mount", "sh"))
+    if None in (unshare, mount, sh) or subprocess.run(
+            [unshare, "--mount", *userns, "true"], capture_output=True).returncode != 0:
         pytest.skip(f"a browser is installed ({', '.join(hidden)}) and this machine cannot hide "
                     "it (no mount namespaces for `unshare --mount`)")
-    return ["unshare", "--mount", *userns, "sh", "-c", HIDE, "sh", *argv], {"AIMM_HIDE": ":".join(hidden)}
+    return ([unshare, "--mount", *userns, sh, "-c", HIDE, "sh", *argv],
+            {"AIMM_HIDE": ":".join(hidden), "AIMM_MOUNT": mount})
 
 
 def test_hiding_makes_a_file_unfindable(tmp_path):
