@@ -75,14 +75,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # seq_lora step (benchmarks/results/cpu-2core). Sized for the 120-minute budget of 2 idle
     # cores (estimated ~105 min from per-step timings: batch 2 rather than 4 halves the inner
     # steps' cost, memory batch 4 Recurrent-KIF's rehearsal, and seq_lora / replay do not record
-    # the forgetting signal, probe_history false).
+    # the forgetting signal, record_forgetting_signal false).
     "study": {
         "benchmark": "standard_cl", "order": 1, "orders": [1], "tasks": None,
         "methods": ["seq_lora", "replay", "aimmerging", "recurrent_kif"], "model": "smollm2-135m",
         "max_train": 96, "max_test": 100, "epochs": 1, "seeds": [1, 2, 3],
         "method_options": {"aimmerging": {"fast": True}}, "fig_formats": ["html", "png"],
         "extra": {"batch_size": 2, "max_input_len": 256, "memory_batch_size": 4,
-                  "probe_history": False, "eval_mode": "label_scoring", "eval_batch_size": 20,
+                  "record_forgetting_signal": False, "eval_mode": "label_scoring", "eval_batch_size": 20,
                   "dtype": "bfloat16", **CPU_WARMUP},
     },
     "smoke": {  # tiny random model on three tasks (tests; pass data_dir for a tiny benchmark)
