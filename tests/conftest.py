@@ -66,3 +66,12 @@ def real_data_or_skip() -> Path:
             pytest.fail(f"benchmark data missing at {path} (CI must have it)")
         pytest.skip(f"benchmark data not found at {path}")
     return path
+
+
+def nan_loss_at(stage_index: int, step: int):
+    """An engine ``loss_hook`` that makes inner step ``step`` of stage ``stage_index`` NaN."""
+    def hook(ctx, loss):
+        if ctx.stage.index == stage_index and ctx.step == step - 1:
+            return loss * float("nan")
+        return loss
+    return hook

@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import nan_loss_at
+
 from aimm.cli import main
 from aimm.config import RunConfig
 from aimm.data import DataError, main_check
@@ -40,12 +42,6 @@ def _args(data: Path, run_dir: Path, *extra: str, tasks: str = "sst-2,agnews") -
     return ["run", "--config", str(path), *extra]
 
 
-def _nan_at(stage_index: int, step: int):
-    def hook(ctx, loss):
-        if ctx.stage.index == stage_index and ctx.step == step - 1:
-            return loss * float("nan")
-        return loss
-    return hook
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +164,7 @@ def test_corrupt_within_stage_checkpoint_is_reported_then_the_stage_restarts(ref
     ref, data = reference
     cfg = _cfg(data, tmp_path / "run")
     engine = Engine(cfg)
-    engine.loss_hook = _nan_at(1, 3)  # stage 2 stops at step 3; its checkpoint holds step 2
+    engine.loss_hook = nan_loss_at(1, 3)  # stage 2 stops at step 3; its checkpoint holds step 2
     with pytest.raises(FloatingPointError, match="step 3: training loss is nan"):
         engine.run()
     ckpt = tmp_path / "run" / "checkpoints" / "stage-02.safetensors"
@@ -192,7 +188,7 @@ def test_a_checkpoint_written_by_this_version_round_trips_exactly(reference, tmp
     ref, data = reference
     cfg = _cfg(data, tmp_path / "run")
     engine = Engine(cfg)
-    engine.loss_hook = _nan_at(1, 3)
+    engine.loss_hook = nan_loss_at(1, 3)
     with pytest.raises(FloatingPointError):
         engine.run()
     run_dir = run(cfg)

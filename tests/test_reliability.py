@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import nan_loss_at
+
 from aimm.config import ConfigError, RunConfig
 from aimm.training.engine import Engine, NonFiniteLossError, run
 from aimm.runs import load_metrics, load_scores_matrix, load_trajectory, load_warnings
@@ -94,18 +96,12 @@ def test_truncation_and_unseen_labels_are_recorded(tiny_config, tiny_data, tmp_p
 
 
 # ------------------------------------------------------------------ NaN
-def _nan_at(stage_index: int, step: int):
-    def hook(ctx, loss):
-        if ctx.stage.index == stage_index and ctx.step == step - 1:
-            return loss * float("nan")
-        return loss
-    return hook
 
 
 def test_nan_loss_stops_with_the_last_good_stage_intact(tiny_config):
     cfg = tiny_config(method="seq_lora")
     engine = Engine(cfg)
-    engine.loss_hook = _nan_at(1, 2)
+    engine.loss_hook = nan_loss_at(1, 2)
     with pytest.raises(NonFiniteLossError, match="step 2: training loss is nan"):
         engine.run()
     state = json.loads((Path(cfg.run_dir) / "state.json").read_text())
@@ -115,7 +111,7 @@ def test_nan_loss_stops_with_the_last_good_stage_intact(tiny_config):
 
 def test_nan_loss_can_be_skipped_and_counted(tiny_config):
     engine = Engine(tiny_config(method="seq_lora", nan_policy="skip"))
-    engine.loss_hook = _nan_at(1, 2)
+    engine.loss_hook = nan_loss_at(1, 2)
     run_dir = engine.run()
     steps, _ = load_trajectory(run_dir)
     assert steps["skipped"].fillna(0).sum() == 1

@@ -14,6 +14,8 @@ import typing
 from pathlib import Path
 
 import pytest
+
+from conftest import nan_loss_at
 import torch
 import yaml
 
@@ -50,12 +52,6 @@ class _Plant:
         return (os.mkdir, (self.marker,))
 
 
-def _stop_at(stage_index: int, step: int):
-    def hook(ctx, loss):
-        if ctx.stage.index == stage_index and ctx.step == step - 1:
-            return loss * float("nan")
-        return loss
-    return hook
 
 
 def test_crafted_pickle_checkpoint_is_never_executed_on_resume(tiny_config, tmp_path):
@@ -67,7 +63,7 @@ def test_crafted_pickle_checkpoint_is_never_executed_on_resume(tiny_config, tmp_
 
     cfg = tiny_config(method="seq_lora", checkpoint_every=1)
     engine = Engine(cfg)
-    engine.loss_hook = _stop_at(1, 3)  # stage 2 stops at step 3: its checkpoint holds step 2
+    engine.loss_hook = nan_loss_at(1, 3)  # stage 2 stops at step 3: its checkpoint holds step 2
     with pytest.raises(FloatingPointError):
         engine.run()
     ckpt_dir = Path(cfg.run_dir) / "checkpoints"
