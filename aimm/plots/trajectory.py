@@ -22,9 +22,10 @@ from aimm.plots.theme import (
 
 X_INNER = "Inner step"
 Y_FORGET = "Forgetting signal (memory loss)"
-Y_FORGET_RELEASE = "Forgetting signal (memory loss ÷ grad. accum., release scale)"
+# two lines: one line is longer than a 5-inch figure is high, and the axis title gets cut off
+Y_FORGET_RELEASE = "Forgetting signal<br>(memory loss ÷ grad. accum., release scale)"
 Y_HISTORY = "History loss"
-Y_HISTORY_RELEASE = "History loss (÷ grad. accum., release scale)"
+Y_HISTORY_RELEASE = "History loss<br>(÷ grad. accum., release scale)"
 Y_LEARN = "Learning signal Λ"
 Y_INTERVAL = "Merge interval S"
 EVENTS_AXIS = "y3"  # hidden 0..1 axis overlaying y: merge events as full-height vertical lines
