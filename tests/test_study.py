@@ -388,3 +388,15 @@ def test_controller_table_per_seed_and_task():
     assert table["intervals"].tolist() == ["4->9", "4->10"]
     h1, h2 = runs["seed 1"][0]["forgetting_signal"], steps["forgetting_signal"]
     assert table["max_signal_ratio"].tolist() == pytest.approx([h1.max() / 2.0, h2[10:].max() / 0.5])
+
+
+def test_controller_table_lists_every_kind_the_method_declares_even_when_none_happened():
+    from aimm.methods import METHODS
+    from aimm.study import controller_table
+
+    steps, merges = seed_run(1)
+    merges = merges[merges["kind"] != "early"]
+    table = controller_table({"seed 1": (steps, merges)}, kinds=METHODS["aimmerging"].merge_kinds)
+    assert table["merges_early"].tolist() == [0]
+    assert table["merges"].tolist() == [len(merges)]
+    assert {"merges_forced", "merges_planned"} <= set(table.columns)

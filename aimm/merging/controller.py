@@ -53,6 +53,8 @@ __all__ = ["ControllerConfig", "ControllerState", "MergeController", "MergeEvent
 
 VARIANTS = ("official", "paper")
 NORMALIZE_BY = ("planned", "actual")
+#: The kinds of a merge event (see the module docstring).
+MERGE_KINDS = ("forced", "planned", "early")
 TREND_METHODS = ("slope", "endpoints")
 
 #: Fusion weight lookup of the release, ``(w_in, w_out)``.

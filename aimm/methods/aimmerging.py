@@ -28,6 +28,7 @@ from typing import Any
 
 from aimm.errors import ConfigError
 from aimm.merging import ControllerConfig, MergeController
+from aimm.merging.controller import MERGE_KINDS
 from aimm.merging import fusion
 from aimm.methods.inner_outer import InnerOuterMerging, OuterOptions
 
@@ -82,6 +83,7 @@ class AIMMerging(InnerOuterMerging):
     color = "#D55E00"  # vermillion
     Options = AIMMergingOptions
     smoke_options = {"initial_interval": 2}
+    merge_kinds = MERGE_KINDS
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

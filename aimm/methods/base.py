@@ -66,6 +66,7 @@ class Method:
     joint: ClassVar[bool] = False  # one stage over all tasks (metrics: OP only)
     fresh_adapter_per_stage: ClassVar[bool] = False  # single-task reference
     merges: ClassVar[bool] = False  # fuses updates within a stage (merge events, intervals)
+    merge_kinds: ClassVar[tuple[str, ...]] = ()  # the kinds its merge events can have (tables list each, 0s too)
     smoke_options: ClassVar[dict[str, Any]] = {}  # options of a tiny smoke run (a merge in 4 steps)
 
     @classmethod

@@ -54,6 +54,7 @@ class RecurrentKIF(InnerOuterMerging):
     display_name = "Recurrent-KIF"
     color = "#E69F00"  # orange
     Options = RecurrentKIFOptions
+    merge_kinds = ("fixed",)  # one merge every `interval` steps
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

@@ -132,7 +132,8 @@ def controller_report(out_dir: str | Path, method: str | None = None) -> pd.Data
         return pd.DataFrame()
     parts = []
     for order in _orders(_study(out_dir), method):
-        table = controller_table(seed_trajectories(out_dir, method, order))
+        table = controller_table(seed_trajectories(out_dir, method, order),
+                                 kinds=getattr(METHODS.get(method), "merge_kinds", ()))
         if table.empty:
             continue
         table = table[table["merges"] > 0] if "merges" in table.columns else table

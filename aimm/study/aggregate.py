@@ -227,15 +227,18 @@ def paired_table(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
-def controller_table(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> pd.DataFrame:
+def controller_table(runs: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
+                     kinds: tuple[str, ...] = ()) -> pd.DataFrame:
     """What a merging method's controller did, per seed and task: merges by kind, the interval
     values S took (in order of appearance), and the largest forgetting signal ÷ threshold
     (``max_signal_ratio`` >= 1 means the forgetting threshold was reached at least once).
 
-    ``runs``: ``{"seed 1": (steps, merges), ...}`` as :func:`seed_trajectories` returns.
+    ``runs``: ``{"seed 1": (steps, merges), ...}`` as :func:`seed_trajectories` returns;
+    ``kinds``: merge kinds that get a column even when no run had one (the method's
+    ``merge_kinds``: an ``early`` column of zeros is a finding).
     """
     rows = []
-    kinds = sorted({str(k) for _, m in runs.values() if "kind" in m.columns
+    kinds = sorted(set(kinds) | {str(k) for _, m in runs.values() if "kind" in m.columns
                     for k in m["kind"].dropna()})
     for label, (steps, merges) in runs.items():
         tasks = list(dict.fromkeys(steps["task"])) if "task" in steps.columns else []
