@@ -346,3 +346,17 @@ def test_bad_options_give_one_clear_config_error(tiny_config, tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_train_overhead_settings_methods_measures_every_other_sequential_method():
+    from benchmarks.train_overhead import expand_settings, variant_name, variant_options
+
+    settings = expand_settings("release,fast,methods")
+    assert settings[:2] == ["release", "fast"] and set(NEW) <= set(settings[2:])
+    assert not {"seq_lora", "aimmerging", "mtl", "single_task"} & set(settings[2:])
+    args = SimpleNamespace(initial_interval=4, option={})
+    assert variant_options("ewc", args) == ("ewc", {})
+    assert variant_options("fast", args) == ("aimmerging", {"initial_interval": 4, "fast": True})
+    assert [variant_name(s) for s in ("release", "lwf")] == ["aimmerging_release", "lwf"]
+    with pytest.raises(SystemExit, match="unknown setting 'mtl'"):
+        variant_options("mtl", args)
