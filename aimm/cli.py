@@ -1,4 +1,4 @@
-"""Command line: ``aimm run | study | report | export | data convert | data check | data download | reproduce``."""
+"""Command line: ``aimm run | study | report | export | methods | data convert | data check | data download | reproduce``."""
 
 from __future__ import annotations
 
@@ -227,6 +227,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    from aimm.methods import METHODS
+
+    for name, cls in METHODS.items():
+        print(f"{name}\t{cls.description}")
+    return 0
+
+
 def cmd_reproduce(args) -> int:
     from aimm.reproduce import reproduce
 
@@ -280,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("out")
     ex.add_argument("--stage", type=int, help="stage number k (1-based; default: the last completed)")
+    sub.add_parser("methods", help="list every method: its name, a tab, its one-line description")
     rp = sub.add_parser("reproduce", help="run the notebooks 01-04 with papermill")
     rp.add_argument("--preset", default="demo",
                     help="demo | study | smoke | standard_cl | long_sequence | superni")
@@ -298,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "study": cmd_study, "report": cmd_report, "data": cmd_data,
-                "reproduce": cmd_reproduce, "export": cmd_export}
+                "reproduce": cmd_reproduce, "export": cmd_export, "methods": cmd_methods}
     try:
         return handlers[args.cmd](args)
     except (ConfigError, FileNotFoundError, OSError, ValueError, ArithmeticError) as exc:

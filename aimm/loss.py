@@ -24,6 +24,18 @@ def lm_loss(model: torch.nn.Module, batch: dict, is_seq2seq: bool) -> torch.Tens
     """Mean cross-entropy over the labelled (target) tokens of ``batch`` (a 0-dim tensor)."""
     if is_seq2seq:
         return model(**batch).loss
+    logits, targets = target_logits(model, batch, is_seq2seq)
+    return token_cross_entropy(logits, targets)
+
+
+def target_logits(model: torch.nn.Module, batch: dict, is_seq2seq: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, targets)``: ``logits[b, i]`` predicts ``targets[b, i]`` (``IGNORE_INDEX`` where
+    nothing is predicted), for a loss or a distillation on the target positions only.
+
+    Decoder-only: the last ``K`` positions (``logits_to_keep``), shifted by one; seq2seq: the
+    decoder's logits and the labels."""
+    if is_seq2seq:
+        return model(**batch).logits, batch["labels"]
     labels = batch["labels"]
     keep = batch.get("logits_to_keep")
     if keep is None:  # a hand-made batch: derive K from the labels (one host read)
@@ -31,9 +43,10 @@ def lm_loss(model: torch.nn.Module, batch: dict, is_seq2seq: bool) -> torch.Tens
     keep = min(keep, labels.shape[1])
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
     logits = model(**inputs, logits_to_keep=keep).logits
-    tail = labels[:, -keep:]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        tail[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
+    return logits[:, :-1], labels[:, -keep:][:, 1:]
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the labelled positions of :func:`target_logits`' output."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)

@@ -5,7 +5,9 @@
 In ONE process, on the same model, data and number of inner steps, runs a 2-task sequence with
 ``seq_lora`` and with ``aimmerging`` (``--settings release,fast``: the release's settings and the
 ``fast`` preset) and compares task 2, where AIMMerging is active (forgetting probes, rehearsal
-steps, merges). Per run it reads the stage's ``stage.json`` (train / probe / rehearsal seconds,
+steps, merges). ``--settings`` may also name other methods (``methods``: every other registered
+sequential method, e.g. ewc, agem, lwf), each run at its default options and compared the same
+way (× seq_lora per optimiser step). Per run it reads the stage's ``stage.json`` (train / probe / rehearsal seconds,
 inner + outer optimiser steps, merges) and records per-step times (``on_step``), merge events
 (``on_merge``) and the peak memory of task 2 (CUDA: ``max_memory_allocated`` reset at the end
 of task 1; CPU: peak RSS sampled by a thread).
@@ -143,14 +145,36 @@ def auto_buffer_fraction(n_task1: int, need: int) -> float:
 
 
 # ------------------------------------------------------------------------------ one run
+AIMMERGING_SETTINGS = ("release", "fast")
+
+
+def other_methods() -> list[str]:
+    """``--settings methods``: every registered sequential method but seq_lora and aimmerging
+    (read from ``METHODS``: a new method gets its line without an edit here)."""
+    from aimm.methods import METHODS
+
+    return [n for n, cls in METHODS.items() if cls.sequential() and n not in (SEQ, "aimmerging")]
+
+
+def expand_settings(text: str) -> list[str]:
+    return [m for s in text.split(",") if s for m in (other_methods() if s == "methods" else [s])]
+
+
+def variant_name(setting: str, suffix: str = "") -> str:
+    return (f"aimmerging_{setting}" if setting in AIMMERGING_SETTINGS else setting) + suffix
+
+
 def variant_options(setting: str, args) -> tuple[str, dict]:
     if setting == SEQ:
         return SEQ, {}
+    if setting not in AIMMERGING_SETTINGS:
+        if setting in other_methods():  # another method at its default options
+            return setting, {}
+        raise SystemExit(f"--settings: unknown setting {setting!r}; choose release, fast, methods "
+                         f"or a method of {', '.join(other_methods())}")
     opts: dict[str, Any] = {"initial_interval": args.initial_interval}
     if setting == "fast":
         opts["fast"] = True
-    elif setting != "release":
-        raise SystemExit(f"--settings: unknown setting {setting!r}; choose release, fast")
     opts.update(args.option)
     return "aimmerging", opts
 
@@ -298,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--compile-settings", default=None, help="settings of the compiled runs")
     ap.add_argument("--compile-repeats", type=int, default=None, help="repeats of the compiled runs")
     ap.add_argument("--fused-optimizer", action="store_true", help="AdamW(fused=True)")
-    ap.add_argument("--settings", default="release,fast", help="aimmerging settings: release,fast")
+    ap.add_argument("--settings", default="release,fast",
+                    help="aimmerging settings (release, fast) and other methods at their defaults "
+                         "(a name, or `methods`: every other registered sequential method)")
     ap.add_argument("-o", "--option", action="append", type=parse_option, default=[],
                     metavar="KEY=VALUE", help="extra aimmerging option for every setting")
     ap.add_argument("--repeats", type=int, default=2)
@@ -347,11 +373,11 @@ def main(argv=None) -> dict:
     plan = []  # (mode, repeats, [(variant name, setting)])
     for mode in modes:
         text = args.compile_settings if mode == "compile" and args.compile_settings else args.settings
-        settings = [s for s in text.split(",") if s]
+        settings = expand_settings(text)
         for s in settings:
             variant_options(s, args)  # fail early on a bad setting
         suffix = "+compile" if mode == "compile" else ""
-        names = [(SEQ + suffix, SEQ)] + [(f"aimmerging_{s}{suffix}", s) for s in settings]
+        names = [(SEQ + suffix, SEQ)] + [(variant_name(s, suffix), s) for s in settings]
         repeats = args.compile_repeats if mode == "compile" and args.compile_repeats else args.repeats
         plan.append((mode, repeats, names))
     variants = [name for _, _, names in plan for name, _ in names]

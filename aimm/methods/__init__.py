@@ -9,9 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aimm.errors import ConfigError
+from aimm.methods.agem import AGEM
 from aimm.methods.aimmerging import AIMMerging
 from aimm.methods.base import Method, NoOptions, Stage
 from aimm.methods.baselines import MultiTask, Replay, SeqLoRA, SingleTask
+from aimm.methods.ewc import EWC
+from aimm.methods.lwf import LwF
 from aimm.methods.recurrent_kif import RecurrentKIF
 from aimm.util import did_you_mean
 
@@ -20,7 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The registry: method name -> class (the one way to register a method).
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SeqLoRA, Replay, MultiTask, SingleTask, AIMMerging, RecurrentKIF)
+    cls.name: cls for cls in (SeqLoRA, Replay, MultiTask, SingleTask, AIMMerging, RecurrentKIF,
+                              EWC, AGEM, LwF)
 }
 
 

@@ -34,6 +34,7 @@ default)::
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -60,6 +61,9 @@ class Method:
     # the method's facts: the engine, plots, notebooks and reproduce read them from here
     name: ClassVar[str] = "base"  # registry key, config value, run-dir label
     display_name: ClassVar[str] = "Base"  # in figures and tables
+    # one line for `aimm methods`; a subclass without one gets its docstring's first line
+    # (the class's, else its module's)
+    description: ClassVar[str] = "plain sequential LoRA fine-tuning, no memory, no merging"
     color: ClassVar[str] = "#7F7F7F"  # its colour in every figure (Okabe-Ito palette)
     Options: ClassVar[type] = NoOptions
     uses_memory: ClassVar[bool] = False  # build a memory buffer of earlier tasks
@@ -68,6 +72,13 @@ class Method:
     merges: ClassVar[bool] = False  # fuses updates within a stage (merge events, intervals)
     merge_kinds: ClassVar[tuple[str, ...]] = ()  # the kinds its merge events can have (tables list each, 0s too)
     smoke_options: ClassVar[dict[str, Any]] = {}  # options of a tiny smoke run (a merge in 4 steps)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "description" not in cls.__dict__:
+            module = sys.modules.get(cls.__module__)
+            cls.description = (_first_line(cls.__doc__) or _first_line(getattr(module, "__doc__", None))
+                               or cls.display_name)
 
     @classmethod
     def sequential(cls) -> bool:
@@ -172,3 +183,8 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any], ctx: "TrainContext") -> None:
         """Restore :meth:`state_dict` inside a stage (after ``on_stage_start``)."""
+
+
+def _first_line(doc: str | None) -> str:
+    """The first non-empty line of a docstring, stripped ("" for none)."""
+    return next((line.strip() for line in (doc or "").splitlines() if line.strip()), "")
