@@ -12,7 +12,9 @@ from aimm.errors import ConfigError
 from aimm.methods.aimmerging import AIMMerging
 from aimm.methods.base import Method, NoOptions, Stage
 from aimm.methods.baselines import MultiTask, Replay, SeqLoRA, SingleTask
+from aimm.methods.progprompt import ProgPrompt
 from aimm.methods.recurrent_kif import RecurrentKIF
+from aimm.methods.seq_ft import SeqFT
 from aimm.util import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -20,7 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The registry: method name -> class (the one way to register a method).
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SeqLoRA, Replay, MultiTask, SingleTask, AIMMerging, RecurrentKIF)
+    cls.name: cls for cls in (SeqLoRA, Replay, MultiTask, SingleTask, AIMMerging, RecurrentKIF,
+                              SeqFT, ProgPrompt)
 }
 
 

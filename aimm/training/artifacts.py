@@ -82,7 +82,8 @@ def write_stage(ctx: "TrainContext", method: "Method", stage_dir: Path,
     cfg, stage, accelerator = ctx.cfg, ctx.stage, ctx.accelerator
     model = accelerator.unwrap_model(ctx.model)
     atomic_write_bytes(stage_dir / "adapter.safetensors", safetensors_bytes(lora_state_dict(model)))
-    save_adapter(model, stage_dir / "adapter", base_model_name(cfg.model))  # PEFT's format
+    if method.peft_adapter:  # a full fine-tune's weights are its method state instead
+        save_adapter(model, stage_dir / "adapter", base_model_name(cfg.model))  # PEFT's format
     atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
     atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
     atomic_write_json(stage_dir / "memory.json", ctx.memory_ids)
