@@ -5,8 +5,9 @@ The stage folder ``stages/<k>_<name>/`` (see :mod:`aimm.runs` for the whole layo
 (PEFT's format, :mod:`aimm.export`; none where the method's ``peft_adapter`` is False),
 ``steps.csv``, ``merges.csv``, ``memory.json``, ``stage.json`` (counts, timings, training and
 evaluation truncation) and, for a method with cross-stage state, ``method_state.safetensors``
-+ ``method_state.json`` (tensors in safetensors, the rest JSON; never pickle). The result set (``scores.csv``, ``scores_matrix.csv``,
-``metrics.json``) is computed first, from :mod:`aimm.metrics` only, then written as one set.
++ ``method_state.json`` (tensors in safetensors, the rest JSON; never pickle). The result set
+(``scores.csv``, ``scores_matrix.csv``, ``metrics.json``) is computed first, from
+:mod:`aimm.metrics` only, then written as one set.
 """
 
 from __future__ import annotations
