@@ -222,8 +222,12 @@ def cmd_data(args) -> int:
 def cmd_export(args) -> int:
     from aimm.export import export_stage
 
-    out = export_stage(args.run_dir, args.out, stage=args.stage)
-    print(f"PEFT adapter: {out / 'adapter'}\nmerged model: {out / 'merged'}")
+    written = export_stage(args.run_dir, args.out, stage=args.stage)
+    for label, path in written.items():
+        print(f"{label}: {path}")
+    if "merged model" not in written:
+        print("merged model: none (a soft prompt is an input, not a weight update: load the "
+              "adapter with peft.PeftModel.from_pretrained)")
     return 0
 
 

@@ -11,6 +11,10 @@ Each file is written atomically (:func:`aimm.runs.atomic_write_bytes`).
 :func:`export_stage` (``aimm export RUN_DIR [--stage K] OUT``) writes ``OUT/adapter/`` and
 ``OUT/merged/``: the base model with the adapter merged in (``merge_and_unload``, float32) and the
 tokenizer, which ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM.from_pretrained`` load.
+What a method trains decides what is written: a method without a PEFT adapter (its class's
+``peft_adapter`` False: ``seq_ft``, whose weights are its stage's method state) gets
+``OUT/merged/`` only, the trained full model; a prompt-tuning adapter (``progprompt``) gets
+``OUT/adapter/`` only (a soft prompt is an input, not a weight update: nothing to merge).
 """
 
 from __future__ import annotations
@@ -125,17 +129,23 @@ def stage_dir_of(run_dir: str | Path, stage: int | None = None) -> Path:
 
 
 def load_stage_model(run_dir: str | Path, stage: int | None = None):
-    """The run's base model (float32) with stage ``k``'s adapter: ``(PeftModel, bundle, cfg)``."""
+    """The run's base model (float32) with stage ``k``'s adapter: ``(PeftModel, bundle, cfg)``;
+    for a method without a PEFT adapter, the plain model with the stage's trained weights."""
     from peft import PeftModel
 
     from aimm.config import RunConfig
+    from aimm.methods import build_method
     from aimm.models import attach_lora, load_model
     from aimm.runs import read_json
 
     folder = stage_dir_of(run_dir, stage)
     cfg = RunConfig.from_dict(read_json(Path(run_dir) / "config.json"))
     bundle = load_model(cfg.model, seed=cfg.seed)  # the run's base (tiny models: same seed)
-    if (folder / ADAPTER_DIR / PEFT_WEIGHTS).is_file():
+    method = build_method(cfg, source=str(Path(run_dir) / "config.json"))
+    if not method.peft_adapter:  # full fine-tuning: the weights are the stage's method state
+        method.load_stage_state(read_stage_method_state(folder), bundle.model)
+        model = bundle.model
+    elif (folder / ADAPTER_DIR / PEFT_WEIGHTS).is_file():
         model = PeftModel.from_pretrained(bundle.model, str(folder / ADAPTER_DIR))
     else:  # a run from before adapter/ existed: aimm's own layout
         bundle = attach_lora(bundle, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
@@ -146,20 +156,45 @@ def load_stage_model(run_dir: str | Path, stage: int | None = None):
     return model, bundle, cfg
 
 
-def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None) -> Path:
-    """``OUT/adapter/`` (PEFT) and ``OUT/merged/`` (full model + tokenizer) of one stage."""
+def read_stage_method_state(stage_dir: Path) -> dict:
+    """A stage's ``method_state`` files (written by ``aimm.training.artifacts``, which imports this
+    module: read here with the same :func:`aimm.checkpoint.join_tensors`); tensors safetensors."""
+    from safetensors.torch import load
+
+    from aimm.checkpoint import join_tensors
+    from aimm.runs import read_json
+
+    stem = Path(stage_dir) / "method_state"
+    try:
+        return join_tensors(read_json(stem.with_suffix(".json")),
+                            load(stem.with_suffix(".safetensors").read_bytes()))
+    except (OSError, ValueError, KeyError) as exc:
+        raise RunDirError(f"{stem}.safetensors/.json: the stage's trained weights are not readable "
+                          f"({exc})") from exc
+
+
+def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None) -> dict[str, Path]:
+    """``OUT/adapter/`` (PEFT) and ``OUT/merged/`` (full model + tokenizer) of one stage, as the
+    method allows (module docstring); returns what was written: ``{"PEFT adapter": OUT/adapter,
+    "merged model": OUT/merged}`` or the one of them that applies."""
     out = Path(out)
     model, bundle, cfg = load_stage_model(run_dir, stage)
-    save_adapter(model, out / ADAPTER_DIR, base_model_name(cfg.model))
-    merged = model.merge_and_unload()
+    written: dict[str, Path] = {}
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None:
+        written["PEFT adapter"] = save_adapter(model, out / ADAPTER_DIR, base_model_name(cfg.model))
+        if peft_config.is_prompt_learning:
+            return written
+        model = model.merge_and_unload()
     with tempfile.TemporaryDirectory(prefix="aimm-merged-") as tmp:
-        merged.save_pretrained(tmp)
+        model.save_pretrained(tmp)
         bundle.tokenizer.save_pretrained(tmp)
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
                 atomic_write_bytes(out / "merged" / path.relative_to(tmp), path.read_bytes())
-    return out
+    written["merged model"] = out / "merged"
+    return written
 
 
 __all__ = ["base_model_name", "export_stage", "load_adapter", "load_stage_model",
-           "restore_stage_adapter", "save_adapter", "stage_dir_of"]
+           "read_stage_method_state", "restore_stage_adapter", "save_adapter", "stage_dir_of"]

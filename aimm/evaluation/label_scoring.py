@@ -29,6 +29,11 @@ scored without running a prompt twice. Decoder-only ``strategy``:
 
 Seq2seq: the encoder runs once per prompt; its states are repeated per option for the decoder
 (``strategy`` is ignored).
+
+A PEFT prompt-learning model (prompt tuning: virtual tokens prepended to every input) is scored
+through its own forward, one row per (prompt, option) pair: ``"full"`` with the virtual
+positions' logits dropped, and seq2seq without the shared encoder pass (calling the encoder
+directly would skip the prompt).
 """
 
 from __future__ import annotations
@@ -68,6 +73,12 @@ def _forward_params(model) -> set[str]:
         return set(inspect.signature(base.forward).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+def _virtual_tokens(model) -> int:
+    """How many virtual tokens a PEFT prompt-learning model prepends to every input (0: none)."""
+    config = getattr(model, "active_peft_config", None)
+    return int(config.num_virtual_tokens) if getattr(config, "is_prompt_learning", False) else 0
 
 
 def _cache_keyword(model) -> str:
@@ -194,12 +205,13 @@ def _decoder_packed(model, prompts, targets, pad_id, device) -> torch.Tensor:
     return out
 
 
-def _decoder_full(model, prompts, targets, pad_id, device) -> torch.Tensor:
-    """(B, K) summed log-probs, one right-padded row per (prompt, option) pair."""
+def _decoder_full(model, prompts, targets, pad_id, device, virtual: int = 0) -> torch.Tensor:
+    """(B, K) summed log-probs, one right-padded row per (prompt, option) pair; the logits of
+    ``virtual`` prepended prompt-tuning positions are dropped."""
     b, k = len(prompts), len(targets)
     rows = [p + t for p in prompts for t in targets]
     ids, mask = pad_batch(rows, pad_id, left=False)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, virtual:]
     width = max(len(t) for t in targets)
     gather_pos = torch.zeros((b * k, width), dtype=torch.long)
     tokens = torch.full((b * k, width), pad_id, dtype=torch.long)
@@ -220,13 +232,17 @@ def _seq2seq(model, prompts, targets, pad_id, device) -> torch.Tensor:
     b, k = len(prompts), len(targets)
     e_ids, e_mask = pad_batch(prompts, pad_id, left=False)
     e_ids, e_mask = e_ids.to(device), e_mask.to(device)
-    hidden = model.get_encoder()(input_ids=e_ids, attention_mask=e_mask).last_hidden_state
+    if _virtual_tokens(model):  # the prompt is prepended by the model's forward: no shared encoder
+        encoder = {"input_ids": e_ids.repeat_interleave(k, 0)}
+    else:
+        hidden = model.get_encoder()(input_ids=e_ids, attention_mask=e_mask).last_hidden_state
+        encoder = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0))}
     start = getattr(model.config, "decoder_start_token_id", None)
     start = pad_id if start is None else start
     labels, l_mask = _pad_targets(targets, pad_id)  # (K, Lt)
     dec_in, _ = _pad_targets([[start] + t[:-1] for t in targets], pad_id)
     out = model(
-        encoder_outputs=BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0)),
+        **encoder,
         attention_mask=e_mask.repeat_interleave(k, 0),
         decoder_input_ids=dec_in.repeat(b, 1).to(device),
         use_cache=False,
@@ -267,6 +283,7 @@ def label_logprobs(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = model_device(model)
     lengths = torch.tensor([len(t) for t in targets], dtype=torch.float64)
+    virtual = _virtual_tokens(model)
     result: list[list[float] | None] = [None] * len(prompts)
     bar = progress_bar(len(prompts), progress, unit="ex")
     try:
@@ -277,12 +294,14 @@ def label_logprobs(
                     scores = _seq2seq(model, group, targets, pad_id, device)
                 else:
                     scores = None
-                    if strategy == "packed" and _honours_4d_mask(model):
+                    if virtual:  # prompt tuning: its forward prepends the prompt (2-D masks only)
+                        pass
+                    elif strategy == "packed" and _honours_4d_mask(model):
                         scores = _decoder_packed(model, group, targets, pad_id, device)
                     elif strategy in ("packed", "cache"):
                         scores = _decoder_shared(model, group, targets, pad_id, device)
-                    if scores is None:  # "full", or a cache that cannot be repeated
-                        scores = _decoder_full(model, group, targets, pad_id, device)
+                    if scores is None:  # "full", a cache that cannot be repeated, a prompt
+                        scores = _decoder_full(model, group, targets, pad_id, device, virtual)
                 scores = scores.double().cpu()
                 if length_normalize:
                     scores = scores / lengths

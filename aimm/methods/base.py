@@ -72,6 +72,9 @@ class Method:
     merges: ClassVar[bool] = False  # fuses updates within a stage (merge events, intervals)
     merge_kinds: ClassVar[tuple[str, ...]] = ()  # the kinds its merge events can have (tables list each, 0s too)
     smoke_options: ClassVar[dict[str, Any]] = {}  # options of a tiny smoke run (a merge in 4 steps)
+    # the stage folder holds a PEFT adapter (``adapter/``) and ``aimm export`` writes it; False: the
+    # method trains the base weights, saved by its stage_state(), exported as a full model
+    peft_adapter: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -119,7 +122,8 @@ class Method:
 
     def trainable_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         """What the inner optimiser updates (every stage). Default: every parameter with
-        ``requires_grad`` (after :meth:`setup_model`: the LoRA weights), in model order."""
+        ``requires_grad`` (after :meth:`setup_model`: the LoRA weights), in model order. Torch
+        parameter groups (dicts with ``params`` and e.g. the method's own ``lr``) are accepted too."""
         return [p for p in model.parameters() if p.requires_grad]
 
     # ---------------------------------------------------------------- hooks

@@ -2,11 +2,12 @@
 
 The stage folder ``stages/<k>_<name>/`` (see :mod:`aimm.runs` for the whole layout):
 ``predictions/<task>.jsonl`` (written while evaluating), ``adapter.safetensors``, ``adapter/``
-(PEFT's format, :mod:`aimm.export`), ``steps.csv``, ``merges.csv``, ``memory.json``,
-``stage.json`` (counts, timings, training and evaluation truncation) and, for a method with
-cross-stage state, ``method_state.safetensors`` + ``method_state.json`` (tensors in safetensors,
-the rest JSON; never pickle). The result set (``scores.csv``, ``scores_matrix.csv``,
-``metrics.json``) is computed first, from :mod:`aimm.metrics` only, then written as one set.
+(PEFT's format, :mod:`aimm.export`; none where the method's ``peft_adapter`` is False),
+``steps.csv``, ``merges.csv``, ``memory.json``, ``stage.json`` (counts, timings, training and
+evaluation truncation) and, for a method with cross-stage state, ``method_state.safetensors``
++ ``method_state.json`` (tensors in safetensors, the rest JSON; never pickle). The result set
+(``scores.csv``, ``scores_matrix.csv``, ``metrics.json``) is computed first, from
+:mod:`aimm.metrics` only, then written as one set.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def write_stage(ctx: "TrainContext", method: "Method", stage_dir: Path,
     cfg, stage, accelerator = ctx.cfg, ctx.stage, ctx.accelerator
     model = accelerator.unwrap_model(ctx.model)
     atomic_write_bytes(stage_dir / "adapter.safetensors", safetensors_bytes(lora_state_dict(model)))
-    save_adapter(model, stage_dir / "adapter", base_model_name(cfg.model))  # PEFT's format
+    if method.peft_adapter:  # a full fine-tune's weights are its method state instead
+        save_adapter(model, stage_dir / "adapter", base_model_name(cfg.model))  # PEFT's format
     atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
     atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
     atomic_write_json(stage_dir / "memory.json", ctx.memory_ids)

@@ -221,7 +221,8 @@ class Engine:
     def _finish_stage(self, ctx: TrainContext, tasks: list[str], data: dict, state: RunState) -> None:
         """Adapter check, evaluation + stage folder, callbacks, results, then the resume point."""
         cfg, stage, accelerator = self.cfg, ctx.stage, ctx.accelerator
-        require_finite_adapter(ctx.lora_params(), stage.name, self.run_dir)
+        trained = {n: p for n, p in ctx.model.named_parameters() if p.requires_grad}  # LoRA, prompt or all
+        require_finite_adapter(trained, stage.name, self.run_dir)
         ctx.rank_checksums = lora_checksums(ctx.model, accelerator)
         rows = self._evaluate(ctx, stage, data) if accelerator.is_main_process else []
         accelerator.wait_for_everyone()
