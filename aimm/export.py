@@ -22,6 +22,7 @@ folder loads the newest adapter only.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -88,8 +89,6 @@ def save_adapter(model, folder: str | Path, base_model: str) -> Path:
 def stacked_adapters(folder: str | Path) -> list[str]:
     """The names of the extra adapters of a multi-adapter ``folder`` (its subfolders holding an
     ``adapter_config.json``), in natural order (``task_2`` before ``task_10``)."""
-    import re
-
     names = [p.name for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file()]
     return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
 

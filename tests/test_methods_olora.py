@@ -286,7 +286,7 @@ def test_export_writes_the_stack_and_a_merged_model_of_base_plus_every_adapter(r
 def test_olora_keeps_the_new_A_near_orthogonal_to_the_old_ones(runs):
     for stage in STAGES[1:]:
         with_loss, without = orthogonality(runs.olora, stage), orthogonality(runs.inclora, stage)
-        print(stage, with_loss, without)
+        # measured on CPU: 0.58 and 0.64 of IncLoRA's (which is O-LoRA with λ₁ = 0)
         assert without > 0 and with_loss < 0.75 * without, (stage, with_loss, without)
     steps, _ = load_trajectory(runs.olora)  # the recorded loss includes the penalty
     steps_inc, _ = load_trajectory(runs.inclora)
