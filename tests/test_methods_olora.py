@@ -27,11 +27,11 @@ STAGES = ["01_sst-2", "02_agnews", "03_rte"]
 
 
 # ------------------------------------------------------------------------------ helpers
-def tiny_lora(r: int = 4, seed: int = 0):
+def tiny_lora(r: int = 4, seed: int = 0, dtype=torch.float32):
     from aimm.models import attach_lora, load_model
 
     torch.manual_seed(seed)
-    return attach_lora(load_model("tiny-causal", seed=seed), r=r, alpha=8, dropout=0.0).model
+    return attach_lora(load_model("tiny-causal", seed=seed, dtype=dtype), r=r, alpha=8, dropout=0.0).model
 
 
 def fake_ctx(model, index: int, seed: int = 0):
@@ -150,7 +150,7 @@ def test_a_new_task_freezes_the_old_adapter_bitwise_and_starts_a_fresh_one():
         assert not params[name.replace(".default.", ".task_1.")].requires_grad
     # the new adapter: PEFT's init (B = 0, A Kaiming) seeded with seed + 1000 * stage
     fresh = {n: p for n, p in params.items() if ".default." in n}
-    assert all(float(p.abs().sum()) == 0 for n, p in fresh.items() if "lora_B" in n)
+    assert all(float(p.detach().abs().sum()) == 0 for n, p in fresh.items() if "lora_B" in n)
     assert all(not torch.equal(p, trained[n]) for n, p in fresh.items() if "lora_A" in n)
     twin, twin_method = tiny_lora(), IncLoRA()
     twin_method.on_stage_start(fake_ctx(twin, 0))
@@ -161,6 +161,21 @@ def test_a_new_task_freezes_the_old_adapter_bitwise_and_starts_a_fresh_one():
     # the inner optimiser gets the new adapter only; the forward sums both
     assert {id(p) for p in method.trainable_parameters(model)} == {id(p) for p in fresh.values()}
     assert list(model.active_adapters) == ["task_1", "default"]
+
+
+def test_on_a_bf16_base_the_old_adapters_stay_float32_and_the_base_untouched():
+    model, method = tiny_lora(dtype=torch.bfloat16), IncLoRA()
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    method.on_stage_start(fake_ctx(model, 0))
+    pretend_training(model, 1)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    method.on_stage_start(fake_ctx(model, 1))
+    params = dict(model.named_parameters())
+    for name, value in trained.items():
+        old = params[name.replace(".default.", ".task_1.")]
+        assert old.dtype == torch.float32 and torch.equal(old, value)
+    assert all(torch.equal(params[n], v) and v.dtype == torch.bfloat16 for n, v in base.items()
+               if v.is_floating_point())
 
 
 def test_the_forward_is_the_base_plus_every_adapter():
