@@ -15,10 +15,18 @@ What a method trains decides what is written: a method without a PEFT adapter (i
 ``peft_adapter`` False: ``seq_ft``, whose weights are its stage's method state) gets
 ``OUT/merged/`` only, the trained full model; a prompt-tuning adapter (``progprompt``) gets
 ``OUT/adapter/`` only (a soft prompt is an input, not a weight update: nothing to merge).
+
+A method that sums several adapters in the forward (IncLoRA, O-LoRA: the earlier tasks' frozen
+adapters plus the new one) makes them PEFT's active adapters; ``adapter/`` then has PEFT's
+multi-adapter layout (the newest adapter ``default`` at the top, each earlier one in its
+subfolder, e.g. ``task_1/``). :func:`load_stage_model` loads and activates them all, so
+``OUT/merged/`` is the base plus every adapter; stock ``PeftModel.from_pretrained`` on the top
+folder loads the newest adapter only.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -47,12 +55,17 @@ def _peft_model(model):
 
 
 def save_adapter(model, folder: str | Path, base_model: str) -> Path:
-    """``model.save_pretrained`` (PEFT) into ``folder``, every file atomically; returns ``folder``."""
+    """``model.save_pretrained`` (PEFT) of the model's active adapters into ``folder``, every file
+    atomically; returns ``folder``. One active adapter (``default``) is the usual single-adapter
+    folder; several (a stack summed in the forward, e.g. IncLoRA / O-LoRA) give PEFT's
+    multi-adapter layout: ``default`` at the top, each other adapter in its own subfolder."""
     model = _peft_model(model)
     folder = Path(folder)
-    config = model.peft_config["default"]
-    previous = config.base_model_name_or_path
-    config.base_model_name_or_path = base_model
+    active = list(model.active_adapters)
+    configs = [model.peft_config[name] for name in active]
+    previous = [config.base_model_name_or_path for config in configs]
+    for config in configs:
+        config.base_model_name_or_path = base_model
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         # PEFT writes into a scratch folder beside the target (never outside the run dir), whose
@@ -61,20 +74,27 @@ def save_adapter(model, folder: str | Path, base_model: str) -> Path:
         try:
             # aimm never resizes the vocabulary: no full embedding copy, and no Hub lookup (PEFT's
             # "auto" asks the Hub for the base config whenever it is not a local folder)
-            model.save_pretrained(str(tmp), save_embedding_layers=False)
-            written = sorted(p for p in tmp.iterdir() if p.is_file())
+            model.save_pretrained(str(tmp), save_embedding_layers=False, selected_adapters=active)
+            written = sorted(p.relative_to(tmp) for p in tmp.rglob("*") if p.is_file())
             for path in written:
-                atomic_write_bytes(folder / path.name, path.read_bytes())
-                path.unlink()
+                atomic_write_bytes(folder / path, (tmp / path).read_bytes())
+                (tmp / path).unlink()
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
-        config.base_model_name_or_path = previous
-    names = {p.name for p in written}
-    for old in folder.iterdir():  # files of an earlier save that this one did not write
-        if old.is_file() and old.name not in names and not old.name.startswith("."):
+        for config, value in zip(configs, previous):
+            config.base_model_name_or_path = value
+    for old in folder.rglob("*"):  # files of an earlier save that this one did not write
+        if old.is_file() and old.relative_to(folder) not in written and not old.name.startswith("."):
             old.unlink()
     return folder
+
+
+def stacked_adapters(folder: str | Path) -> list[str]:
+    """The names of the extra adapters of a multi-adapter ``folder`` (its subfolders holding an
+    ``adapter_config.json``), in natural order (``task_2`` before ``task_10``)."""
+    names = [p.name for p in Path(folder).iterdir() if (p / "adapter_config.json").is_file()]
+    return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
 
 
 @torch.no_grad()
@@ -87,7 +107,7 @@ def load_adapter(model, folder: str | Path) -> None:
     if not path.is_file():
         raise RunDirError(f"{path}: adapter weights missing")
     result = set_peft_model_state_dict(_peft_model(model), load_file(str(path)))
-    missing = [k for k in result.missing_keys if "lora_" in k]
+    missing = [k for k in result.missing_keys if "lora_" in k and ".default." in k]  # not other adapters'
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[0]
         raise RunDirError(f"{path}: does not fit this model's LoRA ({len(missing)} tensors missing, "
@@ -147,6 +167,11 @@ def load_stage_model(run_dir: str | Path, stage: int | None = None):
         model = bundle.model
     elif (folder / ADAPTER_DIR / PEFT_WEIGHTS).is_file():
         model = PeftModel.from_pretrained(bundle.model, str(folder / ADAPTER_DIR))
+        stacked = stacked_adapters(folder / ADAPTER_DIR)
+        for name in stacked:  # a stack (IncLoRA, O-LoRA): the model is base + every adapter
+            model.load_adapter(str(folder / ADAPTER_DIR / name), adapter_name=name)
+        if stacked:
+            model.base_model.set_adapter([*stacked, "default"])
     else:  # a run from before adapter/ existed: aimm's own layout
         bundle = attach_lora(bundle, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                              targets=cfg.lora_targets)
@@ -197,4 +222,5 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
 
 
 __all__ = ["base_model_name", "export_stage", "load_adapter", "load_stage_model",
-           "read_stage_method_state", "restore_stage_adapter", "save_adapter", "stage_dir_of"]
+           "read_stage_method_state", "restore_stage_adapter", "save_adapter", "stacked_adapters",
+           "stage_dir_of"]

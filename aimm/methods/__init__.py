@@ -14,7 +14,9 @@ from aimm.methods.aimmerging import AIMMerging
 from aimm.methods.base import Method, NoOptions, Stage
 from aimm.methods.baselines import MultiTask, Replay, SeqLoRA, SingleTask
 from aimm.methods.ewc import EWC
+from aimm.methods.incremental_lora import IncLoRA
 from aimm.methods.lwf import LwF
+from aimm.methods.olora import OLoRA
 from aimm.methods.progprompt import ProgPrompt
 from aimm.methods.recurrent_kif import RecurrentKIF
 from aimm.methods.seq_ft import SeqFT
@@ -26,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: The registry: method name -> class (the one way to register a method).
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SeqLoRA, Replay, MultiTask, SingleTask, AIMMerging, RecurrentKIF,
-                              EWC, AGEM, LwF, SeqFT, ProgPrompt)
+                              EWC, AGEM, LwF, SeqFT, ProgPrompt, IncLoRA, OLoRA)
 }
 
 
