@@ -12,6 +12,8 @@ from aimm.errors import ConfigError
 from aimm.methods.aimmerging import AIMMerging
 from aimm.methods.base import Method, NoOptions, Stage
 from aimm.methods.baselines import MultiTask, Replay, SeqLoRA, SingleTask
+from aimm.methods.continual_merging import (DareLinear, DareTies, MagMax, OPCM, TaskArithmetic, Ties,
+                                            WeightAverage)
 from aimm.methods.recurrent_kif import RecurrentKIF
 from aimm.util import did_you_mean
 
@@ -20,7 +22,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: The registry: method name -> class (the one way to register a method).
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (SeqLoRA, Replay, MultiTask, SingleTask, AIMMerging, RecurrentKIF)
+    cls.name: cls for cls in (SeqLoRA, Replay, MultiTask, SingleTask, AIMMerging, RecurrentKIF,
+                              TaskArithmetic, Ties, DareLinear, DareTies, MagMax, OPCM, WeightAverage)
 }
 
 
