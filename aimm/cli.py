@@ -220,10 +220,12 @@ def cmd_data(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from aimm.export import export_stage
+    from aimm.export import export_stage, stage_adapter_is_model
 
     out = export_stage(args.run_dir, args.out, stage=args.stage)
-    print(f"PEFT adapter: {out / 'adapter'}\nmerged model: {out / 'merged'}")
+    print(f"PEFT adapter: {out / 'adapter'}" if stage_adapter_is_model(args.run_dir) else
+          "PEFT adapter: none (the stage adapter is not the evaluated model of this method)")
+    print(f"merged model: {out / 'merged'}")
     return 0
 
 

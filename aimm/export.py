@@ -11,6 +11,11 @@ Each file is written atomically (:func:`aimm.runs.atomic_write_bytes`).
 :func:`export_stage` (``aimm export RUN_DIR [--stage K] OUT``) writes ``OUT/adapter/`` and
 ``OUT/merged/``: the base model with the adapter merged in (``merge_and_unload``, float32) and the
 tokenizer, which ``AutoModelForCausalLM`` / ``AutoModelForSeq2SeqLM.from_pretrained`` load.
+
+For a method whose stage adapter is not the model it evaluated (``Method.adapter_is_model`` False:
+continual merging, where the adapter holds only the last task's LoRA) it writes ``OUT/merged/``
+only: the base weights (float32) plus the method's ``evaluated_delta`` from the stage's
+``method_state`` files, i.e. the model the stage evaluated; with no such state it refuses.
 """
 
 from __future__ import annotations
@@ -146,12 +151,57 @@ def load_stage_model(run_dir: str | Path, stage: int | None = None):
     return model, bundle, cfg
 
 
+def _method(cfg):
+    """The run's method with its options (``None``: a method no longer registered)."""
+    from aimm.methods import METHODS, build_method
+
+    return build_method(cfg) if cfg.method in METHODS else None
+
+
+def stage_adapter_is_model(run_dir: str | Path) -> bool:
+    """Whether the run's stage adapters are the models it evaluated (``aimm export`` writes them)."""
+    from aimm.config import RunConfig
+    from aimm.runs import read_json
+
+    method = _method(RunConfig.from_dict(read_json(Path(run_dir) / "config.json")))
+    return method is None or method.adapter_is_model
+
+
+@torch.no_grad()
+def with_evaluated_delta(model, method, stage_dir: Path):
+    """The base model of ``model`` (a PeftModel, float32) plus ``method.evaluated_delta`` of the
+    stage's method state, LoRA layers removed: the model a continual-merging stage evaluated."""
+    from aimm.training.method_state import read_method_state
+
+    state = read_method_state(stage_dir)
+    delta = method.evaluated_delta(state) if state is not None else None
+    if delta is None:
+        raise RunDirError(f"{stage_dir}: method {method.name} evaluates a model that is not its stage "
+                          "adapter, and the stage holds no method state to rebuild it from; "
+                          "aimm export cannot write this stage")
+    peft = _peft_model(model)
+    for name, d in delta.items():
+        try:
+            layer = peft.get_submodule(name)
+        except AttributeError:
+            raise RunDirError(f"{stage_dir}: method state names module {name}, which the run's "
+                              "model lacks; restore the stage folder") from None
+        weight = layer.get_base_layer().weight
+        weight += (d.T if getattr(layer, "fan_in_fan_out", False) else d).to(weight)
+    return peft.unload()
+
+
 def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None) -> Path:
-    """``OUT/adapter/`` (PEFT) and ``OUT/merged/`` (full model + tokenizer) of one stage."""
+    """``OUT/adapter/`` (PEFT) and ``OUT/merged/`` (full model + tokenizer) of one stage; for a
+    method with ``adapter_is_model`` False, ``OUT/merged/`` only (:func:`with_evaluated_delta`)."""
     out = Path(out)
     model, bundle, cfg = load_stage_model(run_dir, stage)
-    save_adapter(model, out / ADAPTER_DIR, base_model_name(cfg.model))
-    merged = model.merge_and_unload()
+    method = _method(cfg)
+    if method is None or method.adapter_is_model:
+        save_adapter(model, out / ADAPTER_DIR, base_model_name(cfg.model))
+        merged = model.merge_and_unload()
+    else:
+        merged = with_evaluated_delta(model, method, stage_dir_of(run_dir, stage))
     with tempfile.TemporaryDirectory(prefix="aimm-merged-") as tmp:
         merged.save_pretrained(tmp)
         bundle.tokenizer.save_pretrained(tmp)
@@ -162,4 +212,5 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
 
 
 __all__ = ["base_model_name", "export_stage", "load_adapter", "load_stage_model",
-           "restore_stage_adapter", "save_adapter", "stage_dir_of"]
+           "restore_stage_adapter", "save_adapter", "stage_adapter_is_model", "stage_dir_of",
+           "with_evaluated_delta"]

@@ -168,13 +168,18 @@ class ContinualMerging(Method):
             reset_lora(model, ctx.cfg.seed + 1000 * ctx.stage.index)
         use_merged(model, self.delta, on=False)
 
+    def add_task(self, new: Vector, stage_index: int, run_seed: int) -> Vector:
+        """Fold task vector ``new`` (of stage ``stage_index``) in; returns the evaluated ``ΔW``."""
+        self.vector = self.fold(new, stage_index, run_seed)
+        self.tasks += 1
+        return self.evaluated(self.vector)
+
     def on_stage_end(self, ctx) -> None:
         """Fold the task's ``τ_t`` into the running vector; evaluation mode: ``θ0 + M_t``."""
         model = ctx.accelerator.unwrap_model(ctx.model)
-        self.vector = self.fold(task_vector(model), ctx.stage.index, ctx.cfg.seed)
-        self.tasks += 1
+        evaluated = self.add_task(task_vector(model), ctx.stage.index, ctx.cfg.seed)
         self.delta.attach(model)
-        self.delta.set(self.evaluated(self.vector))
+        self.delta.set(evaluated)
         use_merged(model, self.delta, on=True)
 
     def stage_state(self) -> dict[str, Any]:
