@@ -43,9 +43,10 @@ def _adapter(layer) -> str:
 
 
 def task_vector(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``module name -> scaling * B @ A`` (float32, on the LoRA's device) of the model's LoRA."""
+    """``module name -> scaling * B @ A`` (float32, on the LoRA's device) of the model's LoRA,
+    in sorted name order (that of the saved adapter files; DARE draws its masks in this order)."""
     params, scaling = {}, {}
-    for name, layer in lora_layers(model).items():
+    for name, layer in sorted(lora_layers(model).items()):
         a = _adapter(layer)
         params[f"{name}.lora_A.{a}.weight"] = layer.lora_A[a].weight.detach().float()
         params[f"{name}.lora_B.{a}.weight"] = layer.lora_B[a].weight.detach().float()
