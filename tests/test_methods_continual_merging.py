@@ -287,6 +287,7 @@ def trained(tiny_data, tmp_path_factory):
     return get
 
 
+@pytest.mark.filterwarnings("ignore:The density 1.0:UserWarning")  # expected_deltas' dare_ties
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("name", NAMES)
 def test_run_evaluates_theta0_plus_the_merged_task_vectors(trained, name, spec):
