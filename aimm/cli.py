@@ -220,11 +220,14 @@ def cmd_data(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from aimm.export import export_stage
+    from aimm.export import export_stage, stage_adapter_is_model
 
     written = export_stage(args.run_dir, args.out, stage=args.stage)
     for label, path in written.items():
         print(f"{label}: {path}")
+    if "PEFT adapter" not in written:
+        print("PEFT adapter: none (" + ("the stage adapter is not the evaluated model of this method"
+              if not stage_adapter_is_model(args.run_dir) else "this method trains no adapter") + ")")
     if "merged model" not in written:
         print("merged model: none (a soft prompt is an input, not a weight update: load the "
               "adapter with peft.PeftModel.from_pretrained)")

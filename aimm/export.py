@@ -22,6 +22,11 @@ multi-adapter layout (the newest adapter ``default`` at the top, each earlier on
 subfolder, e.g. ``task_1/``). :func:`load_stage_model` loads and activates them all, so
 ``OUT/merged/`` is the base plus every adapter; stock ``PeftModel.from_pretrained`` on the top
 folder loads the newest adapter only.
+
+For a method whose stage adapter is not the model it evaluated (``Method.adapter_is_model`` False:
+continual merging, where the adapter holds only the last task's LoRA) it writes ``OUT/merged/``
+only: the base weights (float32) plus the method's ``evaluated_delta`` from the stage's
+``method_state`` files, i.e. the model the stage evaluated; with no such state it refuses.
 """
 
 from __future__ import annotations
@@ -163,7 +168,7 @@ def load_stage_model(run_dir: str | Path, stage: int | None = None):
     bundle = load_model(cfg.model, seed=cfg.seed)  # the run's base (tiny models: same seed)
     method = build_method(cfg, source=str(Path(run_dir) / "config.json"))
     if not method.peft_adapter:  # full fine-tuning: the weights are the stage's method state
-        method.load_stage_state(read_stage_method_state(folder), bundle.model)
+        method.load_stage_state(_stage_weights(folder), bundle.model)
         model = bundle.model
     elif (folder / ADAPTER_DIR / PEFT_WEIGHTS).is_file():
         model = PeftModel.from_pretrained(bundle.model, str(folder / ADAPTER_DIR))
@@ -181,21 +186,55 @@ def load_stage_model(run_dir: str | Path, stage: int | None = None):
     return model, bundle, cfg
 
 
-def read_stage_method_state(stage_dir: Path) -> dict:
-    """A stage's ``method_state`` files (written by ``aimm.training.artifacts``, which imports this
-    module: read here with the same :func:`aimm.checkpoint.join_tensors`); tensors safetensors."""
-    from safetensors.torch import load
+def _stage_weights(stage_dir: Path) -> dict:
+    """A stage's ``method_state`` (a full fine-tune's trained weights); missing: one clear error."""
+    from aimm.training.method_state import read_method_state
 
-    from aimm.checkpoint import join_tensors
+    state = read_method_state(stage_dir)
+    if state is None:
+        raise RunDirError(f"{stage_dir}: the stage's trained weights (method_state.json/.safetensors) "
+                          "are missing; restore the stage folder")
+    return state
+
+
+def _method(cfg):
+    """The run's method with its options (``None``: a method no longer registered)."""
+    from aimm.methods import METHODS, build_method
+
+    return build_method(cfg) if cfg.method in METHODS else None
+
+
+def stage_adapter_is_model(run_dir: str | Path) -> bool:
+    """Whether the run's stage adapters are the models it evaluated (``aimm export`` writes them)."""
+    from aimm.config import RunConfig
     from aimm.runs import read_json
 
-    stem = Path(stage_dir) / "method_state"
-    try:
-        return join_tensors(read_json(stem.with_suffix(".json")),
-                            load(stem.with_suffix(".safetensors").read_bytes()))
-    except (OSError, ValueError, KeyError) as exc:
-        raise RunDirError(f"{stem}.safetensors/.json: the stage's trained weights are not readable "
-                          f"({exc})") from exc
+    method = _method(RunConfig.from_dict(read_json(Path(run_dir) / "config.json")))
+    return method is None or method.adapter_is_model
+
+
+@torch.no_grad()
+def with_evaluated_delta(model, method, stage_dir: Path):
+    """The base model of ``model`` (a PeftModel, float32) plus ``method.evaluated_delta`` of the
+    stage's method state, LoRA layers removed: the model a continual-merging stage evaluated."""
+    from aimm.training.method_state import read_method_state
+
+    state = read_method_state(stage_dir)
+    delta = method.evaluated_delta(state) if state is not None else None
+    if delta is None:
+        raise RunDirError(f"{stage_dir}: method {method.name} evaluates a model that is not its stage "
+                          "adapter, and the stage holds no method state to rebuild it from; "
+                          "aimm export cannot write this stage")
+    peft = _peft_model(model)
+    for name, d in delta.items():
+        try:
+            layer = peft.get_submodule(name)
+        except AttributeError:
+            raise RunDirError(f"{stage_dir}: method state names module {name}, which the run's "
+                              "model lacks; restore the stage folder") from None
+        weight = layer.get_base_layer().weight
+        weight += (d.T if getattr(layer, "fan_in_fan_out", False) else d).to(weight)
+    return peft.unload()
 
 
 def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None) -> dict[str, Path]:
@@ -204,9 +243,12 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
     "merged model": OUT/merged}`` or the one of them that applies."""
     out = Path(out)
     model, bundle, cfg = load_stage_model(run_dir, stage)
+    method = _method(cfg)
     written: dict[str, Path] = {}
     peft_config = getattr(model, "active_peft_config", None)
-    if peft_config is not None:
+    if method is not None and not method.adapter_is_model:  # continual merging: θ0 + merged ΔW
+        model = with_evaluated_delta(model, method, stage_dir_of(run_dir, stage))
+    elif peft_config is not None:
         written["PEFT adapter"] = save_adapter(model, out / ADAPTER_DIR, base_model_name(cfg.model))
         if peft_config.is_prompt_learning:
             return written
@@ -222,5 +264,5 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
 
 
 __all__ = ["base_model_name", "export_stage", "load_adapter", "load_stage_model",
-           "read_stage_method_state", "restore_stage_adapter", "save_adapter", "stacked_adapters",
-           "stage_dir_of"]
+           "restore_stage_adapter", "save_adapter", "stacked_adapters", "stage_adapter_is_model",
+           "stage_dir_of", "with_evaluated_delta"]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from aimm.cli import main
-from aimm.export import read_stage_method_state
+from aimm.training.method_state import read_method_state
 from aimm.methods import METHODS
 from aimm.methods.progprompt import ProgPrompt, prompt_order
 from aimm.methods.seq_ft import SeqFT
@@ -29,7 +29,7 @@ STAGES = ("01_sst-2", "02_agnews")
 
 
 def weights(run_dir, stage):
-    return read_stage_method_state(run_dir / "stages" / stage)
+    return read_method_state(run_dir / "stages" / stage)
 
 
 def crash_then_resume(cfg, monkeypatch):

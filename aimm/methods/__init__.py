@@ -13,6 +13,8 @@ from aimm.methods.agem import AGEM
 from aimm.methods.aimmerging import AIMMerging
 from aimm.methods.base import Method, NoOptions, Stage
 from aimm.methods.baselines import MultiTask, Replay, SeqLoRA, SingleTask
+from aimm.methods.continual_merging import (DareLinear, DareTies, MagMax, OPCM, TaskArithmetic, Ties,
+                                            WeightAverage)
 from aimm.methods.ewc import EWC
 from aimm.methods.incremental_lora import IncLoRA
 from aimm.methods.lwf import LwF
@@ -28,7 +30,8 @@ if TYPE_CHECKING:  # pragma: no cover
 #: The registry: method name -> class (the one way to register a method).
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (SeqLoRA, Replay, MultiTask, SingleTask, AIMMerging, RecurrentKIF,
-                              EWC, AGEM, LwF, SeqFT, ProgPrompt, IncLoRA, OLoRA)
+                              EWC, AGEM, LwF, SeqFT, ProgPrompt, IncLoRA, OLoRA,
+                              TaskArithmetic, Ties, DareLinear, DareTies, MagMax, OPCM, WeightAverage)
 }
 
 

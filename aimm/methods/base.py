@@ -67,6 +67,8 @@ class Method:
     color: ClassVar[str] = "#7F7F7F"  # its colour in every figure (Okabe-Ito palette)
     Options: ClassVar[type] = NoOptions
     uses_memory: ClassVar[bool] = False  # build a memory buffer of earlier tasks
+    adapter_is_model: ClassVar[bool] = True  # the stage's LoRA adapter is the evaluated model;
+    #   False: it is not (continual merging), and evaluated_delta() gives the model for export
     joint: ClassVar[bool] = False  # one stage over all tasks (metrics: OP only)
     fresh_adapter_per_stage: ClassVar[bool] = False  # single-task reference
     merges: ClassVar[bool] = False  # fuses updates within a stage (merge events, intervals)
@@ -180,6 +182,12 @@ class Method:
         """On resume, before the next stage runs (its adapter already restored into ``model``):
         what :meth:`stage_state` returned at the last completed stage, so a resumed run continues
         as an uninterrupted one (a full fine-tune puts its saved weights back into ``model``)."""
+
+    def evaluated_delta(self, state: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+        """For ``adapter_is_model = False``: from a stage's :meth:`stage_state`, the ``ΔW`` per
+        LoRA target module (PEFT module name -> out x in) that, added to the base weights, gives
+        the model the stage evaluated (``aimm export`` writes it). ``None``: not exportable."""
+        return None
 
     # ---------------------------------------------------------------- resume within a stage
     def state_dict(self) -> dict[str, Any]:

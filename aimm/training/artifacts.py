@@ -13,7 +13,6 @@ evaluation truncation) and, for a method with cross-stage state, ``method_state.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,13 +27,12 @@ from aimm.runs import (
     atomic_write_jsonl,
     read_json,
 )
+from aimm.training.method_state import METHOD_STATE, read_method_state, write_method_state  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover
     from aimm.methods.base import Method
     from aimm.training.context import TrainContext
     from aimm.training.state import RunState
-
-METHOD_STATE = "method_state"  # stage-folder file stem of Method.stage_state()
 
 
 def evaluate_stage(ctx: "TrainContext", data: dict, stage_dir: Path) -> tuple[list[dict], dict[str, dict]]:
@@ -99,40 +97,6 @@ def write_stage(ctx: "TrainContext", method: "Method", stage_dir: Path,
         "resumed_within_stage": ctx.resumed_at,
         "truncation": ctx.counter.as_dict(),
         "eval_truncation": eval_truncation})
-
-
-# ------------------------------------------------------------------------------ method state
-def write_method_state(stage_dir: Path, state: dict[str, Any] | None) -> None:
-    """``Method.stage_state()`` as ``method_state.safetensors`` (its tensors) + ``.json`` (the
-    rest, tensors referenced by key); nothing when ``state`` is None."""
-    if state is None:
-        return
-    from safetensors.torch import save
-
-    from aimm.checkpoint import split_tensors
-
-    plain, tensors = split_tensors(state)
-    atomic_write_bytes(stage_dir / f"{METHOD_STATE}.safetensors", save(tensors))
-    atomic_write_json(stage_dir / f"{METHOD_STATE}.json", plain)
-
-
-def read_method_state(stage_dir: Path) -> dict[str, Any] | None:
-    """What :func:`write_method_state` wrote in ``stage_dir`` (``None``: nothing). Both files'
-    sha256 were checked by the resume check (:func:`aimm.integrity.verify_for_resume`)."""
-    path = stage_dir / f"{METHOD_STATE}.json"
-    if not path.is_file():
-        return None
-    from safetensors.torch import load
-
-    from aimm.checkpoint import join_tensors
-    from aimm.runs import RunDirError
-
-    try:
-        tensors = load((stage_dir / f"{METHOD_STATE}.safetensors").read_bytes())
-        return join_tensors(read_json(path), tensors)
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"{path}: method state not readable ({exc}); restore the stage folder "
-                          "or restart from this stage") from exc
 
 
 # ------------------------------------------------------------------------------ result set
