@@ -129,7 +129,7 @@ def test_seq_ft_export_writes_the_full_model(tiny_config, tmp_path, capsys):
     run_dir = run(tiny_config(method="seq_ft"))
     assert main(["export", str(run_dir), str(tmp_path / "out"), "--stage", "1"]) == 0
     printed = capsys.readouterr().out
-    assert "merged model:" in printed and "PEFT adapter" not in printed
+    assert "merged model:" in printed and "PEFT adapter: none (this method trains no adapter)" in printed
     assert not (tmp_path / "out" / "adapter").exists()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "merged")
     want = weights(run_dir, STAGES[0])["weights"]

@@ -213,7 +213,7 @@ class TaskArithmetic(ContinualMerging):
 
     name = "task_arithmetic"
     display_name = "Task arithmetic"
-    color = "#8C564B"  # brown
+    color = "#BCBD22"  # yellow-green (brown is seq_ft's)
     description = "a fresh LoRA per task; the merged model is θ0 + λ·Σ task vectors"
     Options = ScalingOptions
 
@@ -256,7 +256,7 @@ class DareLinear(ContinualMerging):
 
     name = "dare_linear"
     display_name = "DARE (linear)"
-    color = "#17BECF"  # cyan
+    color = "#E6AB02"  # yellow (cyan is progprompt's)
     description = "a fresh LoRA per task; drop-and-rescale it (DARE), then add it to the running model"
     Options = DareLinearOptions
 
