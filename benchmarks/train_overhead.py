@@ -193,7 +193,10 @@ def run_variant(name: str, setting: str, args, base: dict, work: Path, memory: P
     wall = time.perf_counter()
     with pywarnings.catch_warnings():
         pywarnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        make_engine(cfg, [meter], cache_model=not args.no_model_cache).run()
+        # the model cache holds seq_lora's LoRA model; another method may set up another model
+        # (full fine-tuning, prompt tuning, an adapter stack, merge hooks): it loads its own
+        make_engine(cfg, [meter], cache_model=not args.no_model_cache
+                    and setting not in other_methods()).run()
     wall = time.perf_counter() - wall
     infos = [json.loads(p.read_text()) for p in sorted(run_dir.glob("stages/*/stage.json"))]
     info = next(i for i in infos if i["stage"] == 1)

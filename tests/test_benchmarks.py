@@ -284,3 +284,24 @@ def test_study_profile_bad_method_is_one_line_and_exit_2(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--methods" in err[0] and "aimmerging" in err[0]
+
+
+def test_train_overhead_gives_every_other_method_its_line(tmp_path):
+    """`make bench` runs `--settings release,fast,methods`: every registered sequential method
+    gets a run and a ratio to seq_lora, each on its own model (full fine-tuning, prompt tuning,
+    adapter stacks and merge hooks must not leak into the next method's run)."""
+    from benchmarks import train_overhead
+
+    out = tmp_path / "to.json"
+    train_overhead.main([
+        "--model", "tiny-causal", "--batch-size", "3", "--max-train", "6", "--task1-steps", "1",
+        "--memory-batch-size", "4", "--max-test", "1", "--prompt-tokens", "16",
+        "--max-input-len", "48", "--repeats", "1", "--warmup-steps", "0",
+        "--settings", "methods", "--out", str(out)])
+    data = json.loads(out.read_text())
+    others = train_overhead.other_methods()
+    assert len(others) >= 15 and {"ewc", "olora", "seq_ft", "progprompt", "opcm"} <= set(others)
+    assert data["variants"] == ["seq_lora", *others]
+    for name in others:
+        assert positive_finite(data["ratios"][name]["time_per_optimizer_step"]), name
+        assert positive_finite(data["ratios"][name]["peak_memory"]), name
