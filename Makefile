@@ -25,7 +25,7 @@ test: setup  ## the whole test suite (what CI runs)
 test-fast:
 	$(PY) -m pytest -q -x --deselect tests/test_notebooks.py
 
-bench:  ## speed benchmarks, CPU-sized (~20 min on 2 idle cores, estimated): JSONs in runs/bench/ (GPU: benchmarks/gpu_check.sh)
+bench:  ## speed benchmarks, CPU-sized (estimated 1-1.5 h on 2 idle cores now that train_overhead measures every method; not timed as a whole): JSONs in runs/bench/ (GPU: benchmarks/gpu_check.sh)
 	$(PY) -m benchmarks.eval_throughput --model smollm2-135m --label-strategies packed,cache,full \
 	  --out runs/bench/eval_throughput.json
 	$(PY) -m benchmarks.train_overhead --model smollm2-135m --dtype bfloat16 --batch-size 8 \
