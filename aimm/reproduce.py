@@ -76,11 +76,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     # cores (estimated ~105 min from per-step timings: batch 2 rather than 4 halves the inner
     # steps' cost, memory batch 4 Recurrent-KIF's rehearsal, and seq_lora / replay do not record
     # the forgetting signal, record_forgetting_signal false).
+    # One change to the release controller, as in the demo: initial_interval (S0) 4 instead of
+    # 8. With S0 8 a 48-step task gets 3 merges (forced at 16, 32, 48), the cold start (the first
+    # 4 merges keep S0) never ends and S cannot move (measured: benchmarks/results/cpu-2core/
+    # study_profile.json, 3 merges); with S0 4 merges come at least every 8 steps, so a task gets
+    # >= 5 merges and S adapts from the 5th (tested). Rehearsal cost does not grow: a merge
+    # rehearses S steps, so the rehearsal steps per task stay ~ the inner steps.
     "study": {
         "benchmark": "standard_cl", "order": 1, "orders": [1], "tasks": None,
         "methods": ["seq_lora", "replay", "aimmerging", "recurrent_kif"], "model": "smollm2-135m",
         "max_train": 96, "max_test": 100, "epochs": 1, "seeds": [1, 2, 3],
-        "method_options": {"aimmerging": {"fast": True}}, "fig_formats": ["html", "png"],
+        "method_options": {"aimmerging": {"fast": True, "initial_interval": 4}},
+        "fig_formats": ["html", "png"],
         "extra": {"batch_size": 2, "max_input_len": 256, "memory_batch_size": 4,
                   "record_forgetting_signal": False, "eval_mode": "label_scoring", "eval_batch_size": 20,
                   "dtype": "bfloat16", **CPU_WARMUP},

@@ -485,20 +485,25 @@ def test_study_preset_is_the_issue_14_cpu_study():
     cfg = next(c for c in notebook.configs(study) if c.method == "aimmerging")
     steps = math.ceil(cfg.max_train * cfg.epochs / cfg.batch_size) // cfg.grad_accum
     assert steps >= 48  # every task after the first has at least 48 inner steps
-    assert cfg.method_options == {"fast": True}  # release controller, fast signals
+    assert cfg.method_options == {"fast": True, "initial_interval": 4}  # fast signals, S0 4
 
 
 def test_demo_preset_sizes_make_the_controller_act_even_with_forced_merges_only():
-    """The demo's AIMMerging options and sizes, through the real controller, in the worst case
-    for the number of merges: a flat forgetting signal (never reaches 2x its mean: forced merges
-    only, two intervals apart) and a learning signal that keeps falling (the interval grows).
-    Every task after the first still gets five merges and a changed interval."""
+    """The demo's and the study's AIMMerging options and sizes, through the real controller, in
+    the worst case for the number of merges: a flat forgetting signal (never reaches 2x its mean:
+    forced merges only, two intervals apart) and a learning signal that keeps falling (the
+    interval grows). Every task after the first still gets five merges and a changed interval."""
+    for preset in ("demo", "study"):
+        assert_controller_acts_with_forced_merges_only(preset)
+
+
+def assert_controller_acts_with_forced_merges_only(preset: str) -> None:
     import math
 
     from aimm.merging import MergeController
 
-    demo = preset_parameters("demo")
-    cfg = next(c for c in notebook.configs(demo) if c.method == "aimmerging")
+    params = preset_parameters(preset)
+    cfg = next(c for c in notebook.configs(params) if c.method == "aimmerging")
     assert cfg.eval_mode == "label_scoring"
     steps = math.ceil(cfg.max_train * cfg.epochs / cfg.batch_size) // cfg.grad_accum
     from aimm.methods import build_method
