@@ -59,7 +59,7 @@ def new_adapter(path) -> dict[str, dict[str, torch.Tensor]]:
 
 def old_adapters(stage_dir) -> list[dict[str, dict[str, torch.Tensor]]]:
     """The frozen adapters a stage saved (method_state), as module -> {"A", "B"} per task."""
-    from aimm.training.artifacts import read_method_state
+    from aimm.training.method_state import read_method_state
 
     state = read_method_state(stage_dir)
     return [] if state is None else state["old_adapters"]

@@ -27,7 +27,7 @@ from aimm.runs import (
     atomic_write_jsonl,
     read_json,
 )
-from aimm.training.method_state import METHOD_STATE, read_method_state, write_method_state  # noqa: F401
+from aimm.training.method_state import write_method_state
 
 if TYPE_CHECKING:  # pragma: no cover
     from aimm.methods.base import Method
@@ -141,5 +141,4 @@ def merges_per_stage(run_dir: Path) -> dict[str, int]:
     return out
 
 
-__all__ = ["evaluate_stage", "merges_per_stage", "read_method_state", "result_set",
-           "write_method_state", "write_results", "write_stage"]
+__all__ = ["evaluate_stage", "merges_per_stage", "result_set", "write_results", "write_stage"]

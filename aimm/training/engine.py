@@ -37,6 +37,7 @@ from aimm.schedule import lr_lambda, plan_optimizer_steps, warmup_for
 from aimm.training import artifacts
 from aimm.training.context import Stage, TrainContext
 from aimm.training.loop import NonFiniteLossError, restore_checkpoint, seed_everything, train_stage
+from aimm.training.method_state import read_method_state
 from aimm.training.state import RunState
 
 # config fields that may differ between the first start of a run and its resumption
@@ -255,7 +256,7 @@ class Engine:
 
         stage_dir = self.store.stage_dir(stage.index, stage.name)
         restore_stage_adapter(model, stage_dir)
-        method_state = artifacts.read_method_state(stage_dir)
+        method_state = read_method_state(stage_dir)
         if method_state is not None:
             self.method.load_stage_state(method_state, model)
 
