@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from aimm.models import peft_model
 from aimm.runs import RunDirError, atomic_write_bytes
 
 ADAPTER_DIR = "adapter"
@@ -54,17 +55,12 @@ def base_model_name(spec: str) -> str:
     return str(resolve_model_path(spec))
 
 
-def _peft_model(model):
-    """The PeftModel inside ``model`` (a DDP wrapper has it as ``.module``)."""
-    return getattr(model, "module", model)
-
-
 def save_adapter(model, folder: str | Path, base_model: str) -> Path:
     """``model.save_pretrained`` (PEFT) of the model's active adapters into ``folder``, every file
     atomically; returns ``folder``. One active adapter (``default``) is the usual single-adapter
     folder; several (a stack summed in the forward, e.g. IncLoRA / O-LoRA) give PEFT's
     multi-adapter layout: ``default`` at the top, each other adapter in its own subfolder."""
-    model = _peft_model(model)
+    model = peft_model(model)
     folder = Path(folder)
     active = list(model.active_adapters)
     configs = [model.peft_config[name] for name in active]
@@ -111,7 +107,7 @@ def load_adapter(model, folder: str | Path) -> None:
     path = Path(folder) / PEFT_WEIGHTS
     if not path.is_file():
         raise RunDirError(f"{path}: adapter weights missing")
-    result = set_peft_model_state_dict(_peft_model(model), load_file(str(path)))
+    result = set_peft_model_state_dict(peft_model(model), load_file(str(path)))
     missing = [k for k in result.missing_keys if "lora_" in k and ".default." in k]  # not other adapters'
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[0]
@@ -225,7 +221,7 @@ def with_evaluated_delta(model, method, stage_dir: Path):
         raise RunDirError(f"{stage_dir}: method {method.name} evaluates a model that is not its stage "
                           "adapter, and the stage holds no method state to rebuild it from; "
                           "aimm export cannot write this stage")
-    peft = _peft_model(model)
+    peft = peft_model(model)
     for name, d in delta.items():
         try:
             layer = peft.get_submodule(name)

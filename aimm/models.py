@@ -305,6 +305,34 @@ def attach_lora(
     return ModelBundle(peft_model, bundle.tokenizer, bundle.is_seq2seq, bundle.spec, bundle.path)
 
 
+def peft_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The PeftModel inside ``model`` (a DDP wrapper holds it as ``.module``)."""
+    return getattr(model, "module", model)
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every PEFT LoRA layer of ``model`` by module name, in model order."""
+    from peft.tuners.lora import LoraLayer
+
+    return {n: m for n, m in peft_model(model).named_modules() if isinstance(m, LoraLayer)}
+
+
+@torch.no_grad()
+def reset_lora(model: torch.nn.Module, seed: int, adapter: str = "default") -> None:
+    """PEFT's initialisation of ``adapter`` in every LoRA layer (A: its ``init_lora_weights``,
+    B: 0), drawn from RNG seed ``seed``; the global RNG state is left as it was, so a reset
+    changes no later random draw (a fresh LoRA per task: IncLoRA, O-LoRA, continual merging)."""
+    layers = lora_layers(model)
+    if not layers:
+        return
+    init = peft_model(model).peft_config[adapter].init_lora_weights
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for layer in layers.values():
+            layer.reset_lora_parameters(adapter, init)
+
+
 def lora_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The trainable LoRA parameters by name (the state that merging fuses)."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n}

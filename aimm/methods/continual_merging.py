@@ -42,7 +42,8 @@ import torch
 from aimm.errors import ConfigError
 from aimm.merging import continual as cm
 from aimm.methods.base import Method
-from aimm.methods.merged_delta import MergedDelta, reset_lora, task_vector, use_merged
+from aimm.methods.merged_delta import MergedDelta, task_vector, use_merged
+from aimm.models import reset_lora
 
 Vector = dict[str, torch.Tensor]
 SIGN_METHODS = ("total", "frequency")

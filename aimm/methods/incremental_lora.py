@@ -46,21 +46,10 @@ import torch
 
 from aimm.errors import RunDirError
 from aimm.methods.base import Method
+from aimm.models import lora_layers, peft_model, reset_lora
 
 CURRENT = "default"  # the PEFT adapter being trained (the engine's adapter files hold this one)
 OLD = "task_{}"  # the frozen PEFT adapter of task i (1-based, as the stage folders)
-
-
-def peft_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The PeftModel inside ``model`` (a DDP wrapper holds it as ``.module``)."""
-    return getattr(model, "module", model)
-
-
-def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """Every PEFT LoRA layer of ``model`` by module name, in model order."""
-    from peft.tuners.lora import LoraLayer
-
-    return {n: m for n, m in peft_model(model).named_modules() if isinstance(m, LoraLayer)}
 
 
 @contextlib.contextmanager
@@ -121,7 +110,7 @@ class IncLoRA(Method):
                                    f"adapters; expected {stage - 1}")
             self._freeze_current(model, OLD.format(stage))
             self.n_old = stage
-            self._reset_current(model, ctx.cfg.seed + 1000 * stage)
+            reset_lora(model, ctx.cfg.seed + 1000 * stage, CURRENT)
         activate(model, self.n_old)
 
     @torch.no_grad()
@@ -131,13 +120,6 @@ class IncLoRA(Method):
             for part in (layer.lora_A, layer.lora_B):
                 part[name].weight.copy_(part[CURRENT].weight)
 
-    def _reset_current(self, model, seed: int) -> None:
-        """PEFT's init of ``default`` (A Kaiming-uniform, B zero), seeded, RNG state kept."""
-        init = model.peft_config[CURRENT].init_lora_weights
-        with rng_untouched():
-            torch.manual_seed(seed)
-            for layer in self.layers.values():
-                layer.reset_lora_parameters(CURRENT, init)
 
     # ---------------------------------------------------------------- the stack as tensors
     def old_adapters(self) -> list[dict[str, dict[str, torch.Tensor]]]:

@@ -3,8 +3,7 @@
 * :func:`task_vector`: ``τ = ΔW = scaling * B @ A`` per LoRA target module (float32), keyed by
   the module's name in the PEFT model (``base_model.model.<path>``), via
   :func:`aimm.merging.continual.lora_deltas` and PEFT's per-module ``scaling``;
-* :func:`reset_lora`: every LoRA back to PEFT's initialisation (its ``init_lora_weights``), drawn
-  from a forked RNG seeded ``seed`` (the global RNG is untouched);
+* a fresh LoRA per task is :func:`aimm.models.reset_lora` (PEFT's init from a forked RNG);
 * :class:`MergedDelta`: a frozen float32 ``ΔW`` per target module, added to the module's output
   as ``x @ ΔWᵀ`` (computed in float32, cast to the activation dtype) by a forward hook. It is
   never added into the base weights, which may be bfloat16;
@@ -21,18 +20,7 @@ from typing import Mapping
 import torch
 
 from aimm.merging.continual import lora_deltas
-
-
-def peft_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The PeftModel inside ``model`` (a DDP wrapper has it as ``.module``)."""
-    return getattr(model, "module", model)
-
-
-def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """PEFT's LoRA layers of ``model`` by module name (one adapter each, as aimm attaches)."""
-    from peft.tuners.lora import LoraLayer
-
-    return {n: m for n, m in peft_model(model).named_modules() if isinstance(m, LoraLayer)}
+from aimm.models import lora_layers, peft_model
 
 
 def _adapter(layer) -> str:
@@ -52,22 +40,6 @@ def task_vector(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         params[f"{name}.lora_B.{a}.weight"] = layer.lora_B[a].weight.detach().float()
         scaling[name] = float(layer.scaling[a])
     return lora_deltas(params, scaling)
-
-
-@torch.no_grad()
-def reset_lora(model: torch.nn.Module, seed: int) -> None:
-    """Every LoRA to PEFT's initialisation (A: PEFT's init, B: 0), from RNG seed ``seed``."""
-    layers = lora_layers(model)
-    if not layers:
-        return
-    config = peft_model(model).peft_config
-    first = next(iter(layers.values()))
-    device = first.lora_A[_adapter(first)].weight.device
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for layer in layers.values():
-            a = _adapter(layer)
-            layer.reset_lora_parameters(a, config[a].init_lora_weights)
 
 
 class MergedDelta:
@@ -126,4 +98,4 @@ def use_merged(model: torch.nn.Module, delta: MergedDelta, on: bool) -> None:
     delta.on = on
 
 
-__all__ = ["MergedDelta", "lora_layers", "peft_model", "reset_lora", "task_vector", "use_merged"]
+__all__ = ["MergedDelta", "task_vector", "use_merged"]
