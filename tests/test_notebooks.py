@@ -349,7 +349,7 @@ def test_study_smoke_summary_has_two_runs_per_method_and_their_mean(study_smoke)
     paired = pd.read_csv(out / "paired.csv")
     assert set(paired["method"]) == set(STUDY_METHODS) - {"seq_lora"}
     assert (paired["reference"] == "seq_lora").all() and (paired["n"] == 2).all()
-    assert summary.loc["aimmerging", "merges_mean"] >= 3  # tiny S0 2: merges in every task
+    assert summary.loc["aimmerging", "merges_mean"] >= 3  # merges in every task
     text = _outputs_text(out / "notebooks" / "04_metrics.ipynb")
     assert "Study summary" in text and "Paired differences" in text
 
@@ -385,7 +385,9 @@ def test_study_smoke_controller_report_counts_each_seeds_merges(study_smoke):
                              / f"0{k}_{row.task}" / "merges.csv")
         assert row.merges == len(merges) >= 1
         assert row.merges == sum(getattr(row, c) for c in table.columns if c.startswith("merges_"))
-        assert str(row.intervals).split("->")[0] == "2"  # the smoke S0
+        # the preset's S0: a preset's own method options win over the smoke defaults (S0 2)
+        s0 = PRESETS["study"]["method_options"]["aimmerging"]["initial_interval"]
+        assert str(row.intervals).split("->")[0] == str(s0)
         assert row.max_signal_ratio > 0
 
 
