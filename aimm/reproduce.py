@@ -73,9 +73,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # release controller (S0 8, cold start 3) with AIMMerging's `fast` signals (probe every 2nd
     # step on half a batch, rehearsal at the inner batch size): the release probe costs ~3x a
     # seq_lora step (benchmarks/results/cpu-2core). Sized for the 120-minute budget of 2 idle
-    # cores (estimated ~105 min from per-step timings: batch 2 rather than 4 halves the inner
-    # steps' cost, memory batch 4 Recurrent-KIF's rehearsal, and seq_lora / replay do not record
-    # the forgetting signal, record_forgetting_signal false).
+    # cores: batch 2 rather than 4 halves the inner steps' cost; memory batch 2 = the inner batch,
+    # the release's ratio (memory batches of 32 = its effective inner batch 8 x 4; a memory batch
+    # of 4 doubled Recurrent-KIF's rehearsal, 143 s of its 281 s stage in
+    # benchmarks/results/cpu-2core/study_profile.json); seq_lora / replay do not record the
+    # forgetting signal (record_forgetting_signal false).
     # One change to the release controller, as in the demo: initial_interval (S0) 4 instead of
     # 8. With S0 8 a 48-step task gets 3 merges (forced at 16, 32, 48), the cold start (the first
     # 4 merges keep S0) never ends and S cannot move (measured: benchmarks/results/cpu-2core/
@@ -88,7 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_train": 96, "max_test": 100, "epochs": 1, "seeds": [1, 2, 3],
         "method_options": {"aimmerging": {"fast": True, "initial_interval": 4}},
         "fig_formats": ["html", "png"],
-        "extra": {"batch_size": 2, "max_input_len": 256, "memory_batch_size": 4,
+        "extra": {"batch_size": 2, "max_input_len": 256, "memory_batch_size": 2,
                   "record_forgetting_signal": False, "eval_mode": "label_scoring", "eval_batch_size": 20,
                   "dtype": "bfloat16", **CPU_WARMUP},
     },
