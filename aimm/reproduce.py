@@ -49,25 +49,26 @@ RELEASE_SIZES: dict[str, Any] = {
 #: (``max_warmup_fraction`` 0.1): with 32-48 steps per task the release's 50 warmup steps would
 #: never reach the peak lr. The release-sized presets keep the release's exact 50 warmup steps.
 CPU_WARMUP = {"max_warmup_fraction": 0.1}
+#: The main job (``make demo``): seq_lora and AIMMerging, sized so that AIMMerging's controller
+#: acts. 128 training examples at batch 4 = 32 inner steps per task; label scoring (classification
+#: tasks: the likelihood of each label, faster than generating) on 40 test examples per task.
+#: One change to AIMMerging's release options: initial_interval (S0) 2 instead of 8. With S0 8
+#: a 32-step task gets two forced merges (steps 16 and 32) and never leaves the cold start
+#: (the first 4 merges keep S0), so the interval cannot move. S0 2 scales the first interval
+#: to the task (release: ~310 steps per task / S0 8, ~39 intervals; here 32 / 2 = 16): merges
+#: come at least every 2 * S0 = 4 steps, so every task after the first has 5 merges or more
+#: even when all are forced, the cold start ends, and S adapts from the 5th merge on.
+DEMO: dict[str, Any] = {
+    "benchmark": "standard_cl", "order": 1, "tasks": None,
+    "methods": ["seq_lora", "aimmerging"], "model": "smollm2-135m",
+    "max_train": 128, "max_test": 40, "epochs": 1, "seeds": [42],
+    "method_options": {"aimmerging": {"initial_interval": 2}},
+    "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
+              "eval_mode": "label_scoring", "eval_batch_size": 20, "dtype": "bfloat16",
+              **CPU_WARMUP},
+}
 PRESETS: dict[str, dict[str, Any]] = {
-    # The main job: seq_lora and AIMMerging, sized so that AIMMerging's controller acts. 128
-    # training examples at batch 4 = 32 inner steps per task; label scoring (classification
-    # tasks: the likelihood of each label, faster than generating) on 40 test examples per task.
-    # One change to AIMMerging's release options: initial_interval (S0) 2 instead of 8. With S0 8
-    # a 32-step task gets two forced merges (steps 16 and 32) and never leaves the cold start
-    # (the first 4 merges keep S0), so the interval cannot move. S0 2 scales the first interval
-    # to the task (release: ~310 steps per task / S0 8, ~39 intervals; here 32 / 2 = 16): merges
-    # come at least every 2 * S0 = 4 steps, so every task after the first has 5 merges or more
-    # even when all are forced, the cold start ends, and S adapts from the 5th merge on.
-    "demo": {
-        "benchmark": "standard_cl", "order": 1, "tasks": None,
-        "methods": ["seq_lora", "aimmerging"], "model": "smollm2-135m",
-        "max_train": 128, "max_test": 40, "epochs": 1, "seeds": [42],
-        "method_options": {"aimmerging": {"initial_interval": 2}},
-        "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
-                  "eval_mode": "label_scoring", "eval_batch_size": 20, "dtype": "bfloat16",
-                  **CPU_WARMUP},
-    },
+    "demo": DEMO,
     # The CPU study (issue #14): 4 methods x 3 seeds on Standard CL order 1, label scoring on 100
     # test examples per task; 96 training examples at batch 2 = 48 inner steps per task. The
     # release controller (S0 8, cold start 3) with AIMMerging's `fast` signals (probe every 2nd
@@ -99,6 +100,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "methods": ["seq_lora", "aimmerging"], "smoke": True, "seeds": [42],
         "fig_formats": ["html", "png"], "extra": dict(CPU_WARMUP),
     },
+    # Issue #16's method catalogue: every registered method once (seed 42) at the demo's sizes
+    # and evaluation, so that the methods' scores and wall times compare on one footing
+    # (summary.csv: train/eval seconds per method). Long on 2 CPU cores (~20 demo-sized runs);
+    # re-running resumes, so it may be spread over several sittings.
+    "catalogue": {
+        **{k: v for k, v in DEMO.items() if k not in ("methods",)},
+        "methods": ALL_METHODS, "fig_formats": ["html", "png"],
+        # no forgetting-signal probe for the non-merging methods (the demo records it for
+        # seq_lora): each method's wall time is then its own cost
+        "extra": {**DEMO["extra"], "record_forgetting_signal": False},
+    },
     "standard_cl": {"benchmark": "standard_cl", "order": 1, "methods": ALL_METHODS,
                     "model": "smollm2-135m", "seeds": [42], **RELEASE_SIZES},
     "long_sequence": {"benchmark": "long_sequence", "order": 4, "methods": ALL_METHODS,
@@ -109,7 +121,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 #: Presets whose evidence is committed: preset -> results folder (relative to the working dir).
-RESULTS: dict[str, str] = {"study": "results/study-cpu"}
+RESULTS: dict[str, str] = {"study": "results/study-cpu", "catalogue": "results/catalogue-cpu"}
 
 
 def preset_parameters(preset: str, run_root: str | Path = "runs", fig_dir: str | Path = "Fig",

@@ -490,6 +490,21 @@ def test_study_preset_is_the_issue_14_cpu_study():
     assert cfg.method_options == {"fast": True, "initial_interval": 4}  # fast signals, S0 4
 
 
+def test_catalogue_preset_runs_every_registered_method_at_the_demo_sizes():
+    from aimm.methods import METHODS
+    from aimm.reproduce import RESULTS
+
+    demo, catalogue = preset_parameters("demo"), preset_parameters("catalogue")
+    assert catalogue["methods"] == list(METHODS) and len(METHODS) >= 19
+    for key in ("benchmark", "order", "model", "max_train", "max_test", "epochs", "seeds",
+                "method_options"):
+        assert catalogue[key] == demo[key], key
+    assert catalogue["extra"] == {**demo["extra"], "record_forgetting_signal": False}
+    assert RESULTS["catalogue"] == "results/catalogue-cpu"
+    for cfg in notebook.configs(catalogue):  # every method validates with these sizes
+        assert cfg.max_train == 128 and cfg.eval_mode == "label_scoring"
+
+
 def test_demo_preset_sizes_make_the_controller_act_even_with_forced_merges_only():
     """The demo's and the study's AIMMerging options and sizes, through the real controller, in
     the worst case for the number of merges: a flat forgetting signal (never reaches 2x its mean:
