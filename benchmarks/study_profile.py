@@ -52,12 +52,13 @@ from typing import Any
 
 import torch
 
+from aimm.reproduce import PRESETS
 from benchmarks._common import environment, fail, ratio, resolve_device, write_json
 from benchmarks._sections import CATEGORIES, Sections, profiling_hooks
 from benchmarks.train_overhead import auto_buffer_fraction, memory_needed, parse_option, synthetic_data
 
 PROG = "study_profile"
-STUDY_METHODS = ("seq_lora", "replay", "aimmerging", "recurrent_kif")
+STUDY_METHODS = tuple(PRESETS["study"]["methods"])  # the CPU study's methods
 
 
 # ------------------------------------------------------------------------------ pure helpers

@@ -505,6 +505,29 @@ def test_catalogue_preset_runs_every_registered_method_at_the_demo_sizes():
         assert cfg.max_train == 128 and cfg.eval_mode == "label_scoring"
 
 
+@pytest.mark.slow
+def test_catalogue_smoke_runs_every_method_through_the_notebooks(tmp_path):
+    """Every registered method through notebooks 01-04 (tiny model, tiny benchmark): one run
+    each, complete, and one summary row per method with its own train and eval seconds."""
+    from aimm.data.synthetic import make_synthetic_benchmark
+    from aimm.methods import METHODS
+
+    bench = make_synthetic_benchmark(tmp_path / "bench", tasks=STUDY_BENCH, n_train=16, n_test=4)
+    out = reproduce("catalogue", smoke=True, run_root=tmp_path / "runs", fig_dir=tmp_path / "Fig",
+                    data_dir=bench, results_dir=tmp_path / "results", progress=False,
+                    log_output=False, fig_formats=["html"])
+    runs = json.loads((out / "runs.json").read_text())
+    assert sorted(runs) == sorted(f"{m}-s42" for m in METHODS)
+    for name in runs:
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["complete"], name
+    summary = pd.read_csv(tmp_path / "results" / "summary.csv").set_index("method")
+    assert sorted(summary.index) == sorted(METHODS) and (summary["n"] == 1).all()
+    assert (summary["train_seconds_mean"] > 0).all() and (summary["eval_seconds_mean"] > 0).all()
+    for name in NOTEBOOKS:  # no error in any notebook
+        _outputs_text(out / "notebooks" / name)
+
+
 def test_demo_preset_sizes_make_the_controller_act_even_with_forced_merges_only():
     """The demo's and the study's AIMMerging options and sizes, through the real controller, in
     the worst case for the number of merges: a flat forgetting signal (never reaches 2x its mean:
