@@ -150,9 +150,31 @@ def test_summary_mean_std_t_interval_and_the_all_row(hand_study):
     # merges by kind, for the merging method only
     m = row(s, "aimmerging", "all")
     assert (m["merges_mean"], m["merges_forced_mean"], m["merges_planned_mean"]) == (3.0, 1.0, 2.0)
+    # a declared kind that never happened is a 0, not a missing column; no column for a kind no
+    # method of the grid has (Recurrent-KIF's "fixed")
+    assert m["merges_early_mean"] == 0.0 and "merges_fixed_mean" not in m
     # single_task: OP only (no BWT / FWT of its own)
     st = row(s, "single_task", "1")
     assert not math.isnan(st["OP_mean"]) and math.isnan(st["BWT_mean"]) and math.isnan(st["FWT_mean"])
+
+
+def test_merge_kind_columns_come_from_each_method_s_declared_kinds(tmp_path):
+    from aimm.study.aggregate import runs_table
+
+    rows = []
+    for method, kinds in (("aimmerging", {"forced": 2, "planned": 3}), ("recurrent_kif", {"fixed": 6}),
+                          ("seq_lora", None)):
+        rel = write_run(tmp_path, f"{method}-s1", method, [[0.8, NAN], [0.5, 0.6]], merge_kinds=kinds)
+        rows.append({"method": method, "seed": 1, "order": 1, "run_dir": rel})
+    pd.DataFrame(rows).to_csv(tmp_path / "runs.csv", index=False)
+    table = runs_table(read_results(tmp_path)).set_index("method")
+    kinds = ["merges_early", "merges_fixed", "merges_forced", "merges_planned"]
+    assert [c for c in table.columns if c.startswith("merges_")] == kinds
+    got = table[kinds].astype(object).where(table[kinds].notna(), None)
+    assert got.loc["aimmerging"].tolist() == [0.0, None, 2.0, 3.0]  # early 0: declared, none happened
+    assert got.loc["recurrent_kif"].tolist() == [None, 6.0, None, None]
+    assert got.loc["seq_lora"].tolist() == [None] * 4 and math.isnan(table.loc["seq_lora", "merges"])
+    assert table.loc["aimmerging", "merges"] == 5 and table.loc["recurrent_kif", "merges"] == 6
 
 
 def test_paired_differences_against_the_reference(hand_study):

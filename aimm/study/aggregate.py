@@ -130,12 +130,15 @@ def _number(value: Any) -> float:
 
 def runs_table(results: list[RunResult]) -> pd.DataFrame:
     """One row per complete run: method, seed, order, run_dir, OP, BWT, [FWT], forgetting,
-    train_seconds, eval_seconds, and for merging methods merges and merges_<kind>.
+    train_seconds, eval_seconds, and for merging methods merges and merges_<kind>: a column per
+    kind any method declares (``merge_kinds``) or recorded; a run's own kinds count (0 when none
+    happened: AIMMerging's ``early``), another method's kinds are NaN.
     FWT is a column only when the grid has single_task runs."""
     done = [r for r in results if r.complete]
     singles = {(r.seed, r.order): r for r in done if r.method == SINGLE_TASK}
     with_fwt = any(r.method == SINGLE_TASK for r in results)
-    kinds = sorted({k for r in done for k in r.merge_kinds})
+    declared = {r.method: tuple(getattr(METHODS.get(r.method), "merge_kinds", ())) for r in done}
+    kinds = sorted({k for r in done for k in r.merge_kinds} | {k for ks in declared.values() for k in ks})
     rows = []
     for r in done:
         row: dict[str, Any] = {"method": r.method, "seed": r.seed, "order": r.order,
@@ -150,8 +153,9 @@ def runs_table(results: list[RunResult]) -> pd.DataFrame:
         row["eval_seconds"] = r.eval_seconds
         merging = bool(getattr(METHODS.get(r.method), "merges", False))
         row["merges"] = float(sum(r.merge_kinds.values())) if merging else float("nan")
-        for k in kinds:
-            row[f"merges_{k}"] = float(r.merge_kinds.get(k, 0)) if merging else float("nan")
+        for k in kinds:  # the kinds the method declares (zeros too) and any it recorded
+            own = merging and (k in declared[r.method] or k in r.merge_kinds)
+            row[f"merges_{k}"] = float(r.merge_kinds.get(k, 0)) if own else float("nan")
         rows.append(row)
     columns = ["method", "seed", "order", "run_dir"] + [m for m in METRICS if m != "FWT" or with_fwt]
     columns += ["train_seconds", "eval_seconds", "merges"] + [f"merges_{k}" for k in kinds]
