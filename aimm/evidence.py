@@ -3,7 +3,8 @@
 It holds copies of the study's tables (``summary.csv`` / ``summary.md`` / ``paired.csv``, the
 controller report, the per-run metrics), the study figures the notebooks exported during this
 reproduction (``study_*``: bars with 95% error bars, per-seed signals and interval per task, the
-task-1 curve), and ``command.txt``: the exact command, the package versions and the wall time.
+task-1 curve; the HTML files load plotly.js from its CDN), and ``command.txt``: the exact
+command, the package versions and the wall time.
 Never a run directory.
 """
 
@@ -64,12 +65,54 @@ def command_text(command: str, seconds: float, started: float, notebooks: dict[s
     return "\n".join(lines) + "\n"
 
 
+def plotlyjs_cdn_tag() -> str:
+    """The ``<script>`` element plotly's ``to_html(include_plotlyjs="cdn")`` writes: the
+    installed plotly.js version on cdn.plot.ly, with its sha256 ``integrity``."""
+    import re
+
+    import plotly.graph_objects as go
+
+    html = go.Figure().to_html(include_plotlyjs="cdn", full_html=False)
+    found = re.search(r"<script[^>]*\bsrc=[^>]*></script>", html)
+    if found is None:
+        raise RuntimeError("plotly wrote no CDN <script src=...> element")
+    return found.group(0)
+
+
+def share_plotlyjs(html: str, bundle: str, tag: str) -> str | None:
+    """``html`` with its inline plotly.js ``bundle`` (a ``<script>`` element holding exactly
+    ``bundle``, as ``to_html(include_plotlyjs=True)`` writes it) replaced by ``tag``; None when
+    the bundle is not inline (pure)."""
+    at = html.find(bundle) if bundle else -1
+    start = html.rfind("<script", 0, at) if at >= 0 else -1
+    end = at + len(bundle)
+    if start < 0 or html.find(">", start) != at - 1 or not html.startswith("</script>", end):
+        return None
+    return html[:start] + tag + html[end + len("</script>"):]
+
+
 def copy_new_files(paths: Iterable[Path], target: Path, since: float) -> list[Path]:
-    """Copy the files among ``paths`` modified at or after ``since`` into ``target``."""
-    written = []
+    """Copy the files among ``paths`` modified at or after ``since`` into ``target``. HTML
+    figures load plotly.js from its CDN (:func:`plotlyjs_cdn_tag`) instead of holding it inline
+    (4.7 MB each), so that a results folder stays small enough to commit; offline, the PNGs
+    stand beside them."""
+    from plotly.offline import get_plotlyjs
+
+    from aimm.util import atomic_write_text
+
+    written: list[Path] = []
+    bundle = tag = None
     for path in sorted(paths):
-        if path.is_file() and path.stat().st_mtime >= since:
-            written.append(Path(shutil.copy2(path, target / path.name)))
+        if not (path.is_file() and path.stat().st_mtime >= since):
+            continue
+        if path.suffix == ".html":
+            bundle, tag = bundle or get_plotlyjs(), tag or plotlyjs_cdn_tag()
+            shared = share_plotlyjs(path.read_text(encoding="utf-8"), bundle, tag)
+            if shared is not None:
+                atomic_write_text(target / path.name, shared)
+                written.append(target / path.name)
+                continue
+        written.append(Path(shutil.copy2(path, target / path.name)))
     return written
 
 

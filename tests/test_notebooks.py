@@ -407,6 +407,31 @@ def test_study_smoke_results_folder_holds_tables_figures_and_the_command(study_s
     assert "wall time: " in command and "torch==" in command and "transformers==" in command
     params = json.loads(command.split("parameters: ", 1)[1])
     assert params["seeds"] == [1, 2] and params["orders"] == [1]
+    # the HTML figures load plotly.js from its CDN (version-pinned, sha256 integrity): each is
+    # the notebook's export with the inline bundle swapped for that one tag
+    from plotly.offline import get_plotlyjs
+
+    from aimm.evidence import plotlyjs_cdn_tag, share_plotlyjs
+
+    tag = plotlyjs_cdn_tag()
+    assert 'src="https://cdn.plot.ly/plotly-' in tag and 'integrity="sha256-' in tag
+    for name in sorted(n for n in names if n.endswith(".html")):
+        text = (results / name).read_text()
+        assert len(text) < 1_000_000 and text.count(tag) == 1, name
+        assert text == share_plotlyjs((fig_dir / name).read_text(), get_plotlyjs(), tag), name
+
+
+def test_share_plotlyjs_replaces_only_an_inline_bundle():
+    from aimm.evidence import share_plotlyjs
+
+    bundle = "/* js */ var Plotly = 1;"
+    html = f"<html><head><script>x=1</script><script>{bundle}</script></head><body>b</body></html>"
+    tag = '<script src="cdn.js"></script>'
+    assert share_plotlyjs(html, bundle, tag) == (
+        '<html><head><script>x=1</script><script src="cdn.js"></script></head><body>b</body></html>')
+    assert share_plotlyjs("<html><script src='cdn'></script></html>", bundle, tag) is None  # not inline
+    assert share_plotlyjs(f"<p>{bundle}</p>", bundle, tag) is None  # not a script element
+    assert share_plotlyjs(f"<script>y;{bundle}</script>", bundle, tag) is None  # more than the bundle
 
 
 def test_orders_grid_names_runs_as_study_cells_and_validates(tmp_path):
