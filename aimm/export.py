@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from aimm.models import peft_model
+from aimm.models import unwrap
 from aimm.runs import RunDirError, atomic_write_bytes
 
 ADAPTER_DIR = "adapter"
@@ -60,7 +60,7 @@ def save_adapter(model, folder: str | Path, base_model: str) -> Path:
     atomically; returns ``folder``. One active adapter (``default``) is the usual single-adapter
     folder; several (a stack summed in the forward, e.g. IncLoRA / O-LoRA) give PEFT's
     multi-adapter layout: ``default`` at the top, each other adapter in its own subfolder."""
-    model = peft_model(model)
+    model = unwrap(model)
     folder = Path(folder)
     active = list(model.active_adapters)
     configs = [model.peft_config[name] for name in active]
@@ -107,7 +107,7 @@ def load_adapter(model, folder: str | Path) -> None:
     path = Path(folder) / PEFT_WEIGHTS
     if not path.is_file():
         raise RunDirError(f"{path}: adapter weights missing")
-    result = set_peft_model_state_dict(peft_model(model), load_file(str(path)))
+    result = set_peft_model_state_dict(unwrap(model), load_file(str(path)))
     missing = [k for k in result.missing_keys if "lora_" in k and ".default." in k]  # not other adapters'
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[0]
@@ -221,7 +221,7 @@ def with_evaluated_delta(model, method, stage_dir: Path):
         raise RunDirError(f"{stage_dir}: method {method.name} evaluates a model that is not its stage "
                           "adapter, and the stage holds no method state to rebuild it from; "
                           "aimm export cannot write this stage")
-    peft = peft_model(model)
+    peft = unwrap(model)
     for name, d in delta.items():
         try:
             layer = peft.get_submodule(name)

@@ -15,6 +15,8 @@ A model is named by a *spec* string:
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 import os
 import shutil
@@ -305,16 +307,24 @@ def attach_lora(
     return ModelBundle(peft_model, bundle.tokenizer, bundle.is_seq2seq, bundle.spec, bundle.path)
 
 
-def peft_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The PeftModel inside ``model`` (a DDP wrapper holds it as ``.module``)."""
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP-style wrapper (it holds it as ``.module``), else ``model``."""
     return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def rng_untouched():
+    """Run a block without changing the global torch RNG state (CPU and the current GPU)."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Every PEFT LoRA layer of ``model`` by module name, in model order."""
     from peft.tuners.lora import LoraLayer
 
-    return {n: m for n, m in peft_model(model).named_modules() if isinstance(m, LoraLayer)}
+    return {n: m for n, m in unwrap(model).named_modules() if isinstance(m, LoraLayer)}
 
 
 @torch.no_grad()
@@ -325,9 +335,8 @@ def reset_lora(model: torch.nn.Module, seed: int, adapter: str = "default") -> N
     layers = lora_layers(model)
     if not layers:
         return
-    init = peft_model(model).peft_config[adapter].init_lora_weights
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
+    init = unwrap(model).peft_config[adapter].init_lora_weights
+    with rng_untouched():
         torch.manual_seed(seed)
         for layer in layers.values():
             layer.reset_lora_parameters(adapter, init)

@@ -105,8 +105,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # (summary.csv: train/eval seconds per method). Long on 2 CPU cores (~20 demo-sized runs);
     # re-running resumes, so it may be spread over several sittings.
     "catalogue": {
-        **{k: v for k, v in DEMO.items() if k not in ("methods",)},
-        "methods": ALL_METHODS, "fig_formats": ["html", "png"],
+        **DEMO, "methods": ALL_METHODS, "fig_formats": ["html", "png"],
         # no forgetting-signal probe for the non-merging methods (the demo records it for
         # seq_lora): each method's wall time is then its own cost
         "extra": {**DEMO["extra"], "record_forgetting_signal": False},

@@ -38,7 +38,6 @@ not FSDP.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any
 
@@ -46,24 +45,16 @@ import torch
 
 from aimm.errors import RunDirError
 from aimm.methods.base import Method
-from aimm.models import lora_layers, peft_model, reset_lora
+from aimm.models import lora_layers, reset_lora, rng_untouched, unwrap
 
 CURRENT = "default"  # the PEFT adapter being trained (the engine's adapter files hold this one)
 OLD = "task_{}"  # the frozen PEFT adapter of task i (1-based, as the stage folders)
 
 
-@contextlib.contextmanager
-def rng_untouched():
-    """Run a block without changing the global torch RNG state (CPU and the current GPU)."""
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        yield
-
-
 def ensure_adapter(model: torch.nn.Module, name: str) -> None:
     """Add PEFT adapter ``name`` (the config of ``default``) unless it exists. PEFT initialises
     it randomly; the global RNG is left as it was, so adding it changes no later random draw."""
-    model = peft_model(model)
+    model = unwrap(model)
     if name not in model.peft_config:
         with rng_untouched():
             model.add_adapter(name, copy.deepcopy(model.peft_config[CURRENT]))
@@ -72,7 +63,7 @@ def ensure_adapter(model: torch.nn.Module, name: str) -> None:
 def activate(model: torch.nn.Module, n_old: int) -> None:
     """Make ``task_1 .. task_<n_old>`` and ``default`` the active (summed) adapters, the old ones
     frozen (PEFT's ``set_adapter`` makes every active adapter trainable, so they are frozen after)."""
-    model = peft_model(model)
+    model = unwrap(model)
     old = [OLD.format(i) for i in range(1, n_old + 1)]
     wanted = [*old, CURRENT]
     if list(model.active_adapters) != wanted:
@@ -101,7 +92,7 @@ class IncLoRA(Method):
 
     def on_stage_start(self, ctx) -> None:
         """From the second task on: freeze the previous task's adapter, start a fresh one."""
-        model = peft_model(ctx.model)
+        model = unwrap(ctx.model)
         self.layers = lora_layers(model)
         stage = ctx.stage.index
         if stage > self.n_old:
@@ -119,7 +110,6 @@ class IncLoRA(Method):
         for layer in self.layers.values():
             for part in (layer.lora_A, layer.lora_B):
                 part[name].weight.copy_(part[CURRENT].weight)
-
 
     # ---------------------------------------------------------------- the stack as tensors
     def old_adapters(self) -> list[dict[str, dict[str, torch.Tensor]]]:
@@ -139,7 +129,7 @@ class IncLoRA(Method):
         if not isinstance(old, list):
             raise RunDirError(f"{self.name}: method state holds no 'old_adapters' list; restart "
                               "from this stage")
-        model = peft_model(model)
+        model = unwrap(model)
         self.layers = lora_layers(model)
         for i, saved in enumerate(old, 1):
             name = OLD.format(i)

@@ -20,7 +20,7 @@ from typing import Mapping
 import torch
 
 from aimm.merging.continual import lora_deltas
-from aimm.models import lora_layers, peft_model
+from aimm.models import lora_layers, unwrap
 
 
 def _adapter(layer) -> str:
@@ -53,7 +53,7 @@ class MergedDelta:
 
     def attach(self, model: torch.nn.Module) -> None:
         """Install the forward hooks on ``model``'s LoRA layers (once per model)."""
-        inner = peft_model(model)
+        inner = unwrap(model)
         if self._model is inner:
             return
         for handle in self._handles:

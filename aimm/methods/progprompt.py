@@ -55,6 +55,7 @@ import torch
 
 from aimm.errors import ConfigError, ModelError
 from aimm.methods.base import Method
+from aimm.models import unwrap
 
 INITS = {"sample_vocab": "SAMPLE_VOCAB", "random": "RANDOM"}  # option -> PEFT's PromptTuningInit
 
@@ -83,10 +84,6 @@ class ProgPromptOptions:
 def prompt_order(stage: int, length: int) -> torch.Tensor:
     """Embedding rows of the prompt at stage ``stage`` (0-based): blocks P_k, ..., P_1."""
     return torch.cat([torch.arange(j * length, (j + 1) * length) for j in range(stage, -1, -1)])
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 class ProgPrompt(Method):
@@ -145,7 +142,7 @@ class ProgPrompt(Method):
 
     # ---------------------------------------------------------------- hooks
     def on_stage_start(self, ctx) -> None:
-        self.peft = _unwrap(ctx.model)
+        self.peft = unwrap(ctx.model)
         self._activate(ctx.stage.index)
         self.snapshot = self.weight.detach().clone()
 
@@ -176,7 +173,7 @@ class ProgPrompt(Method):
 
     @torch.no_grad()
     def load_stage_state(self, state: dict[str, Any], model) -> None:
-        self.peft = _unwrap(model)
+        self.peft = unwrap(model)
         self._load(state["prompts"], "progprompt stage state")
         self._activate(int(state["stages_learned"]) - 1)
 

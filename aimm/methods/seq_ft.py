@@ -41,13 +41,9 @@ import torch
 
 from aimm.errors import ModelError
 from aimm.methods.base import Method
+from aimm.models import unwrap
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DDP-style wrapper (``.module``), else ``model``."""
-    return getattr(model, "module", model)
 
 
 def model_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
