@@ -298,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list every method: its name, a tab, its one-line description")
     rp = sub.add_parser("reproduce", help="run the notebooks 01-04 with papermill")
     rp.add_argument("--preset", default="demo",
-                    help="demo | study | smoke | standard_cl | long_sequence | superni")
+                    help="demo (default) | study | catalogue | smoke | standard_cl | long_sequence "
+                         "| superni (aimm/reproduce.py's PRESETS)")
     rp.add_argument("--run-root", default="runs")
     rp.add_argument("--fig-dir", default="Fig")
     rp.add_argument("--data-dir")
@@ -307,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the preset's grid with the tiny random model and tiny sizes (a quick check)")
     rp.add_argument("--results-dir",
                     help="where the evidence goes (tables, study figures, command.txt); default: "
-                         "the preset's (study: results/study-cpu), none with --smoke")
+                         "the preset's (study: results/study-cpu, catalogue: results/catalogue-cpu), "
+                         "none with --smoke")
     return parser
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from aimm import notebook
 from aimm.config import ConfigError
-from aimm.reproduce import NOTEBOOK_DIR, NOTEBOOKS, PRESETS, preset_parameters, reproduce
+from aimm.reproduce import NOTEBOOK_DIR, NOTEBOOKS, PRESETS, RESULTS, preset_parameters, reproduce
 from conftest import browser_or_skip, make_tiny_benchmark
 
 TASKS = ["sst-2", "agnews", "rte"]
@@ -191,6 +191,18 @@ def test_notebook_parameters_catch_a_name_injected_after_the_parameters_cell():
     before = set(ns) | {"_before"}
     ns.update(benchmark="superni", max_trian=3, _hidden=1)
     assert notebook.notebook_parameters(ns, before) == {"benchmark": "superni", "max_trian": 3}
+
+
+def test_reproduce_help_names_every_preset_and_results_folder():
+    # the help text is written out (importing the presets would load torch for `aimm --help`)
+    from aimm.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "cmd")
+    actions = {a.dest: a.help for a in sub.choices["reproduce"]._actions}
+    named = {w.strip("()") for w in actions["preset"].replace("|", " ").split()}
+    assert set(PRESETS) <= named, set(PRESETS) - named
+    for preset, folder in RESULTS.items():
+        assert f"{preset}: {folder}" in actions["results_dir"]
 
 
 def test_every_preset_is_valid_and_the_demo_is_small():
@@ -517,7 +529,6 @@ def test_study_preset_is_the_issue_14_cpu_study():
 
 def test_catalogue_preset_runs_every_registered_method_at_the_demo_sizes():
     from aimm.methods import METHODS
-    from aimm.reproduce import RESULTS
 
     demo, catalogue = preset_parameters("demo"), preset_parameters("catalogue")
     assert catalogue["methods"] == list(METHODS) and len(METHODS) >= 19
