@@ -92,7 +92,7 @@ class RunConfig:
     buffer_mode: str = "official"  # official (uncapped) | capped
     buffer_seed: int = 42  # the release's fixed random.seed(42), independent of `seed`
     memory_batch_size: int = 32
-    record_forgetting_signal: bool = False  # probe the forgetting signal after every step, any method
+    record_forgetting_signal: bool = False  # probe the forgetting signal after every step (observation only)
     # evaluation
     eval_mode: str = "generate"  # generate | label_scoring
     eval_batch_size: int = 16

@@ -192,3 +192,28 @@ def test_notebook03_renders_figures_and_explorer_in_jupyterlab(tmp_path, lab):
     assert n_widgets >= 1, "no Jupyter widget rendered"
     assert n_dropdowns >= 4, f"{n_dropdowns} dropdowns rendered"
     assert shot.stat().st_size > 10_000
+
+
+def test_tensorboard_screenshot_script_shows_the_logged_cards(tmp_path, tiny_data):
+    """scripts/tensorboard_screenshot.py (re-makes docs/img/tensorboard_scalars.png): on a tiny
+    tracked run, TensorBoard shows every card it photographs (it fails on a missing tag)."""
+    import importlib.util
+
+    from aimm.cli import main
+
+    _need(importlib.util.find_spec("playwright") is not None, "playwright is not installed")
+    _need(CHROMIUM.is_file(), f"{CHROMIUM} not found (apt-get install chromium)")
+
+    spec = importlib.util.spec_from_file_location("tb_shot", REPO / "scripts" /
+                                                  "tensorboard_screenshot.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run_dir = tmp_path / "run"
+    assert main(["run", "--method", "aimmerging", "-o", "initial_interval=2", "--benchmark",
+                 "long_sequence", "--tasks", "sst-2,agnews", "--data-dir", str(tiny_data),
+                 "--model", "tiny-causal", "--max-train", "16", "--max-test", "4",
+                 "--batch-size", "4", "--max-input-len", "64", "--run-dir", str(run_dir),
+                 "--no-progress", "--log-with", "tensorboard"]) == 0
+    shot = tmp_path / "tb.png"
+    script.screenshot(run_dir / "logs", shot)
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

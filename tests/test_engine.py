@@ -79,6 +79,33 @@ def test_record_forgetting_signal_records_the_forgetting_signal_for_seq_lora(tin
     assert steps[steps["task"] == "agnews"]["forgetting_signal"].notna().all()
 
 
+@pytest.mark.parametrize("method,options", [("seq_lora", {}),
+                                            ("recurrent_kif", {"interval": 2})])
+def test_recording_the_forgetting_signal_does_not_change_training(tiny_config, tmp_path, method,
+                                                                  options):
+    # the recording probe runs with dropout on (lora_dropout 0.05) and draws memory batches: it
+    # must take neither the torch RNG that training's dropout uses nor the memory stream that
+    # rehearsal draws from (it once did: the demo's recorded seq_lora trained differently)
+    def trajectory(record: bool):
+        run_dir = run(tiny_config(method=method, method_options=options,
+                                  record_forgetting_signal=record,
+                                  run_dir=str(tmp_path / f"{method}-{record}")))
+        steps, merges = load_trajectory(run_dir)
+        return run_dir, steps, merges
+
+    plain_dir, plain, plain_merges = trajectory(False)
+    recorded_dir, recorded, recorded_merges = trajectory(True)
+    assert recorded[recorded["task"] == "agnews"]["forgetting_signal"].notna().all()
+    for column in ("loss", "lr"):
+        assert list(recorded[column]) == list(plain[column]), column
+    assert recorded_merges.drop(columns=["forgetting_signal"], errors="ignore").equals(
+        plain_merges.drop(columns=["forgetting_signal"], errors="ignore"))
+    for stage in ("01_sst-2", "02_agnews"):
+        assert ((recorded_dir / "stages" / stage / "adapter.safetensors").read_bytes()
+                == (plain_dir / "stages" / stage / "adapter.safetensors").read_bytes())
+    assert load_scores_matrix(recorded_dir).equals(load_scores_matrix(plain_dir))
+
+
 def test_resume_after_an_interruption_gives_the_same_metrics(tiny_config, tmp_path, monkeypatch):
     full = run(tiny_config(method="aimmerging", run_dir=str(tmp_path / "full"),
                            method_options={"initial_interval": 2}))

@@ -160,9 +160,10 @@ class Method:
         its importance EMAs)."""
 
     def after_step(self, ctx: "TrainContext", record: dict[str, Any]) -> None:
-        """Called after every inner optimiser step. Base: optional forgetting-signal probe."""
+        """Called after every inner optimiser step. Base: the forgetting signal recorded as an
+        observation (``record_forgetting_signal``; it does not change training)."""
         if ctx.cfg.record_forgetting_signal and ctx.has_memory:
-            record["forgetting_signal"] = ctx.forgetting_signal()
+            record["forgetting_signal"] = ctx.recorded_forgetting_signal()
 
     def on_stage_end(self, ctx: "TrainContext") -> None:
         """After the stage's last inner step, before the finite-adapter check, evaluation and the

@@ -79,7 +79,7 @@ class RecurrentKIF(InnerOuterMerging):
 
     def should_merge(self, ctx, record: dict) -> bool:
         if ctx.cfg.record_forgetting_signal:
-            record["forgetting_signal"] = ctx.forgetting_signal()
+            record["forgetting_signal"] = ctx.recorded_forgetting_signal()
         record["interval"] = self.options.interval
         return ctx.step - self.last_merge >= self.options.interval
 

@@ -92,23 +92,27 @@ class TrainContext:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                 for k, v in batch.items()}
 
-    def memory_batch(self, size: int | None = None) -> dict[str, torch.Tensor]:
-        """A random batch (default ``memory_batch_size``) of the memory buffer, on the device."""
+    def memory_batch(self, size: int | None = None,
+                     rng: random.Random | None = None) -> dict[str, torch.Tensor]:
+        """A random batch (default ``memory_batch_size``) of the memory buffer, on the device,
+        drawn with ``rng`` (default: the stage's ``memory_rng``)."""
         if not self.has_memory:
             raise RuntimeError("memory_batch() called without a memory buffer")
         k = min(size or self.cfg.memory_batch_size, len(self.memory))
-        indices = self.memory_rng.sample(range(len(self.memory)), k)
+        indices = (rng or self.memory_rng).sample(range(len(self.memory)), k)
         return self.to_device(self.memory.batch(indices))
 
-    def forgetting_signal(self, mode: str = "train", batch_size: int | None = None) -> float:
+    def forgetting_signal(self, mode: str = "train", batch_size: int | None = None,
+                          rng: random.Random | None = None) -> float:
         """Forgetting signal: one no-grad forward on a random memory batch (spec §2).
 
         ``mode="train"`` keeps dropout on, as the release does; ``"eval"`` turns it off. Under
         several processes every rank probes the same batch and rank 0's value is used by all,
-        so every rank takes the same merge decision.
+        so every rank takes the same merge decision. The batch is drawn with ``rng`` (default:
+        the stage's ``memory_rng``, which rehearsal and replay draw from too).
         """
         start = time.perf_counter()
-        batch = self.memory_batch(batch_size)
+        batch = self.memory_batch(batch_size, rng)
         was_training = self.model.training
         self.model.train(mode == "train")
         with torch.inference_mode():
@@ -121,6 +125,19 @@ class TrainContext:
         value = float(loss)
         self.timers["probe"] += time.perf_counter() - start
         return value
+
+    def recorded_forgetting_signal(self) -> float:
+        """The forgetting signal as an observation only (``record_forgetting_signal`` for a
+        method whose training does not use it): the same probe, but training is the same with or
+        without it. Its memory batch comes from a stream of its own, keyed by the run's seed,
+        the stage and the step (so a resumed stage draws the same batches, with no state to
+        checkpoint), and the global torch RNG that dropout draws from is left as it was."""
+        from aimm.models import rng_untouched
+
+        rng = random.Random(f"recorded-forgetting-signal:{self.cfg.seed}:{self.stage.index}:"
+                            f"{self.step}")
+        with rng_untouched():
+            return self.forgetting_signal(rng=rng)
 
     def rehearsal_step(self, optimizer=None, on_grads: Callable[["TrainContext"], None] | None = None,
                        batch_size: int | None = None) -> torch.Tensor:
