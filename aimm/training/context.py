@@ -109,7 +109,7 @@ class TrainContext:
         ``mode="train"`` keeps dropout on, as the release does; ``"eval"`` turns it off. Under
         several processes every rank probes the same batch and rank 0's value is used by all,
         so every rank takes the same merge decision. The batch is drawn with ``rng`` (default:
-        the stage's ``memory_rng``, which rehearsal and replay draw from too).
+        the stage's ``memory_rng``, which rehearsal steps and A-GEM draw from too).
         """
         start = time.perf_counter()
         batch = self.memory_batch(batch_size, rng)
