@@ -543,20 +543,25 @@ def test_catalogue_preset_runs_every_registered_method_at_the_demo_sizes():
 
 @pytest.mark.slow
 def test_catalogue_smoke_runs_every_method_through_the_notebooks(tmp_path):
-    """Every registered method through notebooks 01-04 (tiny model, tiny benchmark): one run
-    each, complete, and one summary row per method with its own train and eval seconds."""
+    """Every registered method through notebooks 01-04 (tiny model, tiny benchmark, the first two
+    tasks of Standard CL order 1, as issue #16's acceptance asks): one run each, complete, and one
+    summary row per method with its own train and eval seconds."""
     from aimm.data.synthetic import make_synthetic_benchmark
     from aimm.methods import METHODS
 
-    bench = make_synthetic_benchmark(tmp_path / "bench", tasks=STUDY_BENCH, n_train=16, n_test=4)
+    two = {t: STUDY_BENCH[t] for t in ("dbpedia", "amazon")}
+    bench = make_synthetic_benchmark(tmp_path / "bench", tasks=two, n_train=16, n_test=4)
     out = reproduce("catalogue", smoke=True, run_root=tmp_path / "runs", fig_dir=tmp_path / "Fig",
                     data_dir=bench, results_dir=tmp_path / "results", progress=False,
-                    log_output=False, fig_formats=["html"])
+                    log_output=False, fig_formats=["html"], tasks=list(two))
     runs = json.loads((out / "runs.json").read_text())
     assert sorted(runs) == sorted(f"{m}-s42" for m in METHODS)
     for name in runs:
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert metrics["complete"], name
+        stages = sorted(p.name for p in (out / name / "stages").iterdir())
+        assert stages == (["01_all"] if name.startswith("mtl-") else
+                          ["01_dbpedia", "02_amazon"]), (name, stages)
     summary = pd.read_csv(tmp_path / "results" / "summary.csv").set_index("method")
     assert sorted(summary.index) == sorted(METHODS) and (summary["n"] == 1).all()
     assert (summary["train_seconds_mean"] > 0).all() and (summary["eval_seconds_mean"] > 0).all()
