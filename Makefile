@@ -31,6 +31,8 @@ bench:  ## speed benchmarks, CPU-sized (estimated 1-1.5 h on 2 idle cores now th
 	$(PY) -m benchmarks.train_overhead --model smollm2-135m --dtype bfloat16 --batch-size 8 \
 	  --max-input-len 256 --prompt-tokens 64 --max-train 64 --memory-batch-size 32 \
 	  --initial-interval 4 --settings release,fast,methods --repeats 3 --out runs/bench/train_overhead.json
+	$(PY) -m benchmarks.prompt_scoring --model smollm2-135m --dtype bfloat16 --stage 3 --n 10 \
+	  --out runs/bench/prompt_scoring.json
 	$(PY) -m benchmarks.merge_ops --model smollm2-135m --repeats 50 --out runs/bench/merge_ops.json
 	$(PY) -m benchmarks.engine_vs_hf --model smollm2-135m --steps 12 --repeats 2 --batch-size 4 \
 	  --seq-len 150 --dtype bfloat16 --out runs/bench/engine_vs_hf.json

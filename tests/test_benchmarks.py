@@ -109,6 +109,23 @@ def test_gpu_check_cpu_smoke_runs_every_sub_benchmark(tmp_path):
     assert set(qwen["ratios"]) == {"aimmerging_release", "aimmerging_fast"}
 
 
+# ------------------------------------------------------------------------------ prompt_scoring
+def test_prompt_scoring_times_both_paths_and_they_agree(tmp_path, tiny_data):
+    from benchmarks import prompt_scoring
+
+    out = tmp_path / "ps.json"
+    prompt_scoring.main(["--model", "tiny-causal", "--data-dir", str(tiny_data / "data_longsequence"),
+                         "--task", "agnews", "--n", "4", "--stage", "1", "--prompt-length", "3",
+                         "--batch-size", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["virtual_tokens"] == 6 and data["labels"] >= 2
+    for strategy in ("packed", "full"):
+        assert positive_finite(data["runs"][strategy]["best_wall_s"]), strategy
+    assert positive_finite(data["speedup_packed_vs_full"])
+    assert data["prediction_agreement"] == 1.0  # float32: the two paths differ by rounding only
+    assert data["max_abs_logprob_diff"] < 1e-3 < data["mean_abs_logprob"]
+
+
 # ------------------------------------------------------------------------------ engine_vs_hf
 def test_engine_vs_hf_on_a_tiny_model_times_every_trainer(tmp_path):
     from benchmarks import engine_vs_hf

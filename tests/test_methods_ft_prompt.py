@@ -240,16 +240,33 @@ class SimpleCtx:
         self.model, self.is_seq2seq = bundle.model, bundle.is_seq2seq
 
 
+@pytest.mark.parametrize("strategy", ["packed", "full"])
 @pytest.mark.parametrize("model", ["tiny-causal", "tiny-seq2seq"])
-def test_progprompt_label_scoring_matches_the_training_loss(model):
-    """label_logprobs on the prompted model = - (loss x target tokens) of each (input, option)."""
+def test_progprompt_label_scoring_matches_the_training_loss(model, strategy):
+    """label_logprobs on the prompted model = - (loss x target tokens) of each (input, option),
+    through either path: "packed" (one base-model forward per group of prompts, the soft prompt
+    fed as input embeddings; seq2seq: one encoder pass per prompt) and "full" (PEFT's forward on
+    one row per pair). Two prompts of different lengths: left padding in the packed rows."""
     from aimm.encoding import IGNORE_INDEX
     from aimm.evaluation.label_scoring import label_logprobs
 
     method, bundle = _prompted(model)
     prompts, options = ["first input", "the second, longer input"], ["positive", "negative", "x"]
-    table = label_logprobs(bundle.model, bundle.tokenizer, prompts, options,
-                           is_seq2seq=bundle.is_seq2seq, batch_size=2, max_input_len=64)
+    base = bundle.model.get_base_model()
+    rows = []  # the batch size of every base-model forward (the encoder's, for seq2seq)
+    counted = base.get_encoder() if bundle.is_seq2seq else base
+    hook = counted.register_forward_pre_hook(
+        lambda mod, args, kwargs: rows.append(
+            (kwargs.get("input_ids") if kwargs.get("input_ids") is not None
+             else kwargs["inputs_embeds"]).shape[0]), with_kwargs=True)
+    try:
+        table = label_logprobs(bundle.model, bundle.tokenizer, prompts, options,
+                               is_seq2seq=bundle.is_seq2seq, batch_size=2, max_input_len=64,
+                               strategy=strategy)
+    finally:
+        hook.remove()
+    shared = strategy == "packed" or bundle.is_seq2seq  # seq2seq ignores the strategy
+    assert rows == ([len(prompts)] if shared else [len(prompts) * len(options)])
     for i, p in enumerate(prompts):
         for j, o in enumerate(options):
             batch = _batch(bundle, [p], [o])

@@ -30,10 +30,14 @@ scored without running a prompt twice. Decoder-only ``strategy``:
 Seq2seq: the encoder runs once per prompt; its states are repeated per option for the decoder
 (``strategy`` is ignored).
 
-A PEFT prompt-learning model (prompt tuning: virtual tokens prepended to every input) is scored
-through its own forward, one row per (prompt, option) pair: ``"full"`` with the virtual
-positions' logits dropped, and seq2seq without the shared encoder pass (calling the encoder
-directly would skip the prompt).
+A PEFT prompt-tuning model (``progprompt``: virtual tokens prepended to every input) is scored as
+its own forward scores it, with positions ``0..v-1`` for the ``v`` virtual tokens and the text
+after them: ``"packed"`` feeds ``[virtual | prompt | options]`` as input embeddings to the base
+model (the soft prompt from PEFT's ``get_prompt``, the rest from its word embeddings), with the
+block mask extended so that every row sees the virtual tokens; ``"cache"`` and ``"full"`` run
+PEFT's forward on one right-padded row per (prompt, option) pair, the virtual positions' logits
+dropped. Seq2seq runs the encoder once per prompt on ``[virtual | prompt]``. Other
+prompt-learning types (prefix tuning, ...) take the ``"full"`` path.
 """
 
 from __future__ import annotations
@@ -79,6 +83,24 @@ def _virtual_tokens(model) -> int:
     """How many virtual tokens a PEFT prompt-learning model prepends to every input (0: none)."""
     config = getattr(model, "active_peft_config", None)
     return int(config.num_virtual_tokens) if getattr(config, "is_prompt_learning", False) else 0
+
+
+def _prompt_tuning(model) -> bool:
+    """A PEFT prompt-tuning model: its forward prepends ``get_prompt()`` to the input embeddings
+    (and nothing else), so a caller may do the same and call the base model itself."""
+    config = getattr(model, "active_peft_config", None)
+    kind = getattr(config, "peft_type", None)
+    return getattr(kind, "value", kind) == "PROMPT_TUNING" and hasattr(model, "get_prompt") \
+        and getattr(config, "num_transformer_submodules", 1) in (1, None)
+
+
+def _with_soft_prompt(model, ids: torch.Tensor) -> torch.Tensor:
+    """``[get_prompt() | word embeddings of ids]``: the input embeddings PEFT's prompt-tuning
+    forward builds (the prompt cast to the embeddings' dtype, as PEFT does)."""
+    base = model.get_base_model()
+    embeds = base.get_input_embeddings()(ids)
+    prompt = model.get_prompt(batch_size=ids.shape[0]).to(device=embeds.device, dtype=embeds.dtype)
+    return torch.cat([prompt, embeds], dim=1)
 
 
 def _cache_keyword(model) -> str:
@@ -146,56 +168,63 @@ def _honours_4d_mask(model) -> bool:
     return impl in ("sdpa", "eager")
 
 
-def _decoder_packed(model, prompts, targets, pad_id, device) -> torch.Tensor:
+def _decoder_packed(model, prompts, targets, pad_id, device, virtual: int = 0) -> torch.Tensor:
     """(B, K) summed log-probs, one forward: [prompt | opt_1 | ... | opt_K] per row with a
-    block mask (each option sees the prompt and itself) and per-option position ids."""
+    block mask (each option sees the prompt and itself) and per-option position ids.
+    ``virtual`` > 0 (a prompt-tuning model): the row starts with its ``virtual`` soft-prompt
+    positions (0..virtual-1, seen by every later position), the text's positions follow them."""
     b, k = len(prompts), len(targets)
-    p_ids, p_mask = pad_batch(prompts, pad_id, left=True)  # (B, Lp); prompt ends at column Lp-1
-    lp_width = p_ids.shape[1]
+    p_ids, p_mask = pad_batch(prompts, pad_id, left=True)  # (B, Lp)
+    head = virtual + p_ids.shape[1]  # the prompt ends at column head-1
     feeds = [t[:-1] for t in targets]  # option k feeds all its tokens but the last (EOS)
-    starts, offset = [], lp_width
+    starts, offset = [], head
     for f in feeds:
         starts.append(offset)
         offset += len(f)
     width = offset
     opt_ids = torch.tensor([tok for f in feeds for tok in f], dtype=torch.long)
-    ids = torch.cat([p_ids, opt_ids.expand(b, -1)], dim=1)
+    ids = torch.cat([p_ids, opt_ids.expand(b, -1)], dim=1)  # every column after the soft prompt
 
     lens = p_mask.sum(-1)  # (B,)
+    seen = torch.cat([torch.ones((b, virtual), dtype=torch.bool), p_mask.bool()], dim=1)  # (B, head)
     pos = torch.zeros((b, width), dtype=torch.long)
-    pos[:, :lp_width] = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    pos[:, :virtual] = torch.arange(virtual)
+    pos[:, virtual:head] = virtual + (p_mask.cumsum(-1) - 1).clamp(min=0)
     allowed = torch.zeros((b, width, width), dtype=torch.bool)
-    causal = torch.ones((lp_width, lp_width), dtype=torch.bool).tril()
-    allowed[:, :lp_width, :lp_width] = causal & p_mask.bool()[:, None, :]
+    causal = torch.ones((head, head), dtype=torch.bool).tril()
+    allowed[:, :head, :head] = causal & seen[:, None, :]
     for f, st in zip(feeds, starts):
         n = len(f)
         if n == 0:
             continue
-        pos[:, st : st + n] = lens[:, None] + torch.arange(n)[None, :]
-        allowed[:, st : st + n, :lp_width] = p_mask.bool()[:, None, :]
+        pos[:, st : st + n] = virtual + lens[:, None] + torch.arange(n)[None, :]
+        allowed[:, st : st + n, :head] = seen[:, None, :]
         allowed[:, st : st + n, st : st + n] = torch.ones((n, n), dtype=torch.bool).tril()
     # rows of left padding see themselves, so no softmax row is empty
-    idx = torch.arange(lp_width)
+    idx = torch.arange(head)
     allowed[:, idx, idx] = True
-    dtype = next(model.parameters()).dtype
+    base = model.get_base_model() if virtual else model
+    dtype = next(base.parameters()).dtype
     mask = torch.zeros((b, 1, width, width), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
-    keep = width - lp_width + 1  # logits from the prompt's last column on
+    keep = width - head + 1  # logits from the prompt's last column on
     extra = {"logits_to_keep": keep} if "logits_to_keep" in _forward_params(model) else {}
-    logits = model(
-        input_ids=ids.to(device),
+    text = {"inputs_embeds": _with_soft_prompt(model, ids.to(device))} if virtual else \
+        {"input_ids": ids.to(device)}
+    logits = base(
+        **text,
         attention_mask=mask.to(device),
         position_ids=pos.to(device),
         use_cache=False,
         **extra,
-    ).logits[:, -keep:, :]  # column c <-> sequence position lp_width - 1 + c
+    ).logits[:, -keep:, :]  # column c <-> sequence position head - 1 + c
 
-    # token j of option k is predicted at position (lp_width-1 if j == 0 else starts[k] + j - 1)
+    # token j of option k is predicted at position (head-1 if j == 0 else starts[k] + j - 1)
     cols, toks, owner = [], [], []
     for kk, (t, st) in enumerate(zip(targets, starts)):
         for j, tok in enumerate(t):
-            cols.append(0 if j == 0 else st + j - lp_width)
+            cols.append(0 if j == 0 else st + j - head)
             toks.append(tok)
             owner.append(kk)
     picked = logits[:, torch.tensor(cols, device=device), :]  # (B, N, V)
@@ -232,7 +261,15 @@ def _seq2seq(model, prompts, targets, pad_id, device) -> torch.Tensor:
     b, k = len(prompts), len(targets)
     e_ids, e_mask = pad_batch(prompts, pad_id, left=False)
     e_ids, e_mask = e_ids.to(device), e_mask.to(device)
-    if _virtual_tokens(model):  # the prompt is prepended by the model's forward: no shared encoder
+    forward = model
+    if _prompt_tuning(model):  # the soft prompt before the encoder's input, as PEFT's forward
+        forward = model.get_base_model()
+        e_mask = torch.cat([torch.ones((b, _virtual_tokens(model)), dtype=e_mask.dtype,
+                                       device=device), e_mask], dim=1)
+        hidden = forward.get_encoder()(inputs_embeds=_with_soft_prompt(model, e_ids),
+                                       attention_mask=e_mask).last_hidden_state
+        encoder = {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden.repeat_interleave(k, 0))}
+    elif _virtual_tokens(model):  # another prompt-learning type: its own forward, per option
         encoder = {"input_ids": e_ids.repeat_interleave(k, 0)}
     else:
         hidden = model.get_encoder()(input_ids=e_ids, attention_mask=e_mask).last_hidden_state
@@ -241,7 +278,7 @@ def _seq2seq(model, prompts, targets, pad_id, device) -> torch.Tensor:
     start = pad_id if start is None else start
     labels, l_mask = _pad_targets(targets, pad_id)  # (K, Lt)
     dec_in, _ = _pad_targets([[start] + t[:-1] for t in targets], pad_id)
-    out = model(
+    out = forward(
         **encoder,
         attention_mask=e_mask.repeat_interleave(k, 0),
         decoder_input_ids=dec_in.repeat(b, 1).to(device),
@@ -294,9 +331,12 @@ def label_logprobs(
                     scores = _seq2seq(model, group, targets, pad_id, device)
                 else:
                     scores = None
-                    if virtual:  # prompt tuning: its forward prepends the prompt (2-D masks only)
+                    packed = strategy == "packed" and _honours_4d_mask(model)
+                    if virtual and packed and _prompt_tuning(model):
+                        scores = _decoder_packed(model, group, targets, pad_id, device, virtual)
+                    elif virtual:  # a prompt is prepended by the model's forward (2-D masks only)
                         pass
-                    elif strategy == "packed" and _honours_4d_mask(model):
+                    elif packed:
                         scores = _decoder_packed(model, group, targets, pad_id, device)
                     elif strategy in ("packed", "cache"):
                         scores = _decoder_shared(model, group, targets, pad_id, device)
