@@ -64,6 +64,11 @@ def _config_flags(p, single_run: bool) -> None:
     p.add_argument("--restart-from-stage", type=int, metavar="K",
                    help="drop stages K.. of the existing run in --run-dir, then resume (the way "
                         "out when a completed stage's files are damaged)")
+    p.add_argument("--first-stage-from", metavar="RUN_DIR",
+                   help="a new run copies this finished run's first stage instead of training it, "
+                        "when that stage is the same training (its method is this method's "
+                        "first_stage_as, e.g. seq_lora for replay or aimmerging, with the same "
+                        "settings); ignored when --run-dir already holds a run")
 
 
 FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train", "max_test",
@@ -117,7 +122,8 @@ def cmd_run(args) -> int:
     if args.restart_from_stage is not None and not (cfg.run_dir or cfg.run_id):
         raise ConfigError("--restart-from-stage: name the run with --run-dir")
     check_trackers(args.log_with)  # before anything runs
-    engine = Engine(cfg, restart_from_stage=args.restart_from_stage)
+    engine = Engine(cfg, restart_from_stage=args.restart_from_stage,
+                    first_stage_from=getattr(args, "first_stage_from", None))
     tracking = Tracking(args.log_with, engine.run_dir, engine.cfg.to_dict()) if args.log_with else None
     engine.callbacks.extend([tracking] if tracking else [])
     try:
@@ -146,7 +152,8 @@ def cmd_study(args) -> int:
     cells = plan_cells(values, methods, seeds, orders, args.out, source=source)  # before any write
     settings = {"methods": methods, "seeds": seeds, "orders": orders, "arguments": vars(args)}
     outcomes, agg = run_study(cells, args.out, args.reference or "seq_lora", settings,
-                              report=lambda line: print(line, flush=True))
+                              report=lambda line: print(line, flush=True),
+                              share_first_stage=not args.no_share_first_stage)
     print()
     print(summary_markdown(agg))
     failed = [o for o in outcomes if not o.ok]
@@ -264,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--orders", help="comma-separated order numbers of --benchmark (or --tasks a,b,c)")
     st.add_argument("--reference", help="method the others are compared with (default seq_lora)")
     st.add_argument("--out", required=True, help="study folder (re-running resumes it)")
+    st.add_argument("--no-share-first-stage", action="store_true",
+                    help="every cell trains its first stage (default: a method whose first stage "
+                         "is seq_lora's copies it from the finished seq_lora cell of its seed and "
+                         "order, the same training; see aimm.training.shared_stage)")
     _config_flags(st, single_run=False)
     rep = sub.add_parser("report", help="scores matrix and metrics of a run, or a study's tables")
     rep.add_argument("run_dir", nargs="?")

@@ -3,8 +3,9 @@
 It holds copies of the study's tables (``summary.csv`` / ``summary.md`` / ``paired.csv``, the
 controller report, the per-run metrics), the study figures the notebooks exported during this
 reproduction (``study_*``: bars with 95% error bars, per-seed signals and interval per task, the
-task-1 curve; the HTML files load plotly.js from its CDN), and ``command.txt``: the exact
-command, the package versions and the wall time.
+task-1 curve; for a grid of one run per method, the metrics bars and the task-1 curve instead;
+the HTML files load plotly.js from its CDN), and ``command.txt``: the exact command, the package
+versions, the wall time and the runs' own stage timers.
 Never a run directory.
 """
 
@@ -21,6 +22,9 @@ TABLES = ("summary.csv", "summary.md", "paired.csv", "controller.csv", "controll
           "metrics.csv", "metrics.md")
 #: Figures copied from the fig dir: the study figures of notebooks 03 and 04.
 FIGURE_PREFIX = "study_"
+#: ... and, for a grid of one run per method (no study figures: no intervals), notebook 04's
+#: figures over all runs: the metrics bars and the task-1 curve.
+ONE_RUN_FIGURES = ("metrics_bars", "task1_curve")
 
 
 #: Versions recorded beside :func:`aimm.runs.environment_info`'s: the model wheel and the
@@ -44,9 +48,33 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.1f} s ({seconds / 60:.1f} min)"
 
 
+def run_timers(out_dir: str | Path) -> dict[str, float] | None:
+    """The stage timers of the grid's runs (``runs.json`` of ``out_dir``), summed: ``runs``,
+    ``stages`` and seconds of ``train`` / ``probe`` / ``rehearsal`` / ``eval``, over the stages
+    the runs trained themselves (a first stage copied from another run, ``first_stage_from``,
+    counts once, in its source). None without ``runs.json``."""
+    from aimm.runs import read_json
+
+    index = Path(out_dir) / "runs.json"
+    if not index.is_file():
+        return None
+    total = {"runs": 0, "stages": 0, "train": 0.0, "probe": 0.0, "rehearsal": 0.0, "eval": 0.0}
+    for run_dir in read_json(index).values():
+        total["runs"] += 1
+        for path in sorted(Path(run_dir).glob("stages/*/stage.json")):
+            info = read_json(path)
+            if info.get("first_stage_from"):
+                continue
+            total["stages"] += 1
+            for key in ("train", "probe", "rehearsal", "eval"):
+                total[key] += float(info.get("seconds", {}).get(key, 0.0))
+    return total
+
+
 def command_text(command: str, seconds: float, started: float, notebooks: dict[str, Any],
-                 parameters: dict[str, Any], environment: dict[str, Any]) -> str:
-    """The text of ``command.txt`` (pure)."""
+                 parameters: dict[str, Any], environment: dict[str, Any],
+                 timers: dict[str, float] | None = None) -> str:
+    """The text of ``command.txt`` (pure). ``timers``: :func:`run_timers` of the grid."""
     stamp = "%Y-%m-%dT%H:%M:%S%z"
     packages = ", ".join(f"{k}=={v}" for k, v in environment.get("packages", {}).items() if v)
     lines = [
@@ -54,6 +82,15 @@ def command_text(command: str, seconds: float, started: float, notebooks: dict[s
         f"started: {time.strftime(stamp, time.localtime(started))}",
         f"finished: {time.strftime(stamp, time.localtime(started + seconds))}",
         f"wall time: {format_seconds(seconds)}",
+    ]
+    if timers is not None:
+        busy = timers["train"] + timers["probe"] + timers["rehearsal"] + timers["eval"]
+        lines.append(
+            f"run timers: {timers['runs']} runs, {timers['stages']} stages trained: "
+            f"{format_seconds(busy)} (train {timers['train']:.1f} s, probe {timers['probe']:.1f} s, "
+            f"rehearsal {timers['rehearsal']:.1f} s, eval {timers['eval']:.1f} s), whenever they "
+            "ran; the wall time above is this sitting's (finished runs are only read)")
+    lines += [
         "notebooks: " + "; ".join(f"{name} {nb['seconds']} s" for name, nb in notebooks.items()),
         f"python: {environment.get('python')}",
         f"platform: {environment.get('platform')}",
@@ -120,19 +157,26 @@ def write_results(results_dir: str | Path, out_dir: str | Path, fig_dir: str | P
                   command: str, seconds: float, started: float, notebooks: dict[str, Any],
                   parameters: dict[str, Any]) -> list[Path]:
     """Fill ``results_dir``: the tables of ``out_dir``, the ``study_*`` figures ``fig_dir`` got
-    since ``started`` (not older ones from another preset), and ``command.txt``."""
+    since ``started`` (not older ones from another preset; with none, a grid of one run per
+    method: ``metrics_bars`` and ``task1_curve``), and ``command.txt``."""
     from aimm.runs import atomic_write_text, environment_info
 
     target = Path(results_dir)
     target.mkdir(parents=True, exist_ok=True)
     written = copy_new_files((Path(out_dir) / name for name in TABLES), target, started)
-    written += copy_new_files(Path(fig_dir).glob(f"{FIGURE_PREFIX}*"), target, started)
+    figures = copy_new_files(Path(fig_dir).glob(f"{FIGURE_PREFIX}*"), target, started)
+    if not figures:  # one run per method: the figures over all runs
+        figures = copy_new_files((p for name in ONE_RUN_FIGURES
+                                  for p in Path(fig_dir).glob(f"{name}.*")), target, started)
+    written += figures
     env = environment_info(seed=0)
     env.pop("seed", None)
     env["packages"].update(package_versions(EXTRA_PACKAGES))
     atomic_write_text(target / "command.txt",
-                      command_text(command, seconds, started, notebooks, parameters, env))
+                      command_text(command, seconds, started, notebooks, parameters, env,
+                                   run_timers(out_dir)))
     return written + [target / "command.txt"]
 
 
-__all__ = ["FIGURE_PREFIX", "TABLES", "command_text", "format_seconds", "write_results"]
+__all__ = ["FIGURE_PREFIX", "ONE_RUN_FIGURES", "TABLES", "command_text", "format_seconds",
+           "run_timers", "write_results"]

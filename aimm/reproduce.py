@@ -109,6 +109,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         # no forgetting-signal probe for the non-merging methods (the demo records it for
         # seq_lora): each method's wall time is then its own cost
         "extra": {**DEMO["extra"], "record_forgetting_signal": False},
+        # and every run trains its own first stage (none is copied from seq_lora's)
+        "share_first_stage": False,
     },
     "standard_cl": {"benchmark": "standard_cl", "order": 1, "methods": ALL_METHODS,
                     "model": "smollm2-135m", "seeds": [42], **RELEASE_SIZES},

@@ -512,6 +512,47 @@ def test_evidence_command_text_names_command_versions_and_wall_time():
     assert json.loads(lines["parameters"]) == {"seeds": [1, 2, 3]}
 
 
+def test_evidence_counts_the_runs_own_timers_and_one_run_grids_get_their_figures(tmp_path):
+    import time as _time
+
+    from aimm.evidence import command_text, run_timers, write_results
+
+    out = tmp_path / "out"
+    runs = {}
+    for name, stages in {"a-s1": [(10.0, 2.0, None), (20.0, 3.0, None)],
+                         "b-s1": [(10.0, 2.0, "a-s1"), (40.0, 5.0, None)]}.items():
+        runs[name] = str(tmp_path / name)
+        for k, (train, ev, source) in enumerate(stages):
+            stage = tmp_path / name / "stages" / f"0{k + 1}_t{k}"
+            stage.mkdir(parents=True)
+            info = {"seconds": {"train": train, "probe": 1.0, "rehearsal": 0.0, "eval": ev}}
+            if source:
+                info["first_stage_from"] = source
+            (stage / "stage.json").write_text(json.dumps(info))
+    out.mkdir()
+    (out / "runs.json").write_text(json.dumps(runs))
+    timers = run_timers(out)
+    # b's first stage was copied from a's: counted once
+    assert timers == {"runs": 2, "stages": 3, "train": 70.0, "probe": 3.0, "rehearsal": 0.0,
+                      "eval": 10.0}
+    assert run_timers(tmp_path / "nothing") is None
+    text = command_text("aimm reproduce", 60.0, 0.0, {}, {}, {}, timers)
+    line = dict(x.split(": ", 1) for x in text.splitlines())["run timers"]
+    assert line.startswith("2 runs, 3 stages trained: 83.0 s (1.4 min) (train 70.0 s")
+
+    figs = tmp_path / "fig"
+    figs.mkdir()
+    started = _time.time() - 1
+    for name in ("metrics_bars.png", "task1_curve.html", "heatmap_a.png"):
+        (figs / name).write_text("x")
+    written = {p.name for p in write_results(tmp_path / "r1", out, figs, "c", 1.0, started, {}, {})}
+    assert {"metrics_bars.png", "task1_curve.html", "command.txt"} <= written
+    assert "heatmap_a.png" not in written
+    (figs / "study_metrics_ci.png").write_text("x")  # a study: its own figures only
+    written = {p.name for p in write_results(tmp_path / "r2", out, figs, "c", 1.0, started, {}, {})}
+    assert "study_metrics_ci.png" in written and "metrics_bars.png" not in written
+
+
 def test_study_preset_is_the_issue_14_cpu_study():
     import math
 

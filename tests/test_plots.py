@@ -368,3 +368,49 @@ def test_run_figures_of_a_tiny_run(tiny_config):
     assert len(live.widget.data[0].x) == len(plots.load_run_data(run_dir).steps)
     comp = plots.comparison_figures({"aimmerging": run_dir})
     assert {"task1_curve", "metrics_bars", "heatmap_aimmerging", "signals_agnews"} <= set(comp)
+
+
+def _cielab(hex_color: str) -> tuple[float, float, float]:
+    """sRGB hex -> CIELAB (D65)."""
+    r, g, b = (int(hex_color.lstrip("#")[i:i + 2], 16) / 255 for i in (0, 2, 4))
+    lin = [((c + 0.055) / 1.055) ** 2.4 if c > 0.04045 else c / 12.92 for c in (r, g, b)]
+    x = (0.4124 * lin[0] + 0.3576 * lin[1] + 0.1805 * lin[2]) / 0.95047
+    y = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    z = (0.0193 * lin[0] + 0.1192 * lin[1] + 0.9505 * lin[2]) / 1.08883
+    f = [v ** (1 / 3) if v > 0.008856 else 7.787 * v + 16 / 116 for v in (x, y, z)]
+    return 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+
+
+def test_every_two_methods_differ_visibly_in_colour():
+    # one figure shows all methods (the catalogue): two colours closer than CIE76 dE 15 read as
+    # one in print (DARE (linear)'s yellow was dE ~5 from Recurrent-KIF's orange)
+    import itertools
+    import math
+
+    from aimm.methods import METHODS
+
+    close = [(a, b, round(math.dist(_cielab(METHODS[a].color), _cielab(METHODS[b].color)), 1))
+             for a, b in itertools.combinations(METHODS, 2)
+             if math.dist(_cielab(METHODS[a].color), _cielab(METHODS[b].color)) < 15]
+    assert not close, close
+
+
+def test_a_long_legend_above_the_plot_gets_its_own_room():
+    # 20 methods in a one-column figure: the legend's rows go into a taller top margin instead of
+    # over the data (plotly's own margin push stops short); a short legend leaves the figure as it was
+    short = plots.apply_paper_theme(go.Figure([go.Scatter(x=[1], y=[1], name="a")]), "one")
+    many = go.Figure([go.Scatter(x=[1], y=[1], name=f"method number {i}") for i in range(20)])
+    plots.apply_paper_theme(many, "one")
+    rows = plots.theme.legend_rows(many, 336)
+    assert rows >= 10  # two columns of long names at most
+    assert many.layout.margin.t >= rows * plots.theme.LEGEND_ROW_PX
+    assert many.layout.height - short.layout.height == (rows - plots.theme.ROOMY_LEGEND_ROWS) * \
+        plots.theme.LEGEND_ROW_PX
+    assert short.layout.margin.t == 8
+    before = (many.layout.height, many.layout.margin.t)
+    plots.apply_paper_theme(many, "one")  # theming twice changes nothing
+    assert (many.layout.height, many.layout.margin.t) == before
+    side = go.Figure([go.Scatter(x=[1], y=[1], name=f"m{i}") for i in range(20)])
+    side.update_layout(legend=dict(orientation="v", x=1.01, y=1))
+    plots.apply_paper_theme(side, "one")
+    assert plots.theme.legend_rows(side, 336) == 0 and side.layout.height == short.layout.height

@@ -323,6 +323,11 @@ def test_tiny_grid_killed_and_resumed_matches_an_uninterrupted_grid(tiny_study_c
     assert code == 0, printed[-3000:]
     assert "cell seq_lora-custom-s1: done" in printed
     assert "cell aimmerging-custom-s2: ran" in printed
+    # a new cell copied its first stage from the finished seq_lora cell of its seed, and the
+    # summary below still equals the grid trained from scratch
+    s2_first = sorted((out / "runs" / "aimmerging-custom-s2" / "stages").iterdir())[0]
+    assert json.loads((s2_first / "stage.json").read_text())["first_stage_from"] == "seq_lora-custom-s2"
+    assert "--first-stage-from" in (out / "cells" / "aimmerging-custom-s2.log").read_text()
     assert first_metrics.stat().st_mtime_ns == stamp
     got = pd.read_csv(out / "summary.csv", dtype={"order": str})
     pd.testing.assert_frame_equal(comparable(got), comparable(expected.summary), check_dtype=False)

@@ -52,6 +52,7 @@ class AGEM(Method):
     name = "agem"
     display_name = "A-GEM"
     color = "#44AA99"  # teal (Tol's muted palette)
+    first_stage_as = "seq_lora"  # no memory gradient to project against before the second task
     Options = AGEMOptions
     uses_memory = True
 

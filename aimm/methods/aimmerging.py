@@ -81,6 +81,7 @@ class AIMMerging(InnerOuterMerging):
     name = "aimmerging"
     display_name = "AIMMerging"
     color = "#D55E00"  # vermillion
+    first_stage_as = "seq_lora"  # no buffer, probe, rehearsal or merge before the second task
     Options = AIMMergingOptions
     smoke_options = {"initial_interval": 2}
     merge_kinds = MERGE_KINDS

@@ -77,6 +77,10 @@ class Method:
     # the stage folder holds a PEFT adapter (``adapter/``) and ``aimm export`` writes it; False: the
     # method trains the base weights, saved by its stage_state(), exported as a full model
     peft_adapter: ClassVar[bool] = True
+    # the method whose first stage this one trains and evaluates bit for bit (no earlier task: no
+    # memory, penalty, projection or merge), so a study may copy that run's first stage
+    # (aimm.training.shared_stage); its options must act from the second task on. None: its own
+    first_stage_as: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

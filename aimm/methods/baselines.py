@@ -20,6 +20,7 @@ class Replay(Method):
     display_name = "Replay"
     color = "#009E73"  # green
     uses_memory = True
+    first_stage_as = "seq_lora"  # no buffer before the second task
 
     def training_examples(self, ctx, stage: Stage) -> list:
         return super().training_examples(ctx, stage) + list(ctx.memory_examples)
@@ -44,6 +45,7 @@ class SingleTask(Method):
     display_name = "Single-task"
     color = "#CC79A7"  # pink
     fresh_adapter_per_stage = True
+    first_stage_as = "seq_lora"  # its first fresh adapter starts where seq_lora's does
 
     def stages(self, tasks: list[str]) -> list[Stage]:
         return [Stage(i, t, (t,), (t,)) for i, t in enumerate(tasks)]

@@ -257,7 +257,7 @@ class DareLinear(ContinualMerging):
 
     name = "dare_linear"
     display_name = "DARE (linear)"
-    color = "#E6AB02"  # yellow (cyan is progprompt's)
+    color = "#66A61E"  # green (Dark2; the yellow it had was Recurrent-KIF's orange in print)
     description = "a fresh LoRA per task; drop-and-rescale it (DARE), then add it to the running model"
     Options = DareLinearOptions
 

@@ -78,6 +78,7 @@ class IncLoRA(Method):
     name = "inclora"
     display_name = "IncLoRA"
     color = "#332288"  # indigo (Tol)
+    first_stage_as = "seq_lora"  # the first task's LoRA is the only one
 
     def __init__(self, options: Any = None) -> None:
         super().__init__(options)

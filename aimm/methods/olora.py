@@ -53,6 +53,7 @@ class OLoRA(IncLoRA):
     name = "olora"
     display_name = "O-LoRA"
     color = "#AA4499"  # purple (Tol)
+    first_stage_as = None  # lambda_2 > 0 changes the first task's loss too
     Options = OLoRAOptions
 
     def extra_loss(self, ctx, batch) -> torch.Tensor | None:

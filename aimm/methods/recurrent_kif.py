@@ -53,6 +53,7 @@ class RecurrentKIF(InnerOuterMerging):
     name = "recurrent_kif"
     display_name = "Recurrent-KIF"
     color = "#E69F00"  # orange
+    first_stage_as = "seq_lora"  # no buffer, rehearsal or fusion before the second task
     Options = RecurrentKIFOptions
     merge_kinds = ("fixed",)  # one merge every `interval` steps
 

@@ -94,6 +94,10 @@ class NotebookParams:
     smoke: bool = False
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # further RunConfig fields
+    # a method whose first stage is seq_lora's (its first_stage_as) copies that stage from the
+    # grid's finished seq_lora run of the same seed and order (aimm.training.shared_stage);
+    # False: every run trains every stage (e.g. to time each method on its own)
+    share_first_stage: bool = True
     # notebook behaviour
     interactive: bool = True  # papermill passes False: static figures, no widgets, no bars
     output_dir: str | None = None  # default <run_root>/<run_name>
@@ -154,6 +158,7 @@ _TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "method_options": (lambda v: isinstance(v, dict) and all(isinstance(o, dict) for o in v.values()),
                        "a dict {method: {option: value}}"),
     "extra": (lambda v: isinstance(v, dict), "a dict {RunConfig field: value}"),
+    "share_first_stage": (lambda v: isinstance(v, bool), "True or False"),
     "interactive": (lambda v: isinstance(v, bool), "True or False"),
     "output_dir": (_opt(lambda v: isinstance(v, (str, os.PathLike))), "a path or None"),
     "fig_dir": (lambda v: isinstance(v, (str, os.PathLike)) and str(v) != "", "a path"),

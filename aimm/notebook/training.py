@@ -23,11 +23,14 @@ def train_all(params: NotebookParams | dict[str, Any],
     As in ``aimm study``: a finished run is only read; a run whose directory another process
     holds (its ``run.lock``) is reported ``in use`` and skipped; a failing run is reported and
     the others still run, then a RuntimeError names every failed run (chained to the first error).
+    With ``share_first_stage``, a new run of a method whose first stage is another's copies it
+    from a run of this grid that finished before (:func:`first_stage_source`).
     """
     from aimm.engine import run
     from aimm.errors import RunDirError
     from aimm.notebook.study import write_study_index
     from aimm.study.runner import in_use
+    from aimm.training.shared_stage import first_stage_source
 
     p = params if isinstance(params, NotebookParams) else validate_parameters(params)
     cfgs = configs(p)
@@ -49,7 +52,13 @@ def train_all(params: NotebookParams | dict[str, Any],
             if in_use(Path(cfg.run_dir)):
                 raise RunDirError(f"{cfg.run_dir} is in use by another process")
             callbacks = callbacks_factory(cfg) if callbacks_factory else []
-            done[cfg.run_id] = Path(run(cfg, callbacks=callbacks))
+            source = (first_stage_source(cfg, done.values())
+                      if p.share_first_stage and not Path(cfg.run_dir, "config.json").exists()
+                      else None)
+            if source is not None:
+                print(f"{cfg.run_id}: first stage copied from {source.name} (the same training)",
+                      flush=True)
+            done[cfg.run_id] = Path(run(cfg, callbacks=callbacks, first_stage_from=source))
         except RunDirError as exc:
             if "in use" not in str(exc):
                 failed[cfg.run_id] = exc

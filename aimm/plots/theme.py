@@ -33,6 +33,8 @@ FONT_SIZE = 11
 WIDTHS = {"one": 336, "two": 672}  # 3.5 in / 7 in at 96 px per inch
 ASPECT = {"one": 0.75, "two": 0.42}  # height / width unless the figure asks otherwise
 GRID_COLOR = "#E6E6E6"
+LEGEND_ROW_PX = 19  # one row of the legend above the plot (font FONT_SIZE - 1)
+ROOMY_LEGEND_ROWS = 3  # legend rows the builders' aspects leave room for; more grow the figure
 
 
 def method_label(name: str) -> str:
@@ -121,14 +123,35 @@ def apply_paper_theme(fig: go.Figure, width: str | None = "one", height: int | N
     if width not in WIDTHS:
         raise ValueError(f"width={width!r}: choose 'one' (one column) or 'two' (two columns)")
     px = WIDTHS[width]
+    rows = legend_rows(fig, px)
+    extra = max(0, rows - ROOMY_LEGEND_ROWS) * LEGEND_ROW_PX  # many methods: a taller figure
     if height is None:
         aspect = (get_meta(fig, "aimm_aspect") or {}).get(width, ASPECT[width])
-        height = int(round(px * aspect))
+        height = int(round(px * aspect)) + extra
     fig.update_layout(template=PAPER_TEMPLATE, width=px, height=height, autosize=False)
-    if fig.layout.margin.t is None:  # room for the title above the legend
-        fig.layout.margin.t = 24 if fig.layout.title.text else 8
+    title_room = 24 if fig.layout.title.text else 8
+    if extra:  # the legend's rows in the top margin: plotly's own push stops short and overlaps
+        fig.layout.margin.t = title_room + rows * LEGEND_ROW_PX
+    elif fig.layout.margin.t is None:  # room for the title above the legend
+        fig.layout.margin.t = title_room
     set_meta(fig, aimm_width=width)
     return fig
+
+
+def legend_rows(fig: go.Figure, px: int) -> int:
+    """Rows of ``fig``'s legend when it lies in a row above the plot (the paper look), at
+    ``px`` wide: its entries over the columns that fit (estimated from the longest name);
+    0 for a legend placed elsewhere or hidden."""
+    legend = fig.layout.legend
+    if fig.layout.showlegend is False or legend.orientation == "v" or (
+            legend.y is not None and legend.y < 1):
+        return 0
+    names = [str(t.name) for t in fig.data if t.name and t.showlegend is not False]
+    if not names:
+        return 0
+    item_px = 40 + 0.5 * (FONT_SIZE - 1) * max(len(n) for n in names)  # symbol, gap, text
+    columns = max(1, int(px // item_px))
+    return math.ceil(len(names) / columns)
 
 
 def no_data_figure(message: str = "no data", *, x_title: str | None = None,

@@ -11,14 +11,15 @@ from aimm.study.runner import Outcome, run_cells
 
 
 def run_study(cells: list[Cell], out: str | Path, reference: str, settings: dict[str, Any],
-              report: Callable[[str], None] | None = None) -> tuple[list[Outcome], Aggregate]:
+              report: Callable[[str], None] | None = None,
+              share_first_stage: bool = True) -> tuple[list[Outcome], Aggregate]:
     """Create ``out``, write ``runs.csv`` and ``study.json``, run every cell (resuming / skipping
     as :mod:`aimm.study.runner` says), then write the summary of the complete runs."""
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     write_runs_csv(cells, out)
-    write_settings(out, {**settings, "reference": reference})
-    outcomes = run_cells(cells, out, report)
+    write_settings(out, {**settings, "reference": reference, "share_first_stage": share_first_stage})
+    outcomes = run_cells(cells, out, report, share_first_stage=share_first_stage)
     return outcomes, write_aggregate(out, reference)
 
 

@@ -12,7 +12,9 @@ Per cell, before starting anything:
 * finished with a different config: failed, nothing started (the engine would refuse it too);
 * its ``run.lock`` held by another process: reported ``in use`` and skipped;
 * else ``aimm run`` resumes it after its last completed task (or starts it). Its output goes to
-  ``DIR/cells/<cell>.log``; the config it ran is ``DIR/cells/<cell>.yaml``.
+  ``DIR/cells/<cell>.log``; the config it ran is ``DIR/cells/<cell>.yaml``. A new cell whose
+  method trains its first stage as another's (``first_stage_as``) gets ``--first-stage-from``
+  the first finished cell of this study with that same stage (:mod:`aimm.training.shared_stage`).
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ from typing import Callable
 
 import yaml
 
-from aimm.training.engine import RESUME_FREE_FIELDS
 from aimm.runs import atomic_write_text, load_config, read_json
 from aimm.study.grid import Cell
+from aimm.training.state import RESUME_FREE_FIELDS
 
 LOCK_FILE = "run.lock"  # the engine's exclusive flock for the duration of a run
 CELLS_DIR = "cells"
@@ -118,12 +120,14 @@ def _exit_reason(code: int, log: Path) -> str:
 
 
 # ------------------------------------------------------------------------------ running
-def cell_command(config_path: Path) -> list[str]:
-    return [sys.executable, "-m", "aimm.cli", "run", "--config", str(config_path), "--no-progress"]
+def cell_command(config_path: Path, first_stage_from: Path | None = None) -> list[str]:
+    command = [sys.executable, "-m", "aimm.cli", "run", "--config", str(config_path), "--no-progress"]
+    return command + (["--first-stage-from", str(first_stage_from)] if first_stage_from else [])
 
 
-def run_cell(cell: Cell, out: Path) -> Outcome:
-    """Skip, refuse or run one cell (see the module docstring)."""
+def run_cell(cell: Cell, out: Path, finished: list[Path] | None = None) -> Outcome:
+    """Skip, refuse or run one cell (see the module docstring); ``finished``: run dirs whose
+    first stage a new cell may copy."""
     run_dir = cell.run_dir
     planned = cell.config.to_dict()
     config_json = run_dir / "config.json"
@@ -142,11 +146,16 @@ def run_cell(cell: Cell, out: Path) -> Outcome:
     config_path = cells_dir / f"{cell.name}.yaml"
     log = cells_dir / f"{cell.name}.log"
     atomic_write_text(config_path, yaml.safe_dump(planned, sort_keys=True))
+    source = None
+    if finished and not config_json.exists():
+        from aimm.training.shared_stage import first_stage_source
+
+        source = first_stage_source(cell.config, finished)
+    command = cell_command(config_path, source)
     with log.open("ab") as fh:
-        fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cell_command(config_path))}\n"
-                 .encode())
+        fh.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
         fh.flush()
-        code = subprocess.run(cell_command(config_path), stdout=fh, stderr=subprocess.STDOUT,
+        code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent).returncode
     if code == 0 and is_complete(run_dir):
         return Outcome(cell, RAN, log=log)
@@ -167,15 +176,20 @@ def _die_with_parent() -> None:
 
 
 def run_cells(cells: list[Cell], out: str | Path,
-              report: Callable[[str], None] | None = None) -> list[Outcome]:
+              report: Callable[[str], None] | None = None,
+              share_first_stage: bool = True) -> list[Outcome]:
     """Every cell in turn; a failed cell is reported and the next one starts. Ctrl-C stops the
-    study (the running cell resumes on the next call)."""
+    study (the running cell resumes on the next call). With ``share_first_stage``, a new cell
+    may copy the first stage of a cell that finished before it."""
     out = Path(out)
     outcomes = []
+    finished: list[Path] = []
     for k, cell in enumerate(cells, 1):
         if report:
             report(f"[{k}/{len(cells)}] {cell.name}")
-        outcome = run_cell(cell, out)
+        outcome = run_cell(cell, out, finished if share_first_stage else None)
+        if outcome.ok:
+            finished.append(cell.run_dir)
         outcomes.append(outcome)
         if report:
             report(outcome.line())

@@ -38,22 +38,24 @@ from aimm.training import artifacts
 from aimm.training.context import Stage, TrainContext
 from aimm.training.loop import NonFiniteLossError, restore_checkpoint, seed_everything, train_stage
 from aimm.training.method_state import read_method_state
-from aimm.training.state import RunState
-
-# config fields that may differ between the first start of a run and its resumption
-RESUME_FREE_FIELDS = {"run_dir", "run_id", "progress", "data_dir", "device"}
+from aimm.training.shared_stage import copy_first_stage, share_problem
+from aimm.training.state import RESUME_FREE_FIELDS, RunState
 
 
 class Engine:
     """Runs one configured experiment into its run directory (resuming if it exists)."""
 
     def __init__(self, cfg: RunConfig, callbacks: list | None = None,
-                 restart_from_stage: int | None = None) -> None:
+                 restart_from_stage: int | None = None,
+                 first_stage_from: str | Path | None = None) -> None:
         """``callbacks``: objects with any of ``on_step(record)``, ``on_merge(event)``,
         ``on_stage_end(stage, score_rows)`` (e.g. a live plot in a notebook).
-        ``restart_from_stage``: k (1-based) drops the stages from k on before resuming."""
+        ``restart_from_stage``: k (1-based) drops the stages from k on before resuming.
+        ``first_stage_from``: a finished run whose first stage a new run copies instead of
+        training it (:mod:`aimm.training.shared_stage`); ignored when the run dir holds a run."""
         cfg.validate()
         self.restart_from_stage = restart_from_stage
+        self.first_stage_from = first_stage_from
         self.callbacks = list(callbacks or [])
         self.loss_hook = None  # tests: inject a NaN loss
         run_id = cfg.run_id or (Path(cfg.run_dir).name if cfg.run_dir else new_run_id(cfg.method))
@@ -95,7 +97,7 @@ class Engine:
         if int(os.environ.get("RANK", "0")) == 0:
             self.store.remove_stale_temporaries()
         if not self.store.exists():
-            return RunState()
+            return self._share_first_stage() if self.first_stage_from else RunState()
         old = self.store.read_config()
         new = self.cfg.to_dict()
         diff = sorted(k for k in set(old) | set(new)
@@ -111,6 +113,14 @@ class Engine:
         state = RunState.read(self.store)
         verify_for_resume(self.store, state.to_dict())
         return state
+
+    def _share_first_stage(self) -> RunState:
+        """A new run starts with the first stage of ``first_stage_from`` (checked first)."""
+        problem = share_problem(self.first_stage_from, self.cfg, self.method)
+        if problem:
+            raise RunDirError(f"first_stage_from {self.first_stage_from}: {problem}; leave it out "
+                              "to train the first stage")
+        return copy_first_stage(self.first_stage_from, self.store, self.cfg, self.method)
 
     def _setup_data(self, tasks: list[str], state: RunState) -> dict:
         """Load the tasks; check they are trainable and, on resume, the data the run used."""
@@ -281,16 +291,19 @@ def lora_checksums(model, accelerator) -> list[float]:
 
 
 def run(cfg: RunConfig | dict, callbacks: list | None = None,
-        restart_from_stage: int | None = None) -> Path:
+        restart_from_stage: int | None = None,
+        first_stage_from: str | Path | None = None) -> Path:
     """Run (or resume) an experiment; returns its run directory.
 
     ``restart_from_stage=k`` first drops stages k.. of an existing run (see
-    :func:`aimm.integrity.rewind_run`); the run dir is locked for the whole call."""
+    :func:`aimm.integrity.rewind_run`); ``first_stage_from``: a new run copies that finished
+    run's first stage (:mod:`aimm.training.shared_stage`). The run dir is locked for the whole
+    call."""
     if isinstance(cfg, dict):
         cfg = RunConfig.from_dict(cfg)
     with pywarnings.catch_warnings():
         pywarnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        return Engine(cfg, callbacks, restart_from_stage).run()
+        return Engine(cfg, callbacks, restart_from_stage, first_stage_from).run()
 
 
 __all__ = ["Engine", "NonFiniteLossError", "RESUME_FREE_FIELDS", "TrainContext", "memory_records",

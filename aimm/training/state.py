@@ -15,6 +15,9 @@ from typing import Any
 
 from aimm.runs import RunStore
 
+# config fields that may differ between the first start of a run and its resumption
+RESUME_FREE_FIELDS = frozenset({"run_dir", "run_id", "progress", "data_dir", "device"})
+
 
 @dataclass
 class RunState:
@@ -62,4 +65,4 @@ class RunState:
         self.sha256 = sums
 
 
-__all__ = ["RunState"]
+__all__ = ["RESUME_FREE_FIELDS", "RunState"]
