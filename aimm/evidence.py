@@ -84,12 +84,13 @@ def command_text(command: str, seconds: float, started: float, notebooks: dict[s
         f"wall time: {format_seconds(seconds)}",
     ]
     if timers is not None:
-        busy = timers["train"] + timers["probe"] + timers["rehearsal"] + timers["eval"]
+        busy = timers["train"] + timers["eval"]  # the train timer includes probe and rehearsal
         lines.append(
             f"run timers: {timers['runs']} runs, {timers['stages']} stages trained: "
-            f"{format_seconds(busy)} (train {timers['train']:.1f} s, probe {timers['probe']:.1f} s, "
-            f"rehearsal {timers['rehearsal']:.1f} s, eval {timers['eval']:.1f} s), whenever they "
-            "ran; the wall time above is this sitting's (finished runs are only read)")
+            f"{format_seconds(busy)} (train {timers['train']:.1f} s, of which probe "
+            f"{timers['probe']:.1f} s and rehearsal {timers['rehearsal']:.1f} s; eval "
+            f"{timers['eval']:.1f} s), whenever they ran; the wall time above is this sitting's "
+            "(finished runs are only read)")
     lines += [
         "notebooks: " + "; ".join(f"{name} {nb['seconds']} s" for name, nb in notebooks.items()),
         f"python: {environment.get('python')}",
