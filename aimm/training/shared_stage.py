@@ -39,7 +39,6 @@ COPIED_FILES = ("data_fingerprint.json",)
 
 def share_problem(source_dir: str | Path, cfg: "RunConfig", method: "Method") -> str | None:
     """Why ``source_dir``'s first stage cannot be ``cfg``'s (None: it can)."""
-    from aimm.errors import RunDirError
     from aimm.integrity import verify_run
 
     if method.first_stage_as is None:
@@ -49,7 +48,7 @@ def share_problem(source_dir: str | Path, cfg: "RunConfig", method: "Method") ->
         return f"{source.root} holds no run (no config.json)"
     try:
         old, state = source.read_config(), source.read_state()
-    except (RunDirError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # RunDirError is an OSError
         return f"{source.root} cannot be read ({exc})"
     if old.get("method") != method.first_stage_as:
         return (f"{source.root} is a {old.get('method')!r} run; {cfg.method}'s first stage is "
