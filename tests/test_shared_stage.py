@@ -124,8 +124,12 @@ def test_a_run_dir_that_holds_a_run_resumes_it_and_ignores_the_source(seq_lora_r
                                                                       tmp_path):
     from aimm.training.engine import run
 
+    from aimm.training.shared_stage import first_stage_source
+
     cfg = tiny(tiny_data, tmp_path / "replay", "replay")
+    assert first_stage_source(cfg, [seq_lora_run]) == seq_lora_run
     run(cfg)
+    assert first_stage_source(cfg, [seq_lora_run]) is None  # it resumes: nothing to copy
     before = stage_files(tmp_path / "replay")
     run(cfg, first_stage_from=seq_lora_run)
     assert stage_files(tmp_path / "replay") == before
@@ -152,3 +156,13 @@ def test_notebook_training_copies_the_first_stage_unless_told_not_to(share, tiny
 def test_the_catalogue_times_every_method_on_its_own():
     assert PRESETS["catalogue"]["share_first_stage"] is False
     assert PRESETS["study"].get("share_first_stage", True) is True
+
+
+def test_several_processes_do_not_copy_a_first_stage(seq_lora_run, tiny_data, tmp_path, monkeypatch):
+    from aimm.errors import RunDirError
+    from aimm.training.engine import run
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RunDirError, match="copied by one process only"):
+        run(tiny(tiny_data, tmp_path / "replay", "replay"), first_stage_from=seq_lora_run)
+    assert not (tmp_path / "replay").exists()

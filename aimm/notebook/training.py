@@ -52,9 +52,7 @@ def train_all(params: NotebookParams | dict[str, Any],
             if in_use(Path(cfg.run_dir)):
                 raise RunDirError(f"{cfg.run_dir} is in use by another process")
             callbacks = callbacks_factory(cfg) if callbacks_factory else []
-            source = (first_stage_source(cfg, done.values())
-                      if p.share_first_stage and not Path(cfg.run_dir, "config.json").exists()
-                      else None)
+            source = first_stage_source(cfg, done.values()) if p.share_first_stage else None
             if source is not None:
                 print(f"{cfg.run_id}: first stage copied from {source.name} (the same training)",
                       flush=True)

@@ -34,7 +34,7 @@ import yaml
 
 from aimm.runs import atomic_write_text, load_config, read_json
 from aimm.study.grid import Cell
-from aimm.training.state import RESUME_FREE_FIELDS
+from aimm.training.state import differing_fields
 
 LOCK_FILE = "run.lock"  # the engine's exclusive flock for the duration of a run
 CELLS_DIR = "cells"
@@ -68,9 +68,8 @@ class Outcome:
 # ------------------------------------------------------------------------------ cell state
 def config_difference(stored: dict, planned: dict) -> list[str]:
     """Fields (other than the resume-free ones) where a stored config differs from the planned."""
-    keys = sorted(k for k in set(stored) | set(planned)
-                  if k not in RESUME_FREE_FIELDS and stored.get(k) != planned.get(k))
-    return [f"{k}: {stored.get(k)!r} -> {planned.get(k)!r}" for k in keys]
+    return [f"{k}: {stored.get(k)!r} -> {planned.get(k)!r}"
+            for k in differing_fields(stored, planned)]
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -147,7 +146,7 @@ def run_cell(cell: Cell, out: Path, finished: list[Path] | None = None) -> Outco
     log = cells_dir / f"{cell.name}.log"
     atomic_write_text(config_path, yaml.safe_dump(planned, sort_keys=True))
     source = None
-    if finished and not config_json.exists():
+    if finished:
         from aimm.training.shared_stage import first_stage_source
 
         source = first_stage_source(cell.config, finished)

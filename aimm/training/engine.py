@@ -39,7 +39,7 @@ from aimm.training.context import Stage, TrainContext
 from aimm.training.loop import NonFiniteLossError, restore_checkpoint, seed_everything, train_stage
 from aimm.training.method_state import read_method_state
 from aimm.training.shared_stage import copy_first_stage, share_problem
-from aimm.training.state import RESUME_FREE_FIELDS, RunState
+from aimm.training.state import RESUME_FREE_FIELDS, RunState, differing_fields
 
 
 class Engine:
@@ -100,8 +100,7 @@ class Engine:
             return self._share_first_stage() if self.first_stage_from else RunState()
         old = self.store.read_config()
         new = self.cfg.to_dict()
-        diff = sorted(k for k in set(old) | set(new)
-                      if k not in RESUME_FREE_FIELDS and old.get(k) != new.get(k))
+        diff = differing_fields(old, new)
         if diff:
             raise RunDirError(
                 f"{self.run_dir}: holds a run with a different config "
@@ -117,6 +116,8 @@ class Engine:
     def _share_first_stage(self) -> RunState:
         """A new run starts with the first stage of ``first_stage_from`` (checked first)."""
         problem = share_problem(self.first_stage_from, self.cfg, self.method)
+        if not problem and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            problem = "a first stage is copied by one process only; run without it under several"
         if problem:
             raise RunDirError(f"first_stage_from {self.first_stage_from}: {problem}; leave it out "
                               "to train the first stage")

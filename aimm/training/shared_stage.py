@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from aimm.runs import RunStore, atomic_write_json, read_json
-from aimm.training.state import RESUME_FREE_FIELDS, RunState
+from aimm.training.state import RESUME_FREE_FIELDS, RunState, differing_fields
 
 if TYPE_CHECKING:  # pragma: no cover
     from aimm.config import RunConfig
@@ -53,9 +53,7 @@ def share_problem(source_dir: str | Path, cfg: "RunConfig", method: "Method") ->
     if old.get("method") != method.first_stage_as:
         return (f"{source.root} is a {old.get('method')!r} run; {cfg.method}'s first stage is "
                 f"{method.first_stage_as}'s")
-    new = cfg.to_dict()
-    diff = sorted(k for k in set(old) | set(new)
-                  if k not in SHARE_FREE_FIELDS and old.get(k) != new.get(k))
+    diff = differing_fields(old, cfg.to_dict(), SHARE_FREE_FIELDS)
     if diff:
         return f"{source.root} was run with other settings ({', '.join(diff)})"
     if not state["completed"]:
@@ -108,11 +106,12 @@ def copy_first_stage(source_dir: str | Path, store: RunStore, cfg: "RunConfig",
 
 
 def first_stage_source(cfg: "RunConfig", candidates: Iterable[str | Path]) -> Path | None:
-    """The first of ``candidates`` (run directories) whose first stage can be ``cfg``'s."""
+    """The first of ``candidates`` (run directories) whose first stage can be ``cfg``'s; None
+    also when ``cfg``'s run dir already holds a run (it resumes instead)."""
     from aimm.methods import build_method
 
     method = build_method(cfg)
-    if method.first_stage_as is None:
+    if method.first_stage_as is None or (cfg.run_dir and RunStore(Path(cfg.run_dir)).exists()):
         return None
     for path in candidates:
         if share_problem(path, cfg, method) is None:

@@ -19,6 +19,13 @@ from aimm.runs import RunStore
 RESUME_FREE_FIELDS = frozenset({"run_dir", "run_id", "progress", "data_dir", "device"})
 
 
+def differing_fields(old: dict[str, Any], new: dict[str, Any],
+                     free: frozenset[str] = RESUME_FREE_FIELDS) -> list[str]:
+    """The config fields, outside ``free``, whose values differ between ``old`` and ``new``
+    (sorted; a field missing on one side counts as None)."""
+    return sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
+
+
 @dataclass
 class RunState:
     completed: list[str] = field(default_factory=list)  # stage names, in order
@@ -65,4 +72,4 @@ class RunState:
         self.sha256 = sums
 
 
-__all__ = ["RESUME_FREE_FIELDS", "RunState"]
+__all__ = ["RESUME_FREE_FIELDS", "RunState", "differing_fields"]
