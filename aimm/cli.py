@@ -57,7 +57,8 @@ def _config_flags(p, single_run: bool) -> None:
         p.add_argument("--seed", type=int)
         p.add_argument("--run-dir", help="run directory (re-running an existing one resumes it)")
     p.add_argument("--device", help="auto | cpu | cuda")
-    p.add_argument("--dtype", help="base-model weights: float32 (default) | bfloat16 (LoRA stays float32)")
+    p.add_argument("--dtype", help="base-model weights: float32 (default) | bfloat16 | auto (bfloat16 "
+                   "where the CPU has AMX / AVX512-BF16 or the GPU bf16, else float32); LoRA stays float32")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--log-with", action="append", default=[], metavar="TRACKER",
                    help="tensorboard | mlflow | wandb (repeatable): log into <run dir>/logs/")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aimm.errors import ConfigError  # noqa: F401  (re-exported: `from aimm.config import ConfigError`)
+from aimm.hardware import CHOICES as DTYPE_CHOICES, auto_dtype
 from aimm.names import name_problem
 from aimm.typecheck import nonfinite_problem, task_entry_name, type_problem
 from aimm.util import did_you_mean, is_int, is_num
@@ -71,7 +72,7 @@ class RunConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None  # default by architecture (T5: q, v)
-    dtype: str = "float32"  # base-model weights: float32 | bfloat16 (LoRA stays float32)
+    dtype: str = "float32"  # base-model weights: float32 | bfloat16 | auto (LoRA stays float32)
     # how to train (spec §6)
     epochs: float = 1.0
     lr: float = 3e-4
@@ -108,6 +109,12 @@ class RunConfig:
     pad_to_multiple_of: int = 0  # pad batch widths to a multiple (0: 64 under compile, else off)
     fused_optimizer: bool = False  # AdamW(fused=True)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # ``auto`` becomes the dtype this machine computes fast (aimm.hardware), so that a run's
+        # config.json, its resume check and a study's cells hold the dtype that was used
+        if self.dtype == "auto" and self.device in ("auto", "cpu", "cuda"):
+            self.dtype = auto_dtype(self.device)
 
     # ----------------------------------------------------------------------------------
     @classmethod
@@ -228,7 +235,7 @@ class RunConfig:
              "choose generate or label_scoring")
         need(self.nan_policy in ("stop", "skip"), "nan_policy", "choose stop or skip")
         need(self.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
-        need(self.dtype in ("float32", "bfloat16"), "dtype", "choose float32 or bfloat16")
+        need(self.dtype in DTYPE_CHOICES, "dtype", "choose float32, bfloat16 or auto")
         need(isinstance(self.method_options, dict), "method_options", "must be a mapping")
         need(self.tasks is None or (isinstance(self.tasks, list) and self.tasks
                                     and all(isinstance(t, (str, dict)) for t in self.tasks)),

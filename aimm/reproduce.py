@@ -64,7 +64,7 @@ DEMO: dict[str, Any] = {
     "max_train": 128, "max_test": 40, "epochs": 1, "seeds": [42],
     "method_options": {"aimmerging": {"initial_interval": 2}},
     "extra": {"batch_size": 4, "max_input_len": 256, "memory_batch_size": 8,
-              "eval_mode": "label_scoring", "eval_batch_size": 20, "dtype": "bfloat16",
+              "eval_mode": "label_scoring", "eval_batch_size": 20, "dtype": "auto",
               **CPU_WARMUP},
 }
 PRESETS: dict[str, dict[str, Any]] = {
@@ -93,7 +93,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fig_formats": ["html", "png"],
         "extra": {"batch_size": 2, "max_input_len": 256, "memory_batch_size": 2,
                   "record_forgetting_signal": False, "eval_mode": "label_scoring", "eval_batch_size": 20,
-                  "dtype": "bfloat16", **CPU_WARMUP},
+                  "dtype": "auto", **CPU_WARMUP},
     },
     "smoke": {  # tiny random model on three tasks (tests; pass data_dir for a tiny benchmark)
         "benchmark": "long_sequence", "order": None, "tasks": ["sst-2", "agnews", "rte"],

@@ -322,3 +322,37 @@ def test_train_overhead_gives_every_other_method_its_line(tmp_path):
     for name in others:
         assert positive_finite(data["ratios"][name]["time_per_optimizer_step"]), name
         assert positive_finite(data["ratios"][name]["peak_memory"]), name
+
+
+# ------------------------------------------------------------------------------ dtype_speed
+def test_dtype_speed_times_both_dtypes_and_records_the_auto_choice(tmp_path, tiny_data):
+    from aimm.hardware import auto_dtype
+    from benchmarks import dtype_speed
+
+    out = tmp_path / "dtype.json"
+    dtype_speed.main(["--model", "tiny-causal", "--steps", "2", "--seq-len", "16", "--n-eval", "3",
+                      "--task", "agnews", "--data-dir", str(tiny_data / "data_longsequence"),
+                      "--gemm-seconds", "0.01", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["auto_chooses"] == auto_dtype("cpu")
+    for name in ("float32", "bfloat16"):
+        row = data["dtypes"][name]
+        assert len(row["step_s"]) == 2 and all(positive_finite(s) for s in row["step_s"]), name
+        assert positive_finite(row["gemm_flops_per_s"]) and positive_finite(row["eval_s"]), name
+    assert all(positive_finite(v) for v in data["bf16_over_fp32"].values())
+    assert data["environment"]["architecture"]
+
+
+@pytest.mark.parametrize("args, named", [(["--steps", "0"], "--steps 0"),
+                                         (["--dtypes", "float16"], "--dtypes float16"),
+                                         (["--task", "nope"], "--task nope")])
+def test_dtype_speed_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, named):
+    from benchmarks import dtype_speed
+
+    with pytest.raises(SystemExit) as exc:
+        dtype_speed.main(["--model", "tiny-causal", "--data-dir", str(tmp_path),
+                          "--out", str(tmp_path / "x.json"), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and named in err[0]
+    assert not (tmp_path / "x.json").exists()

@@ -29,6 +29,7 @@ import torch
 from aimm.config import RunConfig
 from aimm.encoding import EncodedExamples
 from aimm.faults import crash_point
+from aimm.hardware import slow_bfloat16_warning
 from aimm.integrity import check_run_data, require_finite_adapter, rewind_run, verify_for_resume
 from aimm.merging import reduce
 from aimm.methods import Method, build_method
@@ -155,6 +156,10 @@ class Engine:
         initial_lora = lora_state_dict(bundle.model)  # a fresh adapter per stage starts here
         use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         accelerator = Accelerator(cpu=use_cpu)
+        slow = slow_bfloat16_warning(cfg.dtype, "cpu" if use_cpu else "cuda")
+        if slow and slow not in self.warnings:  # shown now (hours matter), kept in warnings.json
+            pywarnings.warn(slow, stacklevel=2)
+            self.warnings.append(slow)
         if cfg.compile:
             bundle.model.compile(backend=cfg.compile_backend)  # in place: parameter names (and saved adapters) unchanged
         model = accelerator.prepare_model(bundle.model)
