@@ -44,7 +44,8 @@ RELEASE_SIZES: dict[str, Any] = {
 }
 
 #: Notebook parameters of each preset (see :class:`aimm.notebook.NotebookParams`). ``demo`` is
-#: the README's main job, sized to finish within 30 minutes on 2 CPU cores. The CPU presets
+#: the README's main job, sized to finish within 30-37 minutes on 2 CPU cores with AMX (bf16) and
+#: 49 on 2 AVX2 cores (fp32: ``dtype`` auto). The CPU presets
 #: (``demo``, ``study``, ``smoke``) cap the warmup at 10% of a task's steps
 #: (``max_warmup_fraction`` 0.1): with 32-48 steps per task the release's 50 warmup steps would
 #: never reach the peak lr. The release-sized presets keep the release's exact 50 warmup steps.

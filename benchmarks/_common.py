@@ -21,6 +21,18 @@ def resolve_device(name: str) -> str:
     return name
 
 
+#: ``--dtype`` choices; ``auto`` is what aimm's ``dtype: auto`` picks here (aimm.hardware).
+DTYPE_CHOICES = ["float32", "bfloat16", "auto"]
+
+
+def concrete_dtype(name: str, device: str) -> str:
+    """``--dtype`` as the benchmark runs it: ``auto`` resolved for ``device`` (the JSON records
+    the dtype that ran)."""
+    from aimm.hardware import auto_dtype
+
+    return auto_dtype(device) if name == "auto" else name
+
+
 def cpu_model() -> str | None:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

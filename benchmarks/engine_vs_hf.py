@@ -21,9 +21,10 @@ warm-up of ``--lr-warmup-steps`` then linear decay, gradients clipped at 1.0):
   cross-entropy on the target tail, backward, clip, AdamW, scheduler): the same math as aimm
   with nothing around it.
 
-Dtype policy (all trainers, as aimm does): the base model's weights in ``--dtype`` (bf16 by
-default), the LoRA weights in fp32 (PEFT's ``autocast_adapter_dtype``), no autocast; Trainer runs
-with ``bf16=False`` so that it does not add an autocast aimm does not use.
+Dtype policy (all trainers, as aimm does): the base model's weights in ``--dtype`` (``auto``
+by default: bf16 where the CPU has AMX / AVX512-BF16, else fp32; see aimm.hardware), the LoRA
+weights in fp32 (PEFT's ``autocast_adapter_dtype``), no autocast; Trainer runs with
+``bf16=False`` so that it does not add an autocast aimm does not use.
 
 Data: a synthetic one-label task whose prompts are cut to ``seq_len - 2`` tokens, so every
 sequence (prompt + one label token + EOS) is exactly ``--seq-len`` tokens: no padding, and the
@@ -51,7 +52,8 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import environment, fail, median, ratio, resolve_device, write_json
+from benchmarks._common import (DTYPE_CHOICES, concrete_dtype, environment, fail, median, ratio,
+                                resolve_device, write_json)
 from benchmarks._flops import (FLOPS_FORMULA, gemm_shapes, lora_step_flops, measure_gemm_rate,
                                model_shapes)
 
@@ -283,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every trainer")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=150, help="tokens of every sequence")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     ap.add_argument("--trainers", default=",".join(TRAINERS), help="subset, in this order")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lr-warmup-steps", type=int, default=2)
@@ -318,6 +320,7 @@ def main(argv=None) -> dict:
     from aimm.errors import ModelError
 
     args = build_parser().parse_args(argv)
+    args.dtype = concrete_dtype(args.dtype, args.device)
     trainers = check_args(args)
     args.device = resolve_device(args.device)
     if args.threads:

@@ -24,7 +24,7 @@ import torch
 from aimm.evaluation.label_scoring import label_logprobs
 from aimm.methods.progprompt import ProgPrompt
 from aimm.models import load_model
-from benchmarks._common import environment, ratio, write_json
+from benchmarks._common import DTYPE_CHOICES, concrete_dtype, environment, ratio, write_json
 from benchmarks.eval_throughput import DEFAULT_DATA, load_examples
 
 STRATEGIES = ("packed", "full")
@@ -33,7 +33,7 @@ STRATEGIES = ("packed", "full")
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-causal")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     ap.add_argument("--stage", type=int, default=3, help="0-based ProgPrompt stage (stage+1 prompts)")
     ap.add_argument("--tasks", type=int, default=4, help="tasks the prompt table is sized for")
     ap.add_argument("--prompt-length", type=int, default=10)
@@ -47,6 +47,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default="prompt_scoring.json")
     a = ap.parse_args(argv)
+    a.dtype = concrete_dtype(a.dtype, "cpu")
     if not 0 <= a.stage < a.tasks:
         ap.error(f"--stage {a.stage}: must be in 0..{a.tasks - 1} (--tasks {a.tasks})")
 

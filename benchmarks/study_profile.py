@@ -53,7 +53,8 @@ from typing import Any
 import torch
 
 from aimm.reproduce import PRESETS
-from benchmarks._common import environment, fail, ratio, resolve_device, write_json
+from benchmarks._common import (DTYPE_CHOICES, concrete_dtype, environment, fail, ratio, resolve_device,
+                                write_json)
 from benchmarks._sections import CATEGORIES, Sections, profiling_hooks
 from benchmarks.train_overhead import auto_buffer_fraction, memory_needed, parse_option, synthetic_data
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default=",".join(STUDY_METHODS))
     ap.add_argument("-o", "--option", action="append", default=[], metavar="METHOD:KEY=VALUE",
                     help="a method option, e.g. aimmerging:fast=true")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-input-len", type=int, default=256)
     ap.add_argument("--memory-batch-size", type=int, default=8)
@@ -218,6 +219,7 @@ def check_args(args) -> list[str]:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    args.dtype = concrete_dtype(args.dtype, args.device)
     methods = check_args(args)
     options = method_options(methods, args.option)
     args.device = resolve_device(args.device)

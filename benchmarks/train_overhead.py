@@ -49,7 +49,8 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import PeakMemory, environment, median, ratio, resolve_device, write_json
+from benchmarks._common import (DTYPE_CHOICES, PeakMemory, concrete_dtype, environment, median, ratio,
+                                resolve_device, write_json)
 
 SEQ = "seq_lora"
 
@@ -318,7 +319,7 @@ def parse_option(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny-causal")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (= --modes compile)")
     ap.add_argument("--modes", default=None, help="eager,compile: both in one process (eager first)")
@@ -365,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
+    args.dtype = concrete_dtype(args.dtype, args.device)
     args.option = dict(args.option)
     args.device = resolve_device(args.device)
     if args.threads:
