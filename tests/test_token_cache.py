@@ -260,7 +260,7 @@ def test_golden_runs_identical_through_the_cache(case, cache, tmp_path, monkeypa
     """The golden runs cache nothing (fewer than MIN_CACHED texts): with MIN_CACHED = 1 every
     encoding of the run goes through the cache, written by the first run and read by the
     second; both must still equal the goldens byte for byte."""
-    from tests.test_golden_runs import GOLDEN, compared_files, golden_run
+    from tests.test_golden_runs import GOLDEN, assert_like_golden, compared_files, golden_run
 
     (cache.parent).mkdir(parents=True)
     (cache.parent / "smollm2-135m-tokenizer").symlink_to(tokenizer_dir)
@@ -270,8 +270,7 @@ def test_golden_runs_identical_through_the_cache(case, cache, tmp_path, monkeypa
         run_dir = golden_run(case, tmp_path / attempt)
         assert (files(cache) == before) == (attempt == "warm") and files(cache)
         for rel in compared_files(run_dir):
-            assert (run_dir / rel).read_bytes() == (GOLDEN / case / rel).read_bytes(), (
-                f"{case} ({attempt} cache): {rel} differs from the golden")
+            assert_like_golden(run_dir / rel, GOLDEN / case / rel, f"{case} ({attempt} cache): {rel}")
 
 
 def test_benchmark_reports_fresh_miss_and_hit_times(tmp_path, monkeypatch, tokenizer_dir):
