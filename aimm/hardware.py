@@ -4,9 +4,10 @@ bfloat16 halves the frozen base model's memory and, where the hardware has bf16 
 (Intel AMX, AVX512-BF16; a CUDA GPU with bf16), runs the GEMMs faster than float32: the 2-core
 AMX machine of ``benchmarks/results/cpu-2core`` did a SmolLM2 LoRA step in 1.9 s in bf16 against
 2.5 s in fp32. Without them PyTorch's CPU bf16 GEMM takes a slow path. Measured on 2 idle AVX2
-cores (AMD EPYC, no AVX-512, 2026-12-02, ``benchmarks/results/cpu-avx2/``): a bf16 GEMM at
-16 GFLOP/s against 105 in fp32; a SmolLM2 LoRA training step (batch 4 x 150 tokens) 120 s
-against 3.6 s (33x); label scoring of 40 dbpedia test examples 115 s against 20 s.
+cores (AMD EPYC, no AVX-512, 2026-12-02, ``benchmarks/results/cpu-avx2/dtype_speed.json``): the
+frozen GEMMs at 15 GFLOP/s in bf16 against 84 in fp32; a SmolLM2 LoRA training step (batch
+4 x 150 tokens) 125.9 s against 4.6 s (27x); label scoring of 20 dbpedia test examples 60.9 s
+against 8.9 s (6.8x).
 
 So ``auto`` means bfloat16 only where the matrix units are known to be there, float32
 otherwise. The CPU check reads ``torch.cpu.get_capabilities()`` (cpuinfo): x86 ``amx_bf16`` or
@@ -66,4 +67,4 @@ def slow_bfloat16_warning(dtype: str, device: str, *,
     if dtype != "bfloat16" or device_type(device) != "cpu" or cpu_has_fast_bfloat16(capabilities):
         return None
     return ("dtype=bfloat16 on a CPU without bf16 matrix units (no AMX / AVX512-BF16): training "
-            "steps measured ~30x slower than float32 on such cores; use dtype auto or float32")
+            "steps measured ~27x slower than float32 on such cores; use dtype auto or float32")
