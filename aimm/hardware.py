@@ -7,11 +7,13 @@ AMX machine of ``benchmarks/results/cpu-2core`` did a SmolLM2 LoRA step in 1.9 s
 cores (AMD EPYC, no AVX-512, 2026-12-02, ``benchmarks/results/cpu-avx2/dtype_speed.json``): the
 frozen GEMMs at 15 GFLOP/s in bf16 against 84 in fp32; a SmolLM2 LoRA training step (batch
 4 x 150 tokens) 125.9 s against 4.6 s (27x); label scoring of 20 dbpedia test examples 60.9 s
-against 8.9 s (6.8x).
+against 8.9 s (6.8x). On 2 cores with AVX512-BF16 but no AMX (AMD EPYC, 2026-12-07,
+``benchmarks/results/cpu-avx512bf16/dtype_speed.json``) bf16 is the faster again: a step 1.27 s
+against 2.86 s, the GEMMs at 889 against 201 GFLOP/s.
 
 So ``auto`` means bfloat16 only where the matrix units are known to be there, float32
 otherwise. The CPU check reads ``torch.cpu.get_capabilities()`` (cpuinfo): x86 ``amx_bf16`` or
-``avx512_bf16``; Arm ``bf16`` or ``sve_bf16`` (BFMMLA; not measured here).
+``avx512_bf16`` (both measured); Arm ``bf16`` or ``sve_bf16`` (BFMMLA; not measured here).
 """
 
 from __future__ import annotations
