@@ -17,7 +17,8 @@ warm-up of ``--lr-warmup-steps`` then linear decay, gradients clipped at 1.0):
   users do by default;
 * ``trainer_target``: the same Trainer with ``DataCollatorForSeq2Seq``-style labels (the prompt
   labelled -100): loss on the target tokens only, but the model still computes every logit;
-* ``floor``: a hand-written loop (batches collated up front, forward with ``logits_to_keep``,
+* ``floor``: a hand-written loop (batches collated up front, forward with ``logits_to_keep`` as
+  aimm passes it, an index tensor: :func:`aimm.loss.last_positions`,
   cross-entropy on the target tail, backward, clip, AdamW, scheduler): the same math as aimm
   with nothing around it.
 
@@ -238,6 +239,7 @@ def run_trainer(setup: Setup, work: Path, repeat: int, target_only: bool) -> lis
 
 def run_floor(setup: Setup, work: Path, repeat: int) -> list[float]:
     import torch.nn.functional as F
+    from aimm.loss import last_positions
 
     a = setup.args
     model = setup.peft_model().to(a.device)
@@ -253,7 +255,8 @@ def run_floor(setup: Setup, work: Path, repeat: int) -> list[float]:
     for b in batches:
         keep = b["logits_to_keep"]
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       position_ids=b["position_ids"], logits_to_keep=keep).logits
+                       position_ids=b["position_ids"],
+                       logits_to_keep=last_positions(keep, a.device)).logits
         labels = b["labels"][:, -keep:]
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                labels[:, 1:].reshape(-1), ignore_index=-100)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from aimm.config import RunConfig
 from aimm.encoding import IGNORE_INDEX, EncodedExamples, collate
 from aimm.loss import lm_loss
-from aimm.models import load_model
+from aimm.models import attach_lora, load_model
 
 PROMPTS = ["Classify: the film was wonderful and moving.\nAnswer:", "Is it spam? win a prize now\nAnswer:",
            "Topic of: the central bank raised interest rates again today\nAnswer:"]
@@ -146,3 +147,46 @@ def test_engine_runs_compiled_with_buckets_and_evaluates_eagerly(tiny_config):
     # and the no-grad probe. Label scoring would add a third without set_stance("force_eager").
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     torch._dynamo.reset()
+
+
+class AtenShapes(TorchDispatchMode):
+    """Records the shape of every tensor that an aten op receives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: set[tuple[int, ...]] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in [*args, *(kwargs or {}).values()]:
+            if isinstance(a, torch.Tensor):
+                self.shapes.add(tuple(a.shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_lm_head_on_the_target_tail_never_expands_its_weight_per_row():
+    """``logits_to_keep`` as an int slices a non-contiguous tail; with the base frozen under LoRA
+    the head then runs as a bmm against its (hidden x vocab) weight expanded once per row: a copy
+    of the whole head per row and forward, in training and evaluation alike
+    (``aimm.loss.last_positions``). The loss and label scoring must not do that."""
+    from aimm.evaluation.label_scoring import label_logprobs
+    from aimm.loss import last_positions
+
+    b = attach_lora(load_model("tiny-causal"))  # as the engine trains and evaluates it
+    hidden, vocab = b.model.config.hidden_size, b.model.config.vocab_size
+    rows = len(PROMPTS)
+    expanded = {(rows, hidden, vocab), (rows, vocab, hidden)}
+    batch = encoded(b).batch([0, 1, 2])
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "logits_to_keep")}
+    with AtenShapes() as spy:  # the spy sees the expansion when the int is passed
+        b.model(**inputs, logits_to_keep=batch["logits_to_keep"]).logits.sum().backward()
+    assert spy.shapes & expanded
+    with AtenShapes() as loss_ops:
+        lm_loss(b.model, batch, False).backward()
+    assert not loss_ops.shapes & expanded
+    with AtenShapes() as scoring_ops:
+        label_logprobs(b.model, b.tokenizer, PROMPTS, TARGETS, is_seq2seq=False, batch_size=rows)
+    assert not scoring_ops.shapes & expanded
+    with torch.no_grad():  # the same logits either way
+        tail = b.model(**inputs, logits_to_keep=last_positions(4)).logits
+        sliced = b.model(**inputs, logits_to_keep=4).logits
+    assert tail.shape == sliced.shape and torch.allclose(tail, sliced, atol=1e-6)

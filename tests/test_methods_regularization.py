@@ -293,7 +293,12 @@ def test_lwf_teacher_is_saved_and_restored_on_resume(tiny_config, tmp_path, monk
     assert all(torch.equal(loaded[0]["teacher"][k], adapter[k]) for k in adapter)  # task-1 adapter
     plain = run(tiny_config(method="seq_lora", run_dir=str(tmp_path / "plain")))
     assert stage_losses(plain, "sst-2") == stage_losses(full, "sst-2")
-    assert stage_losses(plain) != stage_losses(full)  # the distillation term acts in task 2
+    # the distillation term acts in task 2: its gradient is 0 while student = teacher (steps 1-2,
+    # the first at lr 0), so in these 4 warm-up steps it moves the adapter by little (~1e-7),
+    # below what the recorded losses show, but it moves every tensor
+    tail = "stages/02_agnews/adapter.safetensors"
+    plain_b, full_b = load_file(str(plain / tail)), load_file(str(full / tail))
+    assert all(not torch.equal(plain_b[k], full_b[k]) for k in plain_b)
 
 
 # ------------------------------------------------------------------------------ all three

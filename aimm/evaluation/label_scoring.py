@@ -48,6 +48,7 @@ from typing import Sequence
 import torch
 
 from aimm.encoding import TruncationCounter, encode_prompts, encode_targets, pad_batch
+from aimm.loss import last_positions
 
 from ._util import check_nonempty, inference, length_sorted_batches, model_device, progress_bar
 
@@ -127,7 +128,8 @@ def _decoder_shared(model, prompts, targets, pad_id, device) -> torch.Tensor | N
     p_ids, p_mask = pad_batch(prompts, pad_id, left=True)
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
     # only the last position's logits are needed from the prompt pass
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in _forward_params(model) else {}
+    keep = {"logits_to_keep": last_positions(1, device)} \
+        if "logits_to_keep" in _forward_params(model) else {}
     out = model(
         input_ids=p_ids.to(device),
         attention_mask=p_mask.to(device),
@@ -209,7 +211,8 @@ def _decoder_packed(model, prompts, targets, pad_id, device, virtual: int = 0) -
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
     keep = width - head + 1  # logits from the prompt's last column on
-    extra = {"logits_to_keep": keep} if "logits_to_keep" in _forward_params(model) else {}
+    extra = {"logits_to_keep": last_positions(keep, device)} \
+        if "logits_to_keep" in _forward_params(model) else {}
     text = {"inputs_embeds": _with_soft_prompt(model, ids.to(device))} if virtual else \
         {"input_ids": ids.to(device)}
     logits = base(
