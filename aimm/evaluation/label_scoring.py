@@ -80,6 +80,13 @@ def _forward_params(model) -> set[str]:
         return set()
 
 
+def _tail_logits_only(model, k: int, device) -> dict:
+    """Forward kwargs for the logits of the last ``k`` positions only (none if the model's forward
+    takes no ``logits_to_keep``)."""
+    return {"logits_to_keep": last_positions(k, device)} \
+        if "logits_to_keep" in _forward_params(model) else {}
+
+
 def _virtual_tokens(model) -> int:
     """How many virtual tokens a PEFT prompt-learning model prepends to every input (0: none)."""
     config = getattr(model, "active_peft_config", None)
@@ -128,8 +135,7 @@ def _decoder_shared(model, prompts, targets, pad_id, device) -> torch.Tensor | N
     p_ids, p_mask = pad_batch(prompts, pad_id, left=True)
     p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
     # only the last position's logits are needed from the prompt pass
-    keep = {"logits_to_keep": last_positions(1, device)} \
-        if "logits_to_keep" in _forward_params(model) else {}
+    keep = _tail_logits_only(model, 1, device)
     out = model(
         input_ids=p_ids.to(device),
         attention_mask=p_mask.to(device),
@@ -211,8 +217,7 @@ def _decoder_packed(model, prompts, targets, pad_id, device, virtual: int = 0) -
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
     keep = width - head + 1  # logits from the prompt's last column on
-    extra = {"logits_to_keep": last_positions(keep, device)} \
-        if "logits_to_keep" in _forward_params(model) else {}
+    extra = _tail_logits_only(model, keep, device)
     text = {"inputs_embeds": _with_soft_prompt(model, ids.to(device))} if virtual else \
         {"input_ids": ids.to(device)}
     logits = base(
