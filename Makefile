@@ -40,6 +40,8 @@ bench:  ## speed benchmarks, CPU-sized (estimated 1-1.5 h on 2 idle cores now th
 	  --out runs/bench/study_profile.json
 	$(PY) -m benchmarks.dtype_speed --model smollm2-135m --steps 2 --n-eval 20 \
 	  --out runs/bench/dtype_speed.json
+	$(PY) -m benchmarks.attention_dtype --model smollm2-135m --batch-size 4 --seq-len 150 \
+	  --out runs/bench/attention_dtype.json
 
 clean-runs:
 	rm -rf runs/

@@ -59,6 +59,9 @@ def _config_flags(p, single_run: bool) -> None:
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--dtype", help="base-model weights: float32 (default) | bfloat16 | auto (bfloat16 "
                    "where the CPU has AMX / AVX512-BF16 or the GPU bf16, else float32); LoRA stays float32")
+    p.add_argument("--attention-dtype", help="model (default) | float32: the attention kernel on float32 "
+                   "copies of a bf16 model's query/key/value (on CPU faster and more precise; "
+                   "changes a bf16 run's numbers)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("--log-with", action="append", default=[], metavar="TRACKER",
                    help="tensorboard | mlflow | wandb (repeatable): log into <run dir>/logs/")
@@ -75,7 +78,7 @@ def _config_flags(p, single_run: bool) -> None:
 FLAG_FIELDS = ("benchmark", "order", "method", "model", "data_dir", "max_train", "max_test",
                "epochs", "lr", "batch_size", "grad_accum", "max_input_len", "eval_mode",
                "eval_batch_size", "buffer_mode", "record_forgetting_signal", "checkpoint_every",
-               "nan_policy", "seed", "run_dir", "device", "dtype")
+               "nan_policy", "seed", "run_dir", "device", "dtype", "attention_dtype")
 
 
 def config_from_args(args) -> RunConfig:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aimm.attention import ATTENTION_DTYPES
 from aimm.errors import ConfigError  # noqa: F401  (re-exported: `from aimm.config import ConfigError`)
 from aimm.hardware import CHOICES as DTYPE_CHOICES, auto_dtype
 from aimm.names import name_problem
@@ -33,6 +34,18 @@ MAX_LR = 1e36
 
 #: Old config names -> their new names (read with a deprecation warning; old run dirs keep them).
 RENAMED = {"probe_history": "record_forgetting_signal"}
+
+
+#: Fields added after runs were written -> the value every older run ran with. A stored
+#: ``config.json`` without one reads as having it (an older run resumes, shares and is compared
+#: as what it was).
+ADDED = {"attention_dtype": "model"}
+
+
+def with_added_fields(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (a stored config) with the fields of :data:`ADDED` it lacks at their old value."""
+    missing = {k: v for k, v in ADDED.items() if k not in values}
+    return {**values, **missing} if missing else values
 
 
 def renamed_fields(values: dict[str, Any], *, source: str = "config", warn: bool = False) -> dict[str, Any]:
@@ -73,6 +86,7 @@ class RunConfig:
     lora_dropout: float = 0.05
     lora_targets: list[str] | None = None  # default by architecture (T5: q, v)
     dtype: str = "float32"  # base-model weights: float32 | bfloat16 | auto (LoRA stays float32)
+    attention_dtype: str = "model"  # model | float32: sdpa on float32 copies (bf16 on CPU: faster, aimm.attention)
     # how to train (spec §6)
     epochs: float = 1.0
     lr: float = 3e-4
@@ -236,6 +250,7 @@ class RunConfig:
         need(self.nan_policy in ("stop", "skip"), "nan_policy", "choose stop or skip")
         need(self.device in ("auto", "cpu", "cuda"), "device", "choose auto, cpu or cuda")
         need(self.dtype in DTYPE_CHOICES, "dtype", "choose float32, bfloat16 or auto")
+        need(self.attention_dtype in ATTENTION_DTYPES, "attention_dtype", "choose model or float32")
         need(isinstance(self.method_options, dict), "method_options", "must be a mapping")
         need(self.tasks is None or (isinstance(self.tasks, list) and self.tasks
                                     and all(isinstance(t, (str, dict)) for t in self.tasks)),

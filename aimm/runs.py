@@ -314,10 +314,11 @@ def _csv_or_empty(path: Path) -> pd.DataFrame:
 
 
 def load_config(run_dir: str | Path) -> dict[str, Any]:
-    """A run's ``config.json``; an older run's renamed fields read under today's names."""
-    from aimm.config import renamed_fields
+    """A run's ``config.json``; an older run's renamed fields read under today's names, and the
+    fields added since at the value it ran with."""
+    from aimm.config import renamed_fields, with_added_fields
 
-    return renamed_fields(read_json(Path(run_dir) / "config.json"))
+    return with_added_fields(renamed_fields(read_json(Path(run_dir) / "config.json")))
 
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:

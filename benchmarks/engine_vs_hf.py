@@ -20,7 +20,11 @@ warm-up of ``--lr-warmup-steps`` then linear decay, gradients clipped at 1.0):
 * ``floor``: a hand-written loop (batches collated up front, forward with ``logits_to_keep`` as
   aimm passes it, an index tensor: :func:`aimm.loss.last_positions`,
   cross-entropy on the target tail, backward, clip, AdamW, scheduler): the same math as aimm
-  with nothing around it.
+  with nothing around it;
+* ``aimm_attn32``: ``aimm`` with ``attention_dtype: float32`` (:mod:`aimm.attention`): the
+  attention kernel on float32 copies of a bf16 model's query/key/value. An option, not aimm's
+  default; ``trainer`` and the floor run the attention as transformers loads the model (sdpa in
+  the weights' dtype), as a user without aimm would.
 
 Dtype policy (all trainers, as aimm does): the base model's weights in ``--dtype`` (``auto``
 by default: bf16 where the CPU has AMX / AVX512-BF16, else fp32; see aimm.hardware), the LoRA
@@ -59,7 +63,7 @@ from benchmarks._flops import (FLOPS_FORMULA, gemm_shapes, lora_step_flops, meas
                                model_shapes)
 
 PROG = "engine_vs_hf"
-TRAINERS = ("aimm", "trainer", "trainer_target", "floor")
+TRAINERS = ("aimm", "trainer", "trainer_target", "floor", "aimm_attn32")
 TASK = "sst-2"
 TARGET_TOKENS = 2  # one label token + EOS
 GOALS = {"aimm/trainer": 0.8, "aimm/floor": 1.1}
@@ -92,7 +96,7 @@ def summarize(runs: list[dict], tokens_per_step: float, flops: dict[str, float],
         }
     ratios: dict[str, dict] = {}
     for a, b in (("aimm", "trainer"), ("aimm", "trainer_target"), ("aimm", "floor"),
-                 ("trainer", "floor")):
+                 ("trainer", "floor"), ("aimm_attn32", "trainer"), ("aimm_attn32", "aimm")):
         if a not in summary or b not in summary:
             continue
         per_repeat = []
@@ -175,11 +179,11 @@ class _AimmClock:
         self.stamps.append(time.perf_counter())
 
 
-def run_aimm(setup: Setup, work: Path, repeat: int) -> list[float]:
+def run_aimm(setup: Setup, work: Path, repeat: int, attention_dtype: str = "model") -> list[float]:
     from aimm.engine import run
 
     a = setup.args
-    run_dir = work / f"aimm-r{repeat}"
+    run_dir = work / f"aimm-{attention_dtype}-r{repeat}"
     clock = _AimmClock()
     run({"benchmark": "long_sequence", "tasks": [TASK], "data_dir": str(setup.data_dir),
          "max_train": setup.n, "max_test": 1, "method": "seq_lora", "model": a.model,
@@ -187,7 +191,8 @@ def run_aimm(setup: Setup, work: Path, repeat: int) -> list[float]:
          "lr": a.lr, "warmup_steps": a.lr_warmup_steps, "max_grad_norm": 1.0,
          "weight_decay": 0.0, "max_input_len": a.seq_len - TARGET_TOKENS,
          "eval_mode": "label_scoring", "eval_batch_size": 1, "device": a.device,
-         "progress": False, "seed": a.seed, "run_dir": str(run_dir)}, callbacks=[clock])
+         "progress": False, "seed": a.seed, "run_dir": str(run_dir),
+         "attention_dtype": attention_dtype}, callbacks=[clock])
     shutil.rmtree(run_dir, ignore_errors=True)
     return clock.stamps
 
@@ -276,6 +281,7 @@ RUNNERS = {
     "trainer": lambda s, w, r: run_trainer(s, w, r, target_only=False),
     "trainer_target": lambda s, w, r: run_trainer(s, w, r, target_only=True),
     "floor": run_floor,
+    "aimm_attn32": lambda s, w, r: run_aimm(s, w, r, attention_dtype="float32"),
 }
 
 
@@ -346,7 +352,7 @@ def measure(args, setup: Setup, trainers: list[str], work: Path) -> dict:
     tokens = a.batch_size * a.seq_len
     gemm = measure_gemm_rate(gemm_shapes(shapes, tokens), setup.dtype, a.gemm_seconds, a.device)
     flops = {name: lora_step_flops(shapes, a.batch_size, a.seq_len,
-                                   setup.keep if name in ("aimm", "floor") else a.seq_len)
+                                   a.seq_len if name.startswith("trainer") else setup.keep)
              for name in trainers}
     result: dict[str, Any] = {
         "benchmark": PROG, "partial": True,

@@ -138,7 +138,8 @@ def test_engine_vs_hf_on_a_tiny_model_times_every_trainer(tmp_path):
     assert data["partial"] is False and data["model"] == "tiny-causal"
     assert data["data"]["uniform_length"] is True  # every sequence is exactly --seq-len tokens
     assert data["tokens_per_step"] == 2 * 24
-    assert [r["trainer"] for r in data["runs"]] == ["aimm", "trainer", "trainer_target", "floor"]
+    assert [r["trainer"] for r in data["runs"]] == ["aimm", "trainer", "trainer_target", "floor",
+                                                    "aimm_attn32"]
     for r in data["runs"]:
         assert r["steps_done"] == 4, r  # the same number of optimiser steps for every trainer
         assert len(r["step_s"]) == 3 and positive_finite(r["s_per_step"])
@@ -147,9 +148,10 @@ def test_engine_vs_hf_on_a_tiny_model_times_every_trainer(tmp_path):
             assert positive_finite(s[key]), (name, key)
     flops = data["flops_per_step"]
     assert flops["aimm"]["head"] < flops["trainer"]["head"]  # LM head on the target tail only
-    assert flops["aimm"]["total"] == flops["floor"]["total"]
+    assert flops["aimm"]["total"] == flops["floor"]["total"] == flops["aimm_attn32"]["total"]
     assert positive_finite(data["gemm"]["flops_per_s"])
-    for key in ("aimm/trainer", "aimm/trainer_target", "aimm/floor", "trainer/floor"):
+    for key in ("aimm/trainer", "aimm/trainer_target", "aimm/floor", "trainer/floor",
+                "aimm_attn32/trainer", "aimm_attn32/aimm"):
         assert positive_finite(data["ratios"][key]["time_per_step"]), key
     assert data["ratios"]["aimm/trainer"]["goal"] == 0.8
     assert isinstance(data["ratios"]["aimm/floor"]["meets_goal"], bool)
@@ -356,3 +358,35 @@ def test_dtype_speed_bad_input_is_one_line_and_exit_2(capsys, tmp_path, args, na
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0]
     assert not (tmp_path / "x.json").exists()
+
+
+# ------------------------------------------------------------------------------ attention_dtype
+def test_attention_dtype_times_both_kernels_and_measures_both_attentions_against_float32(tmp_path):
+    from benchmarks import attention_dtype
+
+    out = tmp_path / "ad.json"
+    attention_dtype.main(["--model", "tiny-causal", "--batch-size", "2", "--seq-len", "24",
+                          "--reps", "2", "--n-eval", "3", "--eval-reps", "1", "--threads", "1",
+                          "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["kernel_shape"]["seq_len"] == 24 and data["kernel_shape"]["batch"] == 2
+    for dtype in ("bfloat16", "float32"):
+        assert positive_finite(data["kernel"][dtype]["forward_ms"])
+        assert positive_finite(data["kernel"][dtype]["backward_ms"])
+    precision = data["precision"]
+    assert positive_finite(precision["float32_model_loss"])
+    for attention in ("model", "float32"):
+        p = precision[f"bf16_model_attention_{attention}"]
+        # bf16 rounding: close to the float32 model, but not equal to it
+        assert 0 < p["grad_rel_diff"] < 0.1 and p["abs_loss_diff"] < 0.05, p
+        assert positive_finite(data["label_scoring_s"][attention])
+    assert data["label_scoring_s"]["n_prompts"] == 3
+
+
+def test_attention_dtype_refuses_a_bad_size_in_one_line(capsys):
+    from benchmarks import attention_dtype
+
+    with pytest.raises(SystemExit) as exit_:
+        attention_dtype.main(["--seq-len", "3"])
+    assert exit_.value.code == 2
+    assert "--seq-len 3: must be >= 16" in capsys.readouterr().err

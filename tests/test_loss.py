@@ -186,6 +186,14 @@ def test_the_lm_head_on_the_target_tail_never_expands_its_weight_per_row():
     with AtenShapes() as scoring_ops:
         label_logprobs(b.model, b.tokenizer, PROMPTS, TARGETS, is_seq2seq=False, batch_size=rows)
     assert not scoring_ops.shapes & expanded
+    # generation: transformers' prefill passes logits_to_keep=1, a one-position tail that folds
+    # into one mm without a copy (checked, so that it stays so)
+    from aimm.evaluation.generation import generate
+
+    with AtenShapes() as generation_ops:
+        generate(b.model, b.tokenizer, PROMPTS, is_seq2seq=False, batch_size=rows, max_new_tokens=3)
+    assert not generation_ops.shapes & expanded
+    assert (rows, 1, vocab) in generation_ops.shapes  # the prefill's one-position logits
     with torch.no_grad():  # the same logits either way
         tail = b.model(**inputs, logits_to_keep=last_positions(4)).logits
         sliced = b.model(**inputs, logits_to_keep=4).logits

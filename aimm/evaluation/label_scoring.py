@@ -19,7 +19,8 @@ scored without running a prompt twice. Decoder-only ``strategy``:
   and its own earlier tokens only, and its position ids restart after the prompt, so every
   option is scored exactly as if it followed the prompt alone. Costs the prompt tokens plus the
   option tokens; needs a model that honours a 4-D float mask and explicit position ids
-  (LLaMA/Qwen/Mistral/SmolLM families in transformers 5 do with the sdpa and eager attention;
+  (LLaMA/Qwen/Mistral/SmolLM families in transformers 5 do with the sdpa and eager attention,
+  and with aimm's float32 sdpa of ``attention_dtype``;
   the tests check it against a brute-force loss). Other attention kernels fall back to "cache".
 * ``"cache"``: the prompts are run once with a KV cache, the cache is repeated once per option
   (``batch_size * len(options) * prompt_len`` cached positions: memory-hungry) and only the option
@@ -47,6 +48,7 @@ from typing import Sequence
 
 import torch
 
+from aimm.attention import honours_4d_mask
 from aimm.encoding import TruncationCounter, encode_prompts, encode_targets, pad_batch
 from aimm.loss import last_positions
 
@@ -168,12 +170,6 @@ def _decoder_shared(model, prompts, targets, pad_id, device) -> torch.Tensor | N
     lp = _token_logprobs(out2.logits, nxt.repeat(b, 1).to(device))  # (B*K, Lt)
     lp = (lp * t_mask.repeat(b, 1).to(device)).sum(-1).view(b, k)
     return total + lp
-
-
-def _honours_4d_mask(model) -> bool:
-    """Flash/flex-style kernels ignore a custom dense mask: use the cache path for them."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
-    return impl in ("sdpa", "eager")
 
 
 def _decoder_packed(model, prompts, targets, pad_id, device, virtual: int = 0) -> torch.Tensor:
@@ -339,7 +335,7 @@ def label_logprobs(
                     scores = _seq2seq(model, group, targets, pad_id, device)
                 else:
                     scores = None
-                    packed = strategy == "packed" and _honours_4d_mask(model)
+                    packed = strategy == "packed" and honours_4d_mask(model)
                     if virtual and packed and _prompt_tuning(model):
                         scores = _decoder_packed(model, group, targets, pad_id, device, virtual)
                     elif virtual:  # a prompt is prepended by the model's forward (2-D masks only)

@@ -138,9 +138,13 @@ class Engine:
 
     def _load_model(self):
         """The base model with what the method trains (:meth:`Method.setup_model`; default LoRA)."""
+        from aimm.attention import set_attention_dtype
         from aimm.models import load_model
 
         bundle = load_model(self.cfg.model, seed=self.cfg.seed, dtype=getattr(torch, self.cfg.dtype))
+        problem = set_attention_dtype(bundle.model, self.cfg.attention_dtype)
+        if problem and problem not in self.warnings:
+            self.warnings.append(problem)
         torch.manual_seed(self.cfg.seed)
         return self.method.setup_model(bundle, self.cfg)
 
