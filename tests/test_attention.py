@@ -113,7 +113,7 @@ def test_a_run_written_before_the_field_existed_resumes_as_model_attention(tiny_
     """Its config.json lacks ``attention_dtype``: it reads as ``model`` (what it ran), so the
     run resumes instead of being refused as "a different config"."""
     from aimm.engine import run
-    from aimm.runs import load_config
+    from aimm.runs import RunDirError, load_config
 
     cfg = tiny_config(method="seq_lora", tasks=["sst-2"])
     run_dir = run(cfg)
@@ -125,8 +125,6 @@ def test_a_run_written_before_the_field_existed_resumes_as_model_attention(tiny_
     metrics = (run_dir / "metrics.json").read_text()
     assert run(cfg) == run_dir  # accepted: the finished run is read, not refused
     assert (run_dir / "metrics.json").read_text() == metrics
-    from aimm.runs import RunDirError
-
     with pytest.raises(RunDirError, match="attention_dtype: 'model' -> 'float32'"):
         run(tiny_config(method="seq_lora", tasks=["sst-2"], attention_dtype="float32"))
 
