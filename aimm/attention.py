@@ -19,8 +19,8 @@ studies ran ``"model"``), so it is an option a study opts into. How much, on the
 (``results/study-cpu-avx512bf16-attn32/``): OP per run -0.0015 on average [95% CI -0.0060,
 +0.0031] over 12 runs, the same merges; 50.5 min against 54.7. A model whose attention is not
 transformers' ``sdpa`` (a flash kernel), and an encoder-decoder model (T5: its relative position
-bias takes another route through the kernel), is left as it is, with a warning in the run's
-``warnings.json``.
+bias takes another route through the kernel), is left as it is, with a warning (shown at the
+start, and kept in the run's ``warnings.json``).
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ def loss_and_lora_grad(model, batch: dict) -> tuple[float, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     loss = lm_loss(model, batch, is_seq2seq=False)
     loss.backward()
-    grads = [p.grad.float().flatten() for n, p in sorted(model.named_parameters()) if p.requires_grad]
+    params = sorted(model.named_parameters(), key=lambda item: item[0])
+    grads = [p.grad.float().flatten() for _, p in params if p.requires_grad]
     return float(loss.detach()), torch.cat(grads)
 
 
@@ -125,16 +126,34 @@ def main(argv=None) -> dict:
             fail(PROG, f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    setup_args = SimpleNamespace(model=args.model, steps=max(1, -(-args.n_eval // args.batch_size)), batch_size=args.batch_size,
+    steps = max(1, -(-args.n_eval // args.batch_size))  # enough rows for --n-eval prompts
+    setup_args = SimpleNamespace(model=args.model, steps=steps, batch_size=args.batch_size,
                                  seq_len=args.seq_len, dtype="bfloat16", seed=args.seed,
                                  lr=3e-4, lr_warmup_steps=0, device="cpu")
-    setup = Setup(setup_args, Path(tempfile.mkdtemp(prefix="aimm-attention-dtype-")))
+    with tempfile.TemporaryDirectory(prefix="aimm-attention-dtype-") as work:
+        result = measure(args, Setup(setup_args, Path(work)))
+    write_json(args.out, result)
+    k = result["kernel"]
+    for name in ("bfloat16", "float32"):
+        print(f"kernel {name}: forward {k[name]['forward_ms']:.2f} ms, backward {k[name]['backward_ms']:.2f} ms")
+    for attention in ("model", "float32"):
+        p = result["precision"][f"bf16_model_attention_{attention}"]
+        print(f"bf16 model, attention_dtype {attention}: |loss - fp32| {p['abs_loss_diff']:.4f}, "
+              f"LoRA grad rel. diff {p['grad_rel_diff']:.4f}, label scoring of "
+              f"{result['label_scoring_s']['n_prompts']} prompts "
+              f"{result['label_scoring_s'][attention]:.2f} s")
+    return result
+
+
+def measure(args, setup) -> dict:
+    """The kernel times, the precision against float32 and the label-scoring times."""
     batch = setup.encoded.batch(range(args.batch_size))
     ref = lora_model(args.model, torch.float32, args.seed, "model")
     cfg = ref.get_base_model().config
     shape = {"batch": args.batch_size, "heads": cfg.num_attention_heads,
              "kv_heads": getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
-             "seq_len": args.seq_len, "head_dim": cfg.hidden_size // cfg.num_attention_heads}
+             "seq_len": args.seq_len,
+             "head_dim": getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads}
     ref_loss, ref_grad = loss_and_lora_grad(ref, batch)
     del ref
     result = {"benchmark": PROG, "environment": environment("cpu", model=args.model),
@@ -158,14 +177,6 @@ def main(argv=None) -> dict:
     result["kernel"]["float32_over_bfloat16"] = {
         "forward": k["float32"]["forward_ms"] / k["bfloat16"]["forward_ms"],
         "backward": k["float32"]["backward_ms"] / k["bfloat16"]["backward_ms"]}
-    write_json(args.out, result)
-    for name in ("bfloat16", "float32"):
-        print(f"kernel {name}: forward {k[name]['forward_ms']:.2f} ms, backward {k[name]['backward_ms']:.2f} ms")
-    for attention in ("model", "float32"):
-        p = result["precision"][f"bf16_model_attention_{attention}"]
-        print(f"bf16 model, attention_dtype {attention}: |loss - fp32| {p['abs_loss_diff']:.4f}, "
-              f"LoRA grad rel. diff {p['grad_rel_diff']:.4f}, label scoring of "
-              f"{len(prompts)} prompts {result['label_scoring_s'][attention]:.2f} s")
     return result
 
 

@@ -142,9 +142,7 @@ class Engine:
         from aimm.models import load_model
 
         bundle = load_model(self.cfg.model, seed=self.cfg.seed, dtype=getattr(torch, self.cfg.dtype))
-        problem = set_attention_dtype(bundle.model, self.cfg.attention_dtype)
-        if problem and problem not in self.warnings:
-            self.warnings.append(problem)
+        self._warn(set_attention_dtype(bundle.model, self.cfg.attention_dtype))
         torch.manual_seed(self.cfg.seed)
         return self.method.setup_model(bundle, self.cfg)
 
@@ -160,10 +158,7 @@ class Engine:
         initial_lora = lora_state_dict(bundle.model)  # a fresh adapter per stage starts here
         use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         accelerator = Accelerator(cpu=use_cpu)
-        slow = slow_bfloat16_warning(cfg.dtype, "cpu" if use_cpu else "cuda")
-        if slow and slow not in self.warnings:  # shown now (hours matter), kept in warnings.json
-            pywarnings.warn(slow, stacklevel=2)
-            self.warnings.append(slow)
+        self._warn(slow_bfloat16_warning(cfg.dtype, "cpu" if use_cpu else "cuda"))
         if cfg.compile:
             bundle.model.compile(backend=cfg.compile_backend)  # in place: parameter names (and saved adapters) unchanged
         model = accelerator.prepare_model(bundle.model)
@@ -279,6 +274,12 @@ class Engine:
         method_state = read_method_state(stage_dir)
         if method_state is not None:
             self.method.load_stage_state(method_state, model)
+
+    def _warn(self, message: str | None) -> None:
+        """A setting that costs hours or did not apply: shown now, kept once in warnings.json."""
+        if message and message not in self.warnings:
+            pywarnings.warn(message, stacklevel=3)
+            self.warnings.append(message)
 
     def _all_warnings(self) -> list[str]:
         path = self.run_dir / "warnings.json"
