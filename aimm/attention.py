@@ -8,9 +8,9 @@ model's dtype. Nothing changes for a float32 model.
 Why: on CPUs PyTorch's flash-attention backward is about twice as slow in bfloat16 as in
 float32, so a bf16 model's attention costs more than its GEMMs would suggest. Measured on 2 idle
 AVX512-BF16 cores (2026-12-07, ``benchmarks/results/cpu-avx512bf16/``), SmolLM2-135M bf16 +
-LoRA at batch 4 x 150: one layer's kernel backward 7.1 ms in bf16 against 3.7 ms in float32
-(``attention_dtype.json``); a whole training step of the engine 0.73 s against 0.82 s
-(``engine_vs_hf_attention.json``); label scoring the same (1.42 against 1.43 s). float32
+LoRA at batch 4 x 150: one layer's kernel backward 6.5 ms in bf16 against 3.3 ms in float32
+(``attention_dtype.json``); a whole training step of the engine 0.75 s against 0.87 s
+(``engine_vs_hf_attention.json``); label scoring the same (1.31 against 1.33 s). float32
 attention is also the more precise: one batch's loss lay 0.025 from the float32 model's with it
 and 0.125 with bf16 attention (the LoRA gradient 3.1% and 3.4% off, relative norm).
 
