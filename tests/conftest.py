@@ -40,6 +40,13 @@ def tiny_config(tiny_data, tmp_path):
     return make
 
 
+def launch_failure(stderr: str) -> str:
+    """What a failed ``accelerate launch`` says: the ranks' own tracebacks (torchrun's summary
+    after them fills a plain tail of stderr and hides them)."""
+    ranked = [line for line in stderr.splitlines() if line.startswith("[rank")]
+    return "\n".join(ranked[-60:]) or stderr[-4000:]
+
+
 def in_ci() -> bool:
     """``$CI`` set to anything but empty / 0 / false / no."""
     return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")

@@ -84,7 +84,7 @@ def fsdp2_patches() -> None:
     from aimm.training import artifacts
     from aimm.merging import reduce
     from aimm.models import lora_parameters
-    from aimm.runs import atomic_write_csv
+    from aimm.runs import atomic_write_csv, atomic_write_json
 
     mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
     full: dict = {}
@@ -108,6 +108,7 @@ def fsdp2_patches() -> None:
         save_file(full, str(stage_dir / "adapter.safetensors"))
         atomic_write_csv(stage_dir / "steps.csv", ctx.steps)
         atomic_write_csv(stage_dir / "merges.csv", ctx.merges)
+        atomic_write_json(stage_dir / "stage.json", {"processes": ctx.accelerator.num_processes})
         return []
 
     Accelerator.prepare_model = prepare_model
@@ -122,7 +123,9 @@ def main(data_dir: str, out: str) -> None:
 
     from aimm.engine import run
 
-    PartialState()  # the gloo process group (the engine's Accelerator would also create it)
+    # the gloo process group, with the engine's own setting: a bare PartialState() here would
+    # leave the engine's Accelerator(cpu=True) with one process on each rank (no DDP at all)
+    PartialState(cpu=True)
     out_dir = Path(out)
     for method in METHODS:
         run(run_config(method, data_dir, out_dir / f"ddp-{method}"))

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from aimm.runs import load_metrics, load_trajectory
+from conftest import launch_failure
 
 
 def test_two_processes_stay_consistent_and_only_rank0_writes(tiny_data, tmp_path):
@@ -23,7 +24,7 @@ def test_two_processes_stay_consistent_and_only_rank0_writes(tiny_data, tmp_path
            "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, launch_failure(result.stderr)
     stages = sorted((run_dir / "stages").glob("*/stage.json"))
     assert len(stages) == 2
     for path in stages:
@@ -36,3 +37,42 @@ def test_two_processes_stay_consistent_and_only_rank0_writes(tiny_data, tmp_path
     assert not steps.duplicated(["stage", "step"]).any()  # one writer
     assert load_metrics(run_dir)["complete"]
     assert not list(run_dir.rglob(".write-test*"))
+
+
+def test_process_count_problem_names_the_mismatch_and_the_fix():
+    from aimm.training.engine import process_count_problem
+
+    assert process_count_problem({}, 1) is None
+    assert process_count_problem({"WORLD_SIZE": "1"}, 1) is None
+    assert process_count_problem({"WORLD_SIZE": "2"}, 2) is None
+    message = process_count_problem({"WORLD_SIZE": "2"}, 1)
+    assert "launched as 2 processes" in message and "has 1" in message
+    assert "PartialState(cpu=True)" in message
+
+
+def test_a_stale_accelerate_state_is_refused_on_every_rank(tiny_data, tmp_path):
+    """A bare PartialState() before a CPU run left each rank a one-process accelerator, training
+    alone and writing the same run dir (tests/scaleout_worker.py did this until 2026-12-07)."""
+    run_dir = tmp_path / "stale"
+    script = tmp_path / "stale_state.py"
+    script.write_text(
+        "import sys\n"
+        "from accelerate import PartialState\n"
+        "PartialState()\n"
+        "from aimm.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "run",
+           "--model", "tiny-causal", "--method", "seq_lora", "--benchmark", "long_sequence",
+           "--tasks", "sst-2,agnews", "--data-dir", str(tiny_data), "--max-train", "8",
+           "--max-test", "2", "--batch-size", "4", "--run-dir", str(run_dir), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "aimm run: error:" in line]
+    assert len(errors) == 2, launch_failure(result.stderr)  # one line from each rank
+    assert all("launched as 2 processes (WORLD_SIZE)" in line and "has 1" in line for line in errors)
+    # refused before anything was written (rank 1 does not lock, and may re-make the empty dir
+    # after rank 0 removed it)
+    assert not run_dir.exists() or not any(run_dir.iterdir())

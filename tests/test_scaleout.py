@@ -31,6 +31,7 @@ from aimm.merging import fusion, reduce
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scaleout_worker as worker  # noqa: E402
+from conftest import launch_failure  # noqa: E402
 
 WORKER = Path(worker.__file__)
 
@@ -43,7 +44,7 @@ def launched(tiny_data, tmp_path_factory) -> Path:
            "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), str(tiny_data), str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, launch_failure(result.stderr)
     return out
 
 
@@ -148,6 +149,8 @@ def test_two_processes_make_the_same_merges_and_weights(launched, reference, str
     from safetensors.torch import load_file
 
     one, two = reference / f"one-{method}", launched / f"{strategy}-{method}"
+    for stage in sorted((two / "stages").glob("*/stage.json")):  # really 2 ranks, not 2 copies
+        assert json.loads(stage.read_text())["processes"] == 2, stage
     m1, m2 = _rows(one, "merges.csv"), _rows(two, "merges.csv")
     assert len(m1) >= 3
     same = ("step", "kind", "interval_before", "interval_after", "outer_steps")

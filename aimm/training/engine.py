@@ -28,6 +28,7 @@ import torch
 
 from aimm.config import RunConfig
 from aimm.encoding import EncodedExamples
+from aimm.errors import ConfigError
 from aimm.faults import crash_point
 from aimm.hardware import slow_bfloat16_warning
 from aimm.integrity import check_run_data, require_finite_adapter, rewind_run, verify_for_resume
@@ -158,6 +159,9 @@ class Engine:
         initial_lora = lora_state_dict(bundle.model)  # a fresh adapter per stage starts here
         use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
         accelerator = Accelerator(cpu=use_cpu)
+        problem = process_count_problem(os.environ, accelerator.num_processes)
+        if problem:  # every rank would train alone and write the same run dir
+            raise ConfigError(problem)
         self._warn(slow_bfloat16_warning(cfg.dtype, "cpu" if use_cpu else "cuda"))
         if cfg.compile:
             bundle.model.compile(backend=cfg.compile_backend)  # in place: parameter names (and saved adapters) unchanged
@@ -301,6 +305,22 @@ def lora_checksums(model, accelerator) -> list[float]:
     return [float(v) for v in accelerator.gather(value).cpu()]
 
 
+def process_count_problem(environ, num_processes: int) -> str | None:
+    """Why a process launched as one of ``WORLD_SIZE`` may not run the engine (pure).
+
+    accelerate keeps one shared state per process: one made earlier with other settings (a bare
+    ``PartialState()`` before a CPU run) leaves ``Accelerator(cpu=True)`` with one process and
+    no process group although the launcher started several. Each rank would then train alone and
+    write the same run dir, so the engine refuses that."""
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    if launched <= 1 or num_processes == launched:
+        return None
+    return (f"launched as {launched} processes (WORLD_SIZE) but accelerate's state in this process "
+            f"has {num_processes}: an accelerate state made before the run with other settings "
+            "(e.g. PartialState() without cpu=True on a CPU machine); make none before the run, "
+            "or make it with the run's device (PartialState(cpu=True) on the CPU)")
+
+
 def run(cfg: RunConfig | dict, callbacks: list | None = None,
         restart_from_stage: int | None = None,
         first_stage_from: str | Path | None = None) -> Path:
@@ -318,4 +338,4 @@ def run(cfg: RunConfig | dict, callbacks: list | None = None,
 
 
 __all__ = ["Engine", "NonFiniteLossError", "RESUME_FREE_FIELDS", "TrainContext", "memory_records",
-           "run"]
+           "process_count_problem", "run"]
