@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,16 @@ def tiny_config(tiny_data, tmp_path):
         return RunConfig.from_dict(values)
 
     return make
+
+
+def launch_two_processes(*args: str) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``args`` (a script or ``-m module`` and its arguments) as 2 gloo
+    processes on the CPU (``--multi_gpu`` is accelerate's multi-process launcher)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
 def launch_failure(stderr: str) -> str:

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from aimm.runs import load_metrics, load_trajectory
-from conftest import launch_failure
+from conftest import launch_failure, launch_two_processes
 
 
 def test_two_processes_stay_consistent_and_only_rank0_writes(tiny_data, tmp_path):
     run_dir = tmp_path / "ddp"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    # --multi_gpu is accelerate's multi-process launcher; without GPUs it runs gloo on the CPU
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "aimm.cli", "run",
-           "--model", "tiny-causal", "--method", "aimmerging", "-o", "initial_interval=2",
-           "--benchmark", "long_sequence", "--tasks", "sst-2,agnews", "--data-dir", str(tiny_data),
-           "--max-train", "16", "--max-test", "4", "--batch-size", "4", "--run-dir", str(run_dir),
-           "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = launch_two_processes(
+        "-m", "aimm.cli", "run", "--model", "tiny-causal", "--method", "aimmerging",
+        "-o", "initial_interval=2", "--benchmark", "long_sequence", "--tasks", "sst-2,agnews",
+        "--data-dir", str(tiny_data), "--max-train", "16", "--max-test", "4", "--batch-size", "4",
+        "--run-dir", str(run_dir), "--no-progress")
     assert result.returncode == 0, launch_failure(result.stderr)
     stages = sorted((run_dir / "stages").glob("*/stage.json"))
     assert len(stages) == 2
@@ -61,14 +52,11 @@ def test_a_stale_accelerate_state_is_refused_on_every_rank(tiny_data, tmp_path):
         "PartialState()\n"
         "from aimm.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(script), "run",
-           "--model", "tiny-causal", "--method", "seq_lora", "--benchmark", "long_sequence",
-           "--tasks", "sst-2,agnews", "--data-dir", str(tiny_data), "--max-train", "8",
-           "--max-test", "2", "--batch-size", "4", "--run-dir", str(run_dir), "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = launch_two_processes(
+        str(script), "run", "--model", "tiny-causal", "--method", "seq_lora",
+        "--benchmark", "long_sequence", "--tasks", "sst-2,agnews", "--data-dir", str(tiny_data),
+        "--max-train", "8", "--max-test", "2", "--batch-size", "4", "--run-dir", str(run_dir),
+        "--no-progress")
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "aimm run: error:" in line]
     assert len(errors) == 2, launch_failure(result.stderr)  # one line from each rank

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +29,7 @@ from aimm.merging import fusion, reduce
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scaleout_worker as worker  # noqa: E402
-from conftest import launch_failure  # noqa: E402
+from conftest import launch_failure, launch_two_processes  # noqa: E402
 
 WORKER = Path(worker.__file__)
 
@@ -39,11 +37,7 @@ WORKER = Path(worker.__file__)
 @pytest.fixture(scope="module")
 def launched(tiny_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("scaleout")
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", str(WORKER), str(tiny_data), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    result = launch_two_processes(str(WORKER), str(tiny_data), str(out))
     assert result.returncode == 0, launch_failure(result.stderr)
     return out
 
@@ -149,8 +143,9 @@ def test_two_processes_make_the_same_merges_and_weights(launched, reference, str
     from safetensors.torch import load_file
 
     one, two = reference / f"one-{method}", launched / f"{strategy}-{method}"
-    for stage in sorted((two / "stages").glob("*/stage.json")):  # really 2 ranks, not 2 copies
-        assert json.loads(stage.read_text())["processes"] == 2, stage
+    stages = sorted((two / "stages").glob("*/stage.json"))
+    assert len(stages) == 2  # both stages, each really on 2 ranks (not 2 one-process copies)
+    assert all(json.loads(stage.read_text())["processes"] == 2 for stage in stages), stages
     m1, m2 = _rows(one, "merges.csv"), _rows(two, "merges.csv")
     assert len(m1) >= 3
     same = ("step", "kind", "interval_before", "interval_after", "outer_steps")
