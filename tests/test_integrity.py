@@ -274,6 +274,17 @@ def test_bad_input_leaves_nothing_behind(tiny_data, tmp_path, capsys):
     assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
 
 
+def test_other_ranks_make_no_run_dir(tiny_data, tmp_path, monkeypatch, capsys):
+    """Under ``accelerate launch`` only rank 0 locks, makes the run dir and cleans up on bad
+    input; rank 1 writes nothing. It used to make the dir too, and left it (empty) when it was
+    refused after rank 0 had removed it, or was stopped by the launcher when rank 0 failed."""
+    monkeypatch.setenv("RANK", "1")
+    new = tmp_path / "runs" / "new"
+    assert main(_args(tiny_data, new, tasks="sst-2,nosuchtask")) == 2
+    assert "nosuchtask_T5.json: missing train split" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 # ------------------------------------------------------------------ aimm data convert
 def _raw(root: Path, tasks: dict[str, list[tuple[str, str]]]) -> Path:
     for name, rows in tasks.items():

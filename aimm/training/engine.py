@@ -95,7 +95,8 @@ class Engine:
 
     # ---------------------------------------------------------------- set-up, one per concern
     def _check_resume(self) -> RunState:
-        self.store.ensure_writable()
+        # rank 0 made the run dir and checked it is writable when it locked it; other ranks
+        # (which write nothing) make nothing, so a refused launch leaves no empty dir behind
         if int(os.environ.get("RANK", "0")) == 0:
             self.store.remove_stale_temporaries()
         if not self.store.exists():
