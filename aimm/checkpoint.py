@@ -150,7 +150,7 @@ def parse_checkpoint(data: bytes) -> dict[str, Any]:
     try:
         header = json.loads(data[8 : 8 + size])
         meta = header.get("__metadata__") or {}
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, RecursionError) as exc:
         raise ValueError("not a safetensors file") from exc
     if meta.get("format") != FORMAT:
         raise ValueError(f"not an aimm checkpoint (format {meta.get('format')!r})")
@@ -163,7 +163,7 @@ def parse_checkpoint(data: bytes) -> dict[str, Any]:
         raise ValueError("sha256 mismatch (the file was changed or damaged after it was written)")
     try:
         payload = _decode(json.loads(text), tensors)
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, RecursionError) as exc:
         raise ValueError(f"bad payload ({exc})") from exc
     return payload
 

@@ -15,7 +15,7 @@ def _parse_value(text: str):
     """``key=value`` option values: JSON if it parses (numbers, true, lists), else a string."""
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return text
 
 
@@ -224,7 +224,8 @@ def cmd_data(args) -> int:
         spec = {"name": args.name, "path": args.src, "input": args.input, "output": args.output,
                 **({"prompt": args.prompt} if args.prompt else {}),
                 **({"splits": {"test": args.test_split}} if args.test_split else {})}
-        paths = write_release_layout(parse_task_spec(spec, "data convert"), args.dst)
+        paths = write_release_layout(parse_task_spec(spec, "data convert"), args.dst,
+                                     overwrite=args.overwrite)
         print("\n".join(map(str, paths)))
         return 0
     return main_convert(args.src, args.dst, overwrite=args.overwrite)

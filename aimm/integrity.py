@@ -182,7 +182,7 @@ def require_finite_adapter(lora: dict[str, torch.Tensor], stage_name: str, run_d
 
 # ---------------------------------------------------------------------------------- data
 def check_run_data(store: RunStore, benchmark: str, data: dict[str, Any], state: dict,
-                   max_train: int | None = None) -> None:
+                   max_train: int | None = None, rewinding: bool = False) -> None:
     """Before training: every task trainable (:func:`aimm.data.check.training_data_problems`,
     ``DataError``) and, on resume, the same data as before (:func:`check_data_fingerprint`)."""
     from aimm.data import DataError
@@ -191,7 +191,7 @@ def check_run_data(store: RunStore, benchmark: str, data: dict[str, Any], state:
     problems = training_data_problems(benchmark, data, max_train)
     if problems:
         raise DataError(problems)
-    check_data_fingerprint(store, data, state)
+    check_data_fingerprint(store, data, state, rewinding)
 
 
 def data_fingerprint(data: dict[str, Any]) -> dict[str, dict[str, dict[str, str]]]:
@@ -201,17 +201,25 @@ def data_fingerprint(data: dict[str, Any]) -> dict[str, dict[str, dict[str, str]
             for task, td in data.items()}
 
 
-def check_data_fingerprint(store: RunStore, data: dict[str, Any], state: dict) -> None:
+def check_data_fingerprint(store: RunStore, data: dict[str, Any], state: dict,
+                           rewinding: bool = False) -> None:
     """On resume, refuse data that differs from what the run trained on; else record it.
 
     The comparison is by content, per task and split: moving the same files elsewhere is fine.
     It applies once a stage is complete or a within-stage checkpoint exists; before that the
-    fingerprint is simply (re)written.
+    fingerprint is simply (re)written. A started run whose fingerprint is missing, or does not
+    record a task's data, is refused: its data can no longer be checked. ``rewinding``: ``state``
+    is the state a pending ``--restart-from-stage`` leaves (its checkpoints will go), and nothing
+    is written yet.
     """
     path = store.root / FINGERPRINT
     new = data_fingerprint(data)
-    started = bool(state["completed"]) or any((store.root / "checkpoints").glob("*"))
-    if path.is_file() and started:
+    started = bool(state["completed"]) or (
+        not rewinding and any((store.root / "checkpoints").glob("*")))
+    if started:
+        if not path.is_file():
+            raise RunDirError(f"{path}: missing, so the data this run trained on cannot be "
+                              "checked; restore it, or " + restart_hint(1))
         old = read_json(path)
         if not isinstance(old, dict):
             raise RunDirError(f"{path}: not a data fingerprint (expected a JSON object); "
@@ -219,41 +227,59 @@ def check_data_fingerprint(store: RunStore, data: dict[str, Any], state: dict) -
         for task, splits in new.items():
             for split, now in splits.items():
                 then = (old.get(task) or {}).get(split) if isinstance(old.get(task), dict) else None
-                if isinstance(then, dict) and then.get("sha256") != now["sha256"]:
+                if not (isinstance(then, dict) and isinstance(then.get("sha256"), str)):
+                    raise RunDirError(
+                        f"{path}: does not record the {split} data of task {task}, so the data "
+                        "this run trained on cannot be checked; restore it, or " + restart_hint(1))
+                if then["sha256"] != now["sha256"]:
                     raise RunDirError(
                         f"{now['file']}: the {split} data of task {task} differs from the data "
-                        f"this run trained on (sha256 {str(then.get('sha256'))[:12]}... of "
+                        f"this run trained on (sha256 {then['sha256'][:12]}... of "
                         f"{then.get('file')}, now {now['sha256'][:12]}...); resume with the "
                         "original data, or start a new run dir")
-        if all(task in old for task in new):
-            return
-    if int(os.environ.get("RANK", "0")) == 0:
+        return
+    if not rewinding and int(os.environ.get("RANK", "0")) == 0:
         atomic_write_json(path, new)
 
 
 # ---------------------------------------------------------------------------------- rewinding
-def rewind_run(store: RunStore, k: int) -> dict:
-    """Forget stages ``k``.. (1-based) of the run in ``store``: their folders, scores, sums and
-    within-stage checkpoints; returns the new state (also written). ``k=1`` starts over and
-    works even with an unreadable ``state.json``."""
+def rewound_state(store: RunStore, k: int) -> dict:
+    """The run state once stages ``k``.. (1-based) are dropped; reads only, so every other input
+    can be checked before :func:`rewind_run` deletes anything. ``k=1`` starts over and works even
+    with an unreadable ``state.json``. A ``stages`` folder that is a link is refused: the rewind
+    would delete in the folder it points to."""
     if k < 1:
         raise RunDirError(f"--restart-from-stage {k}: stages are numbered from 1")
+    stages = store.root / "stages"
+    if stages.is_symlink():
+        raise RunDirError(f"{stages}: is a symbolic link, and --restart-from-stage deletes stage "
+                          "folders; replace the link by the folder it points to")
     if k == 1:
-        state: dict = {"completed": [], "scores": [], "stage_steps": []}
-    else:
-        state = store.read_state()
-        done = len(state["completed"])
-        if k > done + 1:
-            raise RunDirError(f"--restart-from-stage {k}: {store.root} has {done} completed "
-                              f"stage(s); choose 1..{done + 1}")
-        state["completed"] = state["completed"][: k - 1]
-        state["stage_steps"] = state["stage_steps"][: k - 1]
-        state["scores"] = [r for r in state["scores"] if r["after_task"] in state["completed"]]
-        state["sha256"] = {rel: d for rel, d in state.get("sha256", {}).items()
-                           if (_stage_number(rel) or 0) < k}
+        return {"completed": [], "scores": [], "stage_steps": []}
+    state = store.read_state()
+    done = len(state["completed"])
+    if k > done + 1:
+        raise RunDirError(f"--restart-from-stage {k}: {store.root} has {done} completed "
+                          f"stage(s); choose 1..{done + 1}")
+    state["completed"] = state["completed"][: k - 1]
+    state["stage_steps"] = state["stage_steps"][: k - 1]
+    state["scores"] = [r for r in state["scores"] if r["after_task"] in state["completed"]]
+    state["sha256"] = {rel: d for rel, d in state.get("sha256", {}).items()
+                       if (_stage_number(rel) or 0) < k}
+    return state
+
+
+def rewind_run(store: RunStore, k: int) -> dict:
+    """Forget stages ``k``.. (1-based) of the run in ``store``: their folders, scores, sums and
+    within-stage checkpoints; returns the new state (:func:`rewound_state`, also written). A stage
+    folder that is a link loses the link only."""
+    state = rewound_state(store, k)
     for folder in sorted((store.root / "stages").glob("*")):
-        if folder.is_dir() and folder.name[:2].isdigit() and int(folder.name[:2]) >= k:
-            shutil.rmtree(folder)
+        if folder.name[:2].isdigit() and int(folder.name[:2]) >= k:
+            if folder.is_symlink():
+                folder.unlink()
+            elif folder.is_dir():
+                shutil.rmtree(folder)
     shutil.rmtree(store.root / "checkpoints", ignore_errors=True)
     for name in RESULT_FILES:
         (store.root / name).unlink(missing_ok=True)
@@ -263,5 +289,5 @@ def rewind_run(store: RunStore, k: int) -> dict:
 
 __all__ = ["FINGERPRINT", "NonFiniteWeightsError", "RESULT_FILES", "adapter_problem",
            "check_data_fingerprint", "check_run_data", "data_fingerprint", "load_adapter", "record_stage_files",
-           "require_finite_adapter", "restart_hint", "rewind_run", "sha256_file",
+           "require_finite_adapter", "restart_hint", "rewind_run", "rewound_state", "sha256_file",
            "verify_for_resume", "verify_run"]

@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import stat
 import subprocess
 import sys
 import time
@@ -178,7 +179,7 @@ class RunStore:
         created = _missing_parents(self.root)
         before = set(os.listdir(self.root)) if self.root.is_dir() else set()
         self.ensure_writable()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = self._open_lock_file()
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -201,6 +202,25 @@ class RunStore:
                     os.ftruncate(fd, 0)
         finally:
             os.close(fd)  # releases the lock
+
+    def _open_lock_file(self) -> int:
+        """``run.lock`` opened for writing; a link or anything but a regular file is refused (it
+        is truncated on every lock: a link planted there would empty the file it points to)."""
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISREG(os.lstat(self.lock_path).st_mode):
+                raise RunDirError(f"{self.lock_path}: not a regular file (a link or special file); "
+                                  "remove it, aimm makes its own lock file")
+        try:  # O_NOFOLLOW and O_NONBLOCK: a link or FIFO put there since the check is not opened
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         0o666)
+        except OSError as exc:
+            raise RunDirError(f"{self.lock_path}: cannot be opened as the lock file "
+                              f"({exc.strerror or exc}); remove it") from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunDirError(f"{self.lock_path}: not a regular file; remove it, aimm makes its "
+                              "own lock file")
+        return fd
 
     # creation / resume
     def ensure_writable(self) -> None:
@@ -322,12 +342,27 @@ def load_config(run_dir: str | Path) -> dict[str, Any]:
 
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
-    return read_json(Path(run_dir) / "metrics.json")
+    """``metrics.json``; :class:`RunDirError` names one that is not a JSON object."""
+    path = Path(run_dir) / "metrics.json"
+    metrics = read_json(path)
+    if not isinstance(metrics, dict):
+        raise RunDirError(f"{path}: not a run's metrics (a JSON object expected, found a "
+                          f"{type(metrics).__name__}); re-run the run's `aimm run` command to "
+                          "write it again")
+    return metrics
 
 
 def load_warnings(run_dir: str | Path) -> list[str]:
+    """``warnings.json`` (none: ``[]``); :class:`RunDirError` names one that is not a list of
+    lines."""
     path = Path(run_dir) / "warnings.json"
-    return read_json(path) if path.is_file() else []
+    if not path.is_file():
+        return []
+    warnings = read_json(path)
+    if not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
+        raise RunDirError(f"{path}: not a run's warnings (a JSON list of text lines expected); "
+                          "remove it, or re-run the run's `aimm run` command to write it again")
+    return warnings
 
 
 def load_scores(run_dir: str | Path) -> pd.DataFrame:

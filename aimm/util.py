@@ -84,7 +84,18 @@ def read_json(path: str | os.PathLike[str], error: type[Exception] = ValueError,
     except json.JSONDecodeError as err:
         raise error(f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: "
                     f"{err.msg}") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read (arrays or objects nested "
+                    f"thousands deep); replace the file") from None
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "did_you_mean", "is_int", "is_num",
-           "read_json"]
+def error_summary(exc: BaseException, limit: int = 200) -> str:
+    """``<ExceptionType>: <its first line>`` (two when the first ends in ':'), for a one-line
+    message about an error raised by another library."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else "".join(lines[:1])
+    return f"{type(exc).__name__}: {text[:limit]}"
+
+
+__all__ = ["atomic_write_bytes", "atomic_write_text", "did_you_mean", "error_summary", "is_int",
+           "is_num", "read_json"]

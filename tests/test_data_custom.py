@@ -134,3 +134,47 @@ def test_convert_writes_the_release_layout(datasets_dir, tmp_path, capsys):
     assert task.test[0].input == PROMPT.replace("{input}", "review 300: good")
     assert main(["data", "convert", str(src), str(tmp_path / "out"), "--name", "pq", "--input", "txt"]) == 2
     assert "missing column 'txt'" in capsys.readouterr().err
+
+
+def _convert(src, dst, *extra) -> int:
+    return main(["data", "convert", str(src), str(dst), "--name", "pq", "--input", "text",
+                 "--output", "label", *extra])
+
+
+def test_convert_checks_every_target_before_writing_anything(datasets_dir, tmp_path, capsys):
+    test_file = tmp_path / "out" / "data_longsequence" / "test" / "pq_T5.json"
+    test_file.parent.mkdir(parents=True)
+    test_file.write_text("[]")
+    assert _convert(datasets_dir / "sent_parquet", tmp_path / "out") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"aimm data: error: {test_file}: exists with different content (pass "
+                   "--overwrite, or overwrite=True, to replace it)")
+    assert not (tmp_path / "out" / "data_longsequence" / "train").exists()  # no partial output
+    assert test_file.read_text() == "[]"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data_longsequence"]
+
+
+def test_convert_overwrite_replaces_different_files_and_identical_ones_are_fine(
+        datasets_dir, tmp_path, capsys):
+    src, out = datasets_dir / "sent_parquet", tmp_path / "out"
+    assert _convert(src, out) == 0
+    assert _convert(src, out) == 0  # identical content: nothing to refuse
+    train_file = out / "data_longsequence" / "train" / "pq_T5.json"
+    good = train_file.read_text()
+    other = out / "data_longsequence" / "train" / "other_T5.json"
+    other.write_text("kept")
+    train_file.write_text("[]")
+    assert _convert(src, out) == 2 and train_file.read_text() == "[]"
+    assert _convert(src, out, "--overwrite") == 0
+    assert train_file.read_text() == good and other.read_text() == "kept"
+    assert len(load_task(out, "long_sequence", "pq").train) == 12
+
+
+def test_convert_refuses_a_name_with_a_newline(datasets_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"name='abc\\n': must be letters"):
+        parse_task_spec({"name": "abc\n", "path": "p"})
+    assert main(["data", "convert", str(datasets_dir / "sent_parquet"), str(tmp_path / "out"),
+                 "--name", "abc\n", "--input", "text", "--output", "label"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name='abc\\n'" in err and "letters, digits" in err
+    assert not (tmp_path / "out").exists()

@@ -31,7 +31,7 @@ def test_two_processes_stay_consistent_and_only_rank0_writes(tiny_data, tmp_path
 
 
 def test_process_count_problem_names_the_mismatch_and_the_fix():
-    from aimm.training.engine import process_count_problem
+    from aimm.training.launch import process_count_problem
 
     assert process_count_problem({}, 1) is None
     assert process_count_problem({"WORLD_SIZE": "1"}, 1) is None

@@ -90,6 +90,28 @@ def test_resume_with_changed_data_is_refused_naming_the_file(finished, tmp_path,
     assert set(fingerprint) == {"sst-2", "agnews"} and set(fingerprint["agnews"]) == {"train", "test"}
 
 
+@pytest.mark.parametrize("fingerprint", [None, "{}", '{"sst-2": "x", "agnews": "x"}',
+                                         '{"sst-2": {"train": {"file": "f"}}}'])
+def test_a_missing_or_empty_data_fingerprint_does_not_turn_the_data_check_off(
+        finished, tmp_path, capsys, fingerprint):
+    run_dir, data = finished
+    changed = tmp_path / "changed"
+    shutil.copytree(data, changed)
+    path = changed / "data_longsequence" / "train" / "sst-2_T5.json"
+    path.write_text(json.dumps(json.loads(path.read_text())[::-1]))  # other training data
+    record = run_dir / "data_fingerprint.json"
+    if fingerprint is None:
+        record.unlink()
+    else:
+        record.write_text(fingerprint)
+    assert main(_args(changed, run_dir)) == 2
+    err = _one_line_error(capsys)
+    assert str(record) in err and "cannot be checked" in err and "--restart-from-stage 1" in err
+    assert main(_args(changed, run_dir, "--restart-from-stage", "1")) == 0  # the way out
+    capsys.readouterr()
+    assert set(json.loads(record.read_text())) == {"sst-2", "agnews"}
+
+
 # ------------------------------------------------------------------ integrity: verify + resume
 def test_report_verify_checks_every_recorded_sum(finished, capsys):
     run_dir, _ = finished
@@ -140,6 +162,65 @@ def test_restart_from_a_later_stage_keeps_the_earlier_ones(finished, reference):
     assert load_metrics(run_dir) == load_metrics(reference[0])
     with pytest.raises(RunDirError, match="has 2 completed stage\\(s\\); choose 1..3"):
         run(_cfg(data, run_dir), restart_from_stage=4)
+
+
+def test_a_restart_deletes_nothing_until_every_input_is_checked(finished, tmp_path, capsys):
+    """--restart-from-stage used to drop the stages first, so a mistyped data dir, changed data
+    or a model that fails to load cost the stages anyway."""
+    run_dir, data = finished
+
+    def snapshot():
+        return {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*")
+                if p.is_file() and p.name != "run.lock"}
+
+    before = snapshot()
+    assert main(_args(tmp_path / "no-data", run_dir, "--restart-from-stage", "1")) == 2
+    assert "does not exist" in _one_line_error(capsys)
+    assert main(_args(data, run_dir, "--restart-from-stage", "2",
+                      "--model", str(tmp_path / "no-model"))) == 2
+    _one_line_error(capsys)
+    changed = tmp_path / "changed"
+    shutil.copytree(data, changed)
+    train = changed / "data_longsequence" / "train" / "sst-2_T5.json"
+    train.write_text(json.dumps(json.loads(train.read_text())[::-1]))
+    assert main(_args(changed, run_dir, "--restart-from-stage", "2")) == 2  # stage 1 used it
+    assert "differs from the data this run trained on" in _one_line_error(capsys)
+    assert snapshot() == before
+    assert main(_args(data, run_dir, "--restart-from-stage", "0")) == 2
+    assert "--restart-from-stage 0: stages are numbered from 1" in _one_line_error(capsys)
+    assert snapshot() == before
+
+
+def test_a_restart_does_not_follow_a_linked_stages_folder(finished, tmp_path, capsys):
+    run_dir, data = finished
+    elsewhere = tmp_path / "elsewhere"
+    (run_dir / "stages").rename(elsewhere)
+    (run_dir / "stages").symlink_to(elsewhere)
+    (elsewhere / "02_photos").mkdir()
+    (elsewhere / "02_photos" / "a.jpg").write_text("keep")
+    assert main(_args(data, run_dir, "--restart-from-stage", "2")) == 2
+    err = _one_line_error(capsys)
+    assert f"{run_dir / 'stages'}: is a symbolic link" in err
+    assert (elsewhere / "02_photos" / "a.jpg").read_text() == "keep"
+    assert (elsewhere / "02_agnews" / "adapter.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name, text, needle", [
+    ("metrics.json", "[1, 2]", "not a run's metrics (a JSON object expected, found a list)"),
+    ("warnings.json", "5", "not a run's warnings"),
+    ("metrics.json", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
+    ("state.json", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
+])
+def test_wrongly_shaped_result_files_are_one_line(finished, capsys, name, text, needle):
+    run_dir, data = finished
+    (run_dir / name).write_text(text)
+    assert main(["report", str(run_dir)] if name != "state.json" else _args(data, run_dir)) == 2
+    err = _one_line_error(capsys)
+    assert str(run_dir / name) in err and needle in err
+    if name != "state.json":  # the run writes its results again
+        assert main(_args(data, run_dir)) == 0
+        capsys.readouterr()
+        assert main(["report", str(run_dir), "--verify"]) == 0
 
 
 @pytest.mark.parametrize("state_text, needle", [

@@ -254,6 +254,36 @@ def test_notebook_and_library_callers_get_the_same_lock(tiny_config, tmp_path):
     assert load_metrics(run(cfg))["complete"]  # released: the run goes ahead
 
 
+@pytest.mark.parametrize("kind", ["link", "fifo"])
+def test_a_planted_run_lock_is_refused_and_its_target_kept(tiny_data, tmp_path, capsys, kind):
+    """``run.lock`` is truncated on every lock: a link there used to empty the file it names."""
+    run_dir = tmp_path / "received"
+    run_dir.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    if kind == "link":
+        (run_dir / "run.lock").symlink_to(victim)
+    else:
+        os.mkfifo(run_dir / "run.lock")
+    assert main(_tiny_args(tiny_data, run_dir)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{run_dir / 'run.lock'}: not a regular file" in err and "remove it" in err
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]
+
+
+def test_a_failed_run_keeps_a_users_dot_tmp_files(tiny_data, tmp_path, capsys):
+    """Half-written ``.*.tmp`` files are cleared only in a dir that holds a run."""
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / ".notes.tmp").write_text("x")
+    (mine / "sub" / ".cache.tmp").write_text("y")
+    assert main(_tiny_args(tiny_data, mine, "--data-dir", str(tmp_path / "none"))) == 2
+    capsys.readouterr()
+    assert (mine / ".notes.tmp").read_text() == "x" and (mine / "sub" / ".cache.tmp").read_text() == "y"
+
+
 # ------------------------------------------------------------------ 5. strict types
 @pytest.mark.parametrize("yaml_text, needle", [
     ("record_forgetting_signal: \"no\"", "record_forgetting_signal='no': must be true or false, not a string"),

@@ -427,3 +427,16 @@ def test_controller_table_lists_every_kind_the_method_declares_even_when_none_ha
     assert table["merges_early"].tolist() == [0]
     assert table["merges"].tolist() == [len(merges)]
     assert {"merges_forced", "merges_planned"} <= set(table.columns)
+
+
+def test_a_cell_with_a_wrongly_shaped_metrics_file_runs_again_and_is_reported(tmp_path):
+    """``metrics.json`` holding a list used to stop the study and its aggregate (AttributeError)."""
+    from aimm.study.aggregate import read_run
+    from aimm.study.runner import is_complete
+
+    cell = tmp_path / "cell"
+    cell.mkdir()
+    (cell / "metrics.json").write_text("[1, 2]")
+    assert is_complete(cell) is False  # the runner runs it again (and the run rewrites it)
+    result = read_run(cell, "seq_lora", 1, "1", str(cell))
+    assert not result.complete and "not a run's metrics" in result.problem

@@ -36,7 +36,8 @@ from .records import Example
 SPEC_KEYS = ("name", "path", "input", "output", "prompt", "splits")
 SPLIT_ROLES = ("train", "test")
 TEST_FALLBACKS = ("validation", "dev")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # use with fullmatch (a "$" lets "abc\n" in)
+NAME_RULE = "letters, digits, '_', '-' or '.', starting with a letter or digit"
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -63,9 +64,8 @@ def parse_task_spec(value: Any, where: str = "tasks") -> TaskSpec:
             problems.append(f"{where}: unknown key {key!r}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
                             + f"; allowed: {', '.join(SPEC_KEYS)}")
     name = value.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        problems.append(f"{where}: name={name!r}: must be letters, digits, '_', '-' or '.' "
-                        "(it names files of the run)")
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        problems.append(f"{where}: name={name!r}: must be {NAME_RULE} (it names files of the run)")
     where = f"{where} {name}" if isinstance(name, str) else where
     for key in ("path", "input", "output"):
         if key in value or key == "path":
@@ -198,23 +198,34 @@ def read_custom_task(spec: TaskSpec) -> tuple[list[Example], list[Example], str,
 
 def write_release_layout(spec: TaskSpec, dst: str | Path, benchmark_folder: str = "data_longsequence",
                          overwrite: bool = False) -> list[Path]:
-    """The spec's train and test splits as ``<dst>/<benchmark folder>/<split>/<name>_T5.json``."""
+    """The spec's train and test splits as ``<dst>/<benchmark folder>/<split>/<name>_T5.json``.
+
+    As :func:`aimm.data.convert.convert_benchmark`: every target is checked before anything is
+    written; a target with identical content is left alone, one with different content is a
+    ``FileExistsError`` (one line per file) unless ``overwrite``; the writing is all or nothing
+    (:func:`aimm.data.convert.write_all_or_nothing`).
+    """
     import json
 
-    from aimm.util import atomic_write_bytes
-
+    from .convert import write_all_or_nothing
     from .paths import FILE_SUFFIX
 
     train, test, _, _ = read_custom_task(spec)
-    written = []
+    folder = Path(dst) / benchmark_folder
+    targets: dict[Path, str] = {}
     for split, examples in (("train", train), ("test", test)):
-        target = Path(dst) / benchmark_folder / split / f"{spec.name.lower()}{FILE_SUFFIX}"
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"{target}: exists (remove it first)")
         records = [{"id": e.id, "input": e.input, "output": e.output} for e in examples]
-        atomic_write_bytes(target, json.dumps(records, ensure_ascii=False, indent=1).encode("utf-8"))
-        written.append(target)
-    return written
+        targets[folder / split / f"{spec.name.lower()}{FILE_SUFFIX}"] = json.dumps(
+            records, ensure_ascii=False, indent=1)
+    unchanged = {p for p, text in targets.items() if p.is_file() and p.read_bytes() == text.encode("utf-8")}
+    conflicts = [p for p in targets if p.exists() and p not in unchanged]
+    if conflicts and not overwrite:
+        raise FileExistsError("\n".join(f"{p}: exists with different content (pass --overwrite, or "
+                                        "overwrite=True, to replace it)" for p in conflicts))
+    changed = {p: text for p, text in targets.items() if p not in unchanged}
+    if changed:
+        write_all_or_nothing(folder, changed)
+    return list(targets)
 
 
 __all__ = ["TaskSpec", "parse_task_spec", "read_custom_task", "read_dataset", "write_release_layout"]

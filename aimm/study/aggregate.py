@@ -19,7 +19,7 @@ import pandas as pd
 
 from aimm import metrics as cl
 from aimm.methods import METHODS
-from aimm.runs import load_scores_matrix, load_trajectory, read_json
+from aimm.runs import load_metrics, load_scores_matrix, load_trajectory, read_json
 from aimm.study.grid import read_runs_csv
 from aimm.study.stats import estimate, paired_difference
 
@@ -64,7 +64,7 @@ def read_run(path: Path, method: str, seed: int, order: str, run_dir: str) -> Ru
         result.problem = "not started" if not Path(path).is_dir() else "no results yet"
         return result
     try:
-        result.metrics = read_json(metrics_path)
+        result.metrics = load_metrics(path)
         result.complete = bool(result.metrics.get("complete"))
         if not result.complete:
             result.problem = (f"incomplete ({result.metrics.get('stages_done', 0)} stages done)")

@@ -32,7 +32,7 @@ from typing import Callable
 
 import yaml
 
-from aimm.runs import atomic_write_text, load_config, read_json
+from aimm.runs import atomic_write_text, load_config, load_metrics
 from aimm.study.grid import Cell
 from aimm.training.state import differing_fields
 
@@ -75,8 +75,8 @@ def config_difference(stored: dict, planned: dict) -> list[str]:
 def is_complete(run_dir: Path) -> bool:
     path = Path(run_dir) / "metrics.json"
     try:
-        return path.is_file() and bool(read_json(path).get("complete"))
-    except OSError:
+        return path.is_file() and bool(load_metrics(run_dir).get("complete"))
+    except OSError:  # unreadable or damaged (RunDirError): the cell runs again
         return False
 
 

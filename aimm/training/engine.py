@@ -31,17 +31,20 @@ from aimm.encoding import EncodedExamples
 from aimm.errors import ConfigError
 from aimm.faults import crash_point
 from aimm.hardware import slow_bfloat16_warning
-from aimm.integrity import check_run_data, require_finite_adapter, rewind_run, verify_for_resume
+from aimm.integrity import (check_data_fingerprint, check_run_data, require_finite_adapter,
+                             rewind_run, rewound_state, verify_for_resume)
 from aimm.merging import reduce
 from aimm.methods import Method, build_method
-from aimm.runs import RunDirError, RunStore, environment_info, new_run_id, read_json
+from aimm.runs import RunDirError, RunStore, environment_info, load_warnings, new_run_id
 from aimm.schedule import lr_lambda, plan_optimizer_steps, warmup_for
 from aimm.training import artifacts
 from aimm.training.context import Stage, TrainContext
+from aimm.training.launch import process_count_problem
 from aimm.training.loop import NonFiniteLossError, restore_checkpoint, seed_everything, train_stage
 from aimm.training.method_state import read_method_state
 from aimm.training.shared_stage import copy_first_stage, share_problem
 from aimm.training.state import RESUME_FREE_FIELDS, RunState, differing_fields
+from aimm.util import is_int
 
 
 class Engine:
@@ -56,6 +59,10 @@ class Engine:
         ``first_stage_from``: a finished run whose first stage a new run copies instead of
         training it (:mod:`aimm.training.shared_stage`); ignored when the run dir holds a run."""
         cfg.validate()
+        if restart_from_stage is not None and not (is_int(restart_from_stage)
+                                                   and restart_from_stage > 0):
+            raise ConfigError(f"--restart-from-stage {restart_from_stage!r}: stages are numbered "
+                              "from 1")
         self.restart_from_stage = restart_from_stage
         self.first_stage_from = first_stage_from
         self.callbacks = list(callbacks or [])
@@ -66,6 +73,7 @@ class Engine:
         self.store = RunStore(self.run_dir)
         self.method: Method = build_method(self.cfg)
         self.warnings: list[str] = []
+        self.pending_rewind: int | None = None  # set by the resume check, applied by _rewind
 
     # ---------------------------------------------------------------- main
     def run(self) -> Path:
@@ -77,6 +85,7 @@ class Engine:
         state = self._check_resume()
         data = self._setup_data(tasks, state)
         bundle, initial_lora, accelerator, model = self._setup_model()
+        self._rewind(data)  # --restart-from-stage deletes only now, with all input checked
         stages = self.method.stages(tasks)
         if state.completed:
             self._restore_stage(model, stages[len(state.completed) - 1])
@@ -97,8 +106,8 @@ class Engine:
     def _check_resume(self) -> RunState:
         # rank 0 made the run dir and checked it is writable when it locked it; other ranks
         # (which write nothing) make nothing, so a refused launch leaves no empty dir behind
-        if int(os.environ.get("RANK", "0")) == 0:
-            self.store.remove_stale_temporaries()
+        if int(os.environ.get("RANK", "0")) == 0 and self.store.exists():
+            self.store.remove_stale_temporaries()  # of this run's killed writes, not a user's
         if not self.store.exists():
             return self._share_first_stage() if self.first_stage_from else RunState()
         old = self.store.read_config()
@@ -110,11 +119,20 @@ class Engine:
                 f"({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
                 "choose another run dir or the same settings to resume"
             )
-        if self.restart_from_stage:
-            rewind_run(self.store, self.restart_from_stage)
-        state = RunState.read(self.store)
+        if self.restart_from_stage is not None:  # applied by _rewind once all input is checked
+            self.pending_rewind = self.restart_from_stage
+            state = RunState.from_dict(rewound_state(self.store, self.restart_from_stage))
+        else:
+            state = RunState.read(self.store)
         verify_for_resume(self.store, state.to_dict())
         return state
+
+    def _rewind(self, data: dict) -> None:
+        """Drop the stages a ``restart_from_stage`` names, then record the data (rank 0)."""
+        if self.pending_rewind is None or int(os.environ.get("RANK", "0")) != 0:
+            return
+        state = rewind_run(self.store, self.pending_rewind)
+        check_data_fingerprint(self.store, data, state)
 
     def _share_first_stage(self) -> RunState:
         """A new run starts with the first stage of ``first_stage_from`` (checked first)."""
@@ -135,7 +153,8 @@ class Engine:
                           max_test=cfg.max_test, seed=cfg.seed, specs=cfg.task_specs())
         for task in data.values():
             self.warnings.extend(task.warnings)
-        check_run_data(self.store, cfg.benchmark, data, state.to_dict(), cfg.max_train)
+        check_run_data(self.store, cfg.benchmark, data, state.to_dict(), cfg.max_train,
+                       rewinding=self.pending_rewind is not None)
         return data
 
     def _load_model(self):
@@ -287,8 +306,10 @@ class Engine:
             self.warnings.append(message)
 
     def _all_warnings(self) -> list[str]:
-        path = self.run_dir / "warnings.json"
-        old = read_json(path) if path.is_file() else []
+        try:
+            old = load_warnings(self.run_dir)
+        except RunDirError:  # damaged: written again with this run's warnings
+            old = []
         return list(dict.fromkeys(old + self.warnings))
 
 
@@ -304,22 +325,6 @@ def lora_checksums(model, accelerator) -> list[float]:
     total = sum(p.detach().double().sum() for p in lora_parameters(model).values())
     value = torch.as_tensor(total, dtype=torch.float64, device=accelerator.device).reshape(1)
     return [float(v) for v in accelerator.gather(value).cpu()]
-
-
-def process_count_problem(environ, num_processes: int) -> str | None:
-    """Why a process launched as one of ``WORLD_SIZE`` may not run the engine (pure).
-
-    accelerate keeps one shared state per process: one made earlier with other settings (a bare
-    ``PartialState()`` before a CPU run) leaves ``Accelerator(cpu=True)`` with one process and
-    no process group although the launcher started several. Each rank would then train alone and
-    write the same run dir, so the engine refuses that."""
-    launched = int(environ.get("WORLD_SIZE", "1") or 1)
-    if launched <= 1 or num_processes == launched:
-        return None
-    return (f"launched as {launched} processes (WORLD_SIZE) but accelerate's state in this process "
-            f"has {num_processes}: an accelerate state made before the run with other settings "
-            "(e.g. PartialState() without cpu=True on a CPU machine); make none before the run, "
-            "or make it with the run's device (PartialState(cpu=True) on the CPU)")
 
 
 def run(cfg: RunConfig | dict, callbacks: list | None = None,
@@ -339,4 +344,4 @@ def run(cfg: RunConfig | dict, callbacks: list | None = None,
 
 
 __all__ = ["Engine", "NonFiniteLossError", "RESUME_FREE_FIELDS", "TrainContext", "memory_records",
-           "process_count_problem", "run"]
+           "run"]

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from aimm.runs import RunStore, atomic_write_json, read_json
+from aimm.runs import RunStore, atomic_write_json, load_warnings, read_json
 from aimm.training.state import RESUME_FREE_FIELDS, RunState, differing_fields
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,6 +58,8 @@ def share_problem(source_dir: str | Path, cfg: "RunConfig", method: "Method") ->
         return f"{source.root} was run with other settings ({', '.join(diff)})"
     if not state["completed"]:
         return f"{source.root} has no completed stage"
+    if not all((source.root / name).is_file() for name in COPIED_FILES):
+        return f"{source.root} has no {COPIED_FILES[0]} (the data its first stage was trained on)"
     if not state.get("stage_steps"):
         return f"{source.root} was written before state.json recorded its stages' steps"
     if state["completed"][0] != method.stages(cfg.task_names())[0].name:
@@ -92,9 +94,7 @@ def copy_first_stage(source_dir: str | Path, store: RunStore, cfg: "RunConfig",
         if (source.root / filename).is_file():
             shutil.copy2(source.root / filename, store.root / filename)
     store.write_config(cfg.to_dict())
-    warnings_path = source.root / "warnings.json"
-    stage_warnings = [w for w in (read_json(warnings_path) if warnings_path.is_file() else [])
-                      if isinstance(w, str) and w.startswith(f"stage {name}:")]
+    stage_warnings = [w for w in load_warnings(source.root) if w.startswith(f"stage {name}:")]
     store.write_warnings(stage_warnings)
     state = RunState()
     state.complete_stage(name, [r for r in source_state.scores if r["after_task"] == name],

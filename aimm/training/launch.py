@@ -1,0 +1,22 @@
+"""What a launcher (``accelerate launch``, torchrun) set up, checked before a run writes anything."""
+
+from __future__ import annotations
+
+
+def process_count_problem(environ, num_processes: int) -> str | None:
+    """Why a process launched as one of ``WORLD_SIZE`` may not run the engine (pure).
+
+    accelerate keeps one shared state per process: one made earlier with other settings (a bare
+    ``PartialState()`` before a CPU run) leaves ``Accelerator(cpu=True)`` with one process and
+    no process group although the launcher started several. Each rank would then train alone and
+    write the same run dir, so the engine refuses that."""
+    launched = int(environ.get("WORLD_SIZE", "1") or 1)
+    if launched <= 1 or num_processes == launched:
+        return None
+    return (f"launched as {launched} processes (WORLD_SIZE) but accelerate's state in this process "
+            f"has {num_processes}: an accelerate state made before the run with other settings "
+            "(e.g. PartialState() without cpu=True on a CPU machine); make none before the run, "
+            "or make it with the run's device (PartialState(cpu=True) on the CPU)")
+
+
+__all__ = ["process_count_problem"]
