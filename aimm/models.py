@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from aimm.errors import ConfigError
 from aimm.errors import ModelError  # noqa: F401  (re-exported: `from aimm.models import ModelError`)
 from aimm.util import error_summary
 
@@ -327,6 +328,13 @@ def attach_lora(
     """Wrap the model with one LoRA adapter (spec §1 defaults). Returns a new bundle."""
     from peft import LoraConfig, TaskType, get_peft_model
 
+    names = [name for name, _ in bundle.model.named_modules()]
+    for target in targets or []:  # PEFT matches a module's name or its dotted tail
+        if not any(name == target or name.endswith("." + target) for name in names):
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in bundle.model.named_modules()
+                             if isinstance(module, torch.nn.Linear)})
+            raise ConfigError(f"lora_targets: {target!r} names no module of {bundle.spec}; its "
+                              f"linear layers: {', '.join(linear)}")
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,

@@ -44,6 +44,7 @@ import pandas as pd
 from aimm.errors import RunDirError  # noqa: F401  (re-exported: `from aimm.runs import RunDirError`)
 from aimm.names import is_valid_name, require_name
 from aimm.util import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from aimm.util import error_summary, is_num
 from aimm.util import read_json as _read_json
 
 
@@ -319,6 +320,8 @@ def state_problem(state: Any) -> str | None:
             return f"a 'scores' row lacks {', '.join(sorted(need - set(row)))}"
         if row["after_task"] not in state["completed"]:
             return f"a 'scores' row is of stage {row['after_task']!r}, which is not completed"
+        if not (is_num(row["score"]) or row["score"] is None):
+            return f"a 'scores' row has score {row['score']!r}, not a number"
     if "sha256" in state and not (isinstance(state["sha256"], dict) and all(
             isinstance(k, str) and all(is_valid_name(part) for part in k.split("/"))
             and isinstance(v, str) for k, v in state["sha256"].items())):
@@ -371,11 +374,21 @@ def load_scores(run_dir: str | Path) -> pd.DataFrame:
 
 
 def load_scores_matrix(run_dir: str | Path) -> pd.DataFrame:
-    """scores[j][i] as a DataFrame: index = after task j, columns = task i (NaN: not evaluated)."""
+    """scores[j][i] as a DataFrame: index = after task j, columns = task i (NaN: not evaluated);
+    :class:`RunDirError` names a file that is not such a table."""
     path = Path(run_dir) / "scores_matrix.csv"
     if not path.is_file():
         return pd.DataFrame()
-    return pd.read_csv(path, index_col=0)
+    try:
+        matrix = pd.read_csv(path, index_col=0)
+        problem = "" if all(pd.api.types.is_numeric_dtype(t) for t in matrix.dtypes) else \
+            "a score that is not a number"
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        problem = error_summary(exc)
+    if problem:
+        raise RunDirError(f"{path}: not a scores matrix ({problem}); re-run the run's `aimm run` "
+                          "command to write it again")
+    return matrix
 
 
 def _concat_stage_csv(run_dir: Path, filename: str) -> pd.DataFrame:

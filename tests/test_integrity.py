@@ -15,7 +15,7 @@ import pytest
 from conftest import nan_loss_at
 
 from aimm.cli import main
-from aimm.config import RunConfig
+from aimm.config import ConfigError, RunConfig
 from aimm.data import DataError, main_check
 from aimm.training.engine import Engine, run
 from aimm.integrity import verify_run
@@ -210,10 +210,12 @@ def test_a_restart_does_not_follow_a_linked_stages_folder(finished, tmp_path, ca
     ("warnings.json", "5", "not a run's warnings"),
     ("metrics.json", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
     ("state.json", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
+    ("scores_matrix.csv", ",sst-2\nsst-2,high\n", "not a scores matrix (a score that is not a number)"),
+    ("scores_matrix.csv", "\xff\xfe", "not a scores matrix (UnicodeDecodeError"),
 ])
 def test_wrongly_shaped_result_files_are_one_line(finished, capsys, name, text, needle):
     run_dir, data = finished
-    (run_dir / name).write_text(text)
+    (run_dir / name).write_bytes(text.encode("latin-1"))
     assert main(["report", str(run_dir)] if name != "state.json" else _args(data, run_dir)) == 2
     err = _one_line_error(capsys)
     assert str(run_dir / name) in err and needle in err
@@ -231,6 +233,8 @@ def test_wrongly_shaped_result_files_are_one_line(finished, capsys, name, text, 
     ('{"completed": ["sst-2"], "scores": [], "stage_steps": [1],'
      ' "sha256": {"../../etc/passwd": "00"}}', "'sha256' must map run-dir-relative file paths"),
     ('{"completed": [', "malformed JSON"),
+    ('{"completed": ["sst-2"], "stage_steps": [1], "scores": [{"stage": 0, "after_task": "sst-2",'
+     ' "eval_task": "sst-2", "score": "high"}]}', "has score 'high', not a number"),
 ])
 def test_wrongly_shaped_state_json_is_one_line(finished, capsys, state_text, needle):
     run_dir, data = finished
@@ -353,6 +357,13 @@ def test_bad_input_leaves_nothing_behind(tiny_data, tmp_path, capsys):
     (existing / "notes.txt").write_text("keep")
     assert main(_args(tiny_data, existing, "--model", str(tmp_path / "no-model"))) == 2
     assert sorted(p.name for p in existing.iterdir()) == ["notes.txt"]
+
+
+def test_lora_targets_naming_no_module_is_one_line_listing_the_layers(tiny_data, tmp_path):
+    with pytest.raises(ConfigError, match="lora_targets: 'nonexistent_proj' names no module of "
+                                          "tiny-causal; its linear layers: .*q_proj.*v_proj"):
+        run(_cfg(tiny_data, tmp_path / "run", lora_targets=["q_proj", "nonexistent_proj"]))
+    assert not (tmp_path / "run").exists()
 
 
 def test_other_ranks_make_no_run_dir(tiny_data, tmp_path, monkeypatch, capsys):
