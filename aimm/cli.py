@@ -95,8 +95,11 @@ def config_values(args) -> tuple[dict, str]:
     """RunConfig fields from ``--config`` and the flags (flags win), not yet validated; and the
     name of their source for error messages."""
     values = {f: getattr(args, f, None) for f in FLAG_FIELDS if getattr(args, f, None) is not None}
-    if args.tasks:
-        values["tasks"] = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.tasks is not None:
+        values["tasks"] = [t.strip() for t in args.tasks.split(",")]
+        if not all(values["tasks"]):
+            raise ConfigError(f"--tasks {args.tasks!r}: an empty task name; give comma-separated "
+                              "names, e.g. --tasks sst-2,agnews")
     if args.no_progress:
         values["progress"] = False
     options = {}

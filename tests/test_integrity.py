@@ -366,6 +366,15 @@ def test_lora_targets_naming_no_module_is_one_line_listing_the_layers(tiny_data,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("tasks", ["", "sst-2,,agnews", "sst-2,"])
+def test_an_empty_task_name_is_refused_not_dropped(tiny_data, tmp_path, capsys, tasks):
+    """``--tasks ""`` used to fall back to the benchmark's order 1 (an error about orders)."""
+    assert main(["run", "--model", "tiny-causal", "--benchmark", "long_sequence", "--tasks", tasks,
+                 "--data-dir", str(tiny_data), "--run-dir", str(tmp_path / "run")]) == 2
+    assert f"--tasks {tasks!r}: an empty task name" in _one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
 def test_other_ranks_make_no_run_dir(tiny_data, tmp_path, monkeypatch, capsys):
     """Under ``accelerate launch`` only rank 0 locks, makes the run dir and cleans up on bad
     input; rank 1 writes nothing. It used to make the dir too, and left it (empty) when it was
