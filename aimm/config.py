@@ -32,6 +32,19 @@ from aimm.util import did_you_mean, is_int, is_num
 MAX_LR = 1e36
 
 
+#: Largest ``epochs``: the release trains 10; a bound far beyond any real run, so that a typo
+#: (``1e308``) is refused instead of planning a task that never ends.
+MAX_EPOCHS = 10_000
+
+#: Largest LoRA rank: a rank above a layer's width adds nothing (the largest LMs are 16k wide;
+#: the release uses 8), and a typo (``100000000000``) would try to allocate terabytes.
+MAX_LORA_R = 16_384
+
+#: Seeds (``seed``, ``buffer_seed``) are 32-bit, the range every generator seeded accepts
+#: (NumPy's too).
+MAX_SEED = 2**32 - 1
+
+
 #: Old config names -> their new names (read with a deprecation warning; old run dirs keep them).
 RENAMED = {"probe_history": "record_forgetting_signal"}
 
@@ -66,6 +79,22 @@ def renamed_fields(values: dict[str, Any], *, source: str = "config", warn: bool
                           FutureWarning, stacklevel=3)
         out[new] = out.pop(old)
     return out
+
+
+def yaml_error_line(path: str | Path, exc: Exception) -> str:
+    """PyYAML's multi-line error as one line: ``<file>:<line>:<column>: invalid YAML: <problem>``
+    (1-based, where PyYAML marks it), with what it was parsing and where that began."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return f"{path}: invalid YAML: {' '.join(str(exc).split())}"
+    line = f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {' '.join(problem.split())}"
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        where = (f" at {start.line + 1}:{start.column + 1}" if start is not None
+                 and (start.line, start.column) != (mark.line, mark.column) else "")
+        line += f" ({' '.join(context.split())}{where})"
+    return line
 
 
 @dataclass
@@ -158,7 +187,12 @@ class RunConfig:
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        except yaml.YAMLError as exc:
+            raise ConfigError(yaml_error_line(path, exc)) from exc
+        except RecursionError:
+            raise ConfigError(f"{path}: invalid YAML: nested too deeply to read (lists or "
+                              "mappings nested thousands deep)") from None
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read YAML config: {exc}") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: a config file must be a mapping of parameter: value")
@@ -234,6 +268,14 @@ class RunConfig:
         need(not is_num(self.lr) or self.lr <= MAX_LR, "lr",
              f"must be at most {MAX_LR:g} (larger overflow the optimiser's float32 step)")
         need(is_num(self.epochs) and self.epochs > 0, "epochs", "must be a positive number")
+        need(not is_num(self.epochs) or self.epochs <= MAX_EPOCHS, "epochs",
+             f"must be at most {MAX_EPOCHS} (the release trains 10)")
+        need(not is_int(self.lora_r) or self.lora_r <= MAX_LORA_R, "lora_r",
+             f"must be at most {MAX_LORA_R} (a rank above a layer's width adds nothing; "
+             "the release uses 8)")
+        for name in ("seed", "buffer_seed"):
+            v = getattr(self, name)
+            need(not is_int(v) or v <= MAX_SEED, name, f"must be at most {MAX_SEED} (2**32 - 1)")
         need(is_num(self.max_grad_norm) and self.max_grad_norm > 0, "max_grad_norm", "must be > 0")
         need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(is_num(self.lora_dropout) and 0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")

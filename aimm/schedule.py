@@ -28,6 +28,26 @@ import math
 
 import torch
 
+from aimm.errors import ConfigError
+
+#: Most training-example passes (examples x epochs) one task may plan: far beyond any real run
+#: (the release: 1000 x 10), so that a typo in ``epochs`` or a huge dataset is refused with a
+#: line instead of building a plan that exhausts memory and never finishes.
+MAX_EXAMPLE_PASSES = 10**8
+
+
+def check_plan_size(n: int, epochs: float) -> None:
+    """``ConfigError`` naming ``epochs`` when ``ceil(epochs)`` epochs of ``n`` examples exceed
+    :data:`MAX_EXAMPLE_PASSES` (checked before anything is planned)."""
+    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs)):
+        raise ConfigError(f"epochs={epochs!r}: must be a finite number")
+    passes = max(1, math.ceil(epochs)) * n
+    if passes > MAX_EXAMPLE_PASSES:
+        raise ConfigError(
+            f"epochs={epochs!r}: {n} training examples x {max(1, math.ceil(epochs)):g} epochs "
+            f"exceed the limit of {MAX_EXAMPLE_PASSES:,} example passes in one task; "
+            "lower epochs or max_train")
+
 
 def trainer_max_steps(n_batches: int, grad_accum: int, epochs: float) -> int:
     """HF Trainer's number of optimiser steps for a dataloader of ``n_batches`` micro-batches."""
@@ -62,6 +82,7 @@ def plan_micro_batches(n: int, batch_size: int, epochs: float, seed: int) -> lis
     Every epoch is a permutation of ``range(n)`` cut into ``ceil(n / batch_size)`` batches (the
     last one smaller when ``batch_size`` does not divide ``n``).
     """
+    check_plan_size(n, epochs)
     plan: list[list[int]] = []
     for epoch in range(max(1, math.ceil(epochs))):
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
@@ -104,5 +125,5 @@ def plan_optimizer_steps(n: int, batch_size: int, grad_accum: int, epochs: float
     return [[micro[i] for i in group] for group in step_groups(n_batches, grad_accum, epochs)]
 
 
-__all__ = ["lr_lambda", "plan_micro_batches", "plan_optimizer_steps", "step_groups",
-           "trainer_max_steps", "warmup_for"]
+__all__ = ["MAX_EXAMPLE_PASSES", "check_plan_size", "lr_lambda", "plan_micro_batches",
+           "plan_optimizer_steps", "step_groups", "trainer_max_steps", "warmup_for"]

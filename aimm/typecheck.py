@@ -1,6 +1,7 @@
 """Strict checks of configuration values against their declared types (no coercion).
 
-Used by :meth:`aimm.config.RunConfig.validate`, which reads the annotations of its own fields:
+Used by :meth:`aimm.config.RunConfig.validate`, which reads the annotations of its own fields,
+and by :meth:`aimm.methods.base.Method.parse_options` (the ``Options`` fields of a method):
 ``"false"`` is not a boolean, ``"q_proj"`` is not a list, ``True`` is not an integer, NaN and
 infinities are no numbers. Every problem is one line naming the field and how to write it.
 No imports from the package.
@@ -77,7 +78,7 @@ def describe_type(hint: Any, plural: bool = False) -> str:
     args = _union_args(hint)
     if args is not None:
         return " or ".join(describe_type(a, plural) for a in args)
-    origin = typing.get_origin(hint)
+    origin = typing.get_origin(hint) or hint  # bare ``list`` / ``dict`` too
     if origin is list:
         (elem,) = typing.get_args(hint) or (Any,)
         return f"a list of {describe_type(elem, plural=True)}"
@@ -107,7 +108,7 @@ def type_problem(value: Any, hint: Any, name: str) -> str | None:
     fix = ""
     if isinstance(value, str):
         if matches_type(True, hint):
-            fix = " (write true or false without quotes)"
+            fix = " (write true or false: lowercase, without quotes)"
         elif matches_type(1.5, hint):
             try:
                 finite = math.isfinite(float(value))

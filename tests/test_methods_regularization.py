@@ -333,7 +333,7 @@ def test_method_facts_are_distinct():
 
 @pytest.mark.parametrize("method, options, message", [
     ("ewc", {"ewc_lambda": -1}, "ewc_lambda=-1: must be a finite number >= 0"),
-    ("ewc", {"ewc_lambda": "big"}, "ewc_lambda='big': must be a finite number >= 0"),
+    ("ewc", {"ewc_lambda": "big"}, "ewc_lambda='big': must be a number, not a string"),
     ("ewc", {"gamma": 1.5}, "gamma=1.5: must be in [0, 1]"),
     ("ewc", {"fisher_samples": 0}, "fisher_samples=0: must be an integer >= 1"),
     ("agem", {"reference_batch_size": 0}, "reference_batch_size=0: must be an integer >= 1"),

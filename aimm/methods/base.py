@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -43,6 +44,7 @@ import torch
 from aimm.errors import ConfigError
 from aimm.loss import lm_loss
 from aimm.training.context import Stage
+from aimm.typecheck import matches_type, nonfinite_problem, type_problem
 from aimm.util import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -100,7 +102,10 @@ class Method:
     # ---------------------------------------------------------------- configuration
     @classmethod
     def parse_options(cls, values: dict[str, Any]) -> Any:
-        """Validate ``method_options``; unknown names raise with a suggestion."""
+        """Validate ``method_options``: unknown names raise with a suggestion; every value is
+        checked against its ``Options`` field's annotation as strictly as a RunConfig field
+        (:mod:`aimm.typecheck`: ``"False"`` is not a boolean, ``True`` not an integer, NaN and
+        infinities are refused), then by the options' own ``validate()``."""
         names = [f.name for f in dataclasses.fields(cls.Options)]
         for key in values:
             if key not in names:
@@ -108,6 +113,13 @@ class Method:
                     f"{cls.name}: unknown option '{key}'" + did_you_mean(key, names)
                     + (f"; options: {', '.join(names)}" if names else "; this method has no options")
                 )
+        hints = typing.get_type_hints(cls.Options)
+        for key, value in values.items():
+            problem = nonfinite_problem(value, key)
+            if problem is None and not matches_type(value, hints.get(key, Any)):
+                problem = type_problem(value, hints[key], key)
+            if problem:
+                raise ConfigError(f"{cls.name}: option {problem}")
         opts = cls.Options(**values)
         check = getattr(opts, "validate", None)
         if check is not None:
