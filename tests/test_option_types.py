@@ -222,3 +222,25 @@ def test_yaml_nested_too_deeply_is_one_line(capsys, tmp_path):
     path.write_text("a: " + "[" * 20000 + "]" * 20000 + "\n", encoding="utf-8")
     line = _error_line(capsys, ["run", "--config", str(path)])
     assert line == f"aimm run: error: {path}: invalid YAML: nested too deeply to read (lists or mappings nested thousands deep)"
+
+
+@pytest.mark.parametrize("controller, expected", [
+    ({"threshold_window": True}, "controller option threshold_window=True: must be a number, not a boolean"),
+    ({"halve_at": "64"}, "controller option halve_at='64': must be an integer, not a string"),
+    ({"adaptive": "False"}, "controller: adaptive is an option of its own; set it as adaptive="),
+])
+def test_aimmerging_controller_mapping_is_type_checked(controller, expected):
+    """``controller: {...}`` (ControllerConfig's other fields) used to coerce: a bool was a
+    number, and ``adaptive: "False"`` became True."""
+    from aimm.methods import METHODS
+
+    with pytest.raises(ConfigError) as info:
+        METHODS["aimmerging"].parse_options({"controller": controller})
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_controller_config_refuses_text_for_its_flag():
+    from aimm.merging.controller import ControllerConfig
+
+    with pytest.raises(ValueError, match="adaptive='False': must be true or false"):
+        ControllerConfig(adaptive="False")

@@ -43,9 +43,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any, Mapping, Optional
+
+from aimm.typecheck import type_problem
 
 __all__ = ["ControllerConfig", "ControllerState", "MergeController", "MergeEvent", "fusion_weights",
            "official_next_interval", "paper_next_interval", "paper_trend", "OFFICIAL_FUSION_TABLE",
@@ -100,6 +103,12 @@ class ControllerConfig:
             if not cond:
                 raise ValueError(f"{name}: {rule}, got {getattr(self, name)!r}")
 
+        hints = typing.get_type_hints(ControllerConfig)
+        for f in dataclasses.fields(self):  # strict types first: "False" is no bool, True no int
+            problem = type_problem(getattr(self, f.name), hints[f.name], f.name)
+            if problem:
+                raise ValueError(f"controller option {problem}")
+
         for name in ("initial_interval", "min_interval", "max_interval"):
             need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive int")
         if self.min_interval > self.max_interval:
@@ -130,7 +139,6 @@ class ControllerConfig:
         for f in dataclasses.fields(self):
             if f.type == "float":
                 object.__setattr__(self, f.name, float(getattr(self, f.name)))
-        object.__setattr__(self, "adaptive", bool(self.adaptive))
 
 
 @dataclass

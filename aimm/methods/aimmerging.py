@@ -73,6 +73,10 @@ class AIMMergingOptions(ControllerOptions, OuterOptions):
                                    rehearsal_batch_size=self.rehearsal_batch_size or batch_size)
 
     def make_controller(self) -> MergeController:
+        top = [name for name in self.controller if name in CONTROLLER_OPTIONS]
+        if top:
+            raise ConfigError(f"controller: {top[0]} is an option of its own; set it as "
+                              f"{top[0]}=... (-o {top[0]}=...), not inside controller")
         return MergeController(ControllerConfig(
             **{name: getattr(self, name) for name in CONTROLLER_OPTIONS}, **self.controller))
 
