@@ -120,6 +120,22 @@ def test_a_damaged_source_is_refused_and_a_bad_request_leaves_nothing(seq_lora_r
     assert not (tmp_path / "target").exists()
 
 
+def test_a_source_without_its_data_fingerprint_is_refused(seq_lora_run, tiny_data, tmp_path):
+    """The copied stage's data is checked against the source's fingerprint; without one the new
+    run could not check it (and its resume would refuse it)."""
+    import shutil
+
+    from aimm.methods import build_method
+    from aimm.training.shared_stage import share_problem
+
+    source = tmp_path / "source"
+    shutil.copytree(seq_lora_run, source)
+    (source / "data_fingerprint.json").unlink()
+    cfg = tiny(tiny_data, tmp_path / "target", "replay")
+    assert share_problem(source, cfg, build_method(cfg)) == (
+        f"{source} has no data_fingerprint.json (the data its first stage was trained on)")
+
+
 def test_a_run_dir_that_holds_a_run_resumes_it_and_ignores_the_source(seq_lora_run, tiny_data,
                                                                       tmp_path):
     from aimm.training.engine import run
