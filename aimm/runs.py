@@ -44,7 +44,7 @@ import pandas as pd
 from aimm.errors import RunDirError  # noqa: F401  (re-exported: `from aimm.runs import RunDirError`)
 from aimm.names import is_valid_name, require_name
 from aimm.util import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
-from aimm.util import error_summary, is_num
+from aimm.util import error_summary, is_int, is_num
 from aimm.util import read_json as _read_json
 
 
@@ -348,11 +348,33 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     """``metrics.json``; :class:`RunDirError` names one that is not a JSON object."""
     path = Path(run_dir) / "metrics.json"
     metrics = read_json(path)
-    if not isinstance(metrics, dict):
-        raise RunDirError(f"{path}: not a run's metrics (a JSON object expected, found a "
-                          f"{type(metrics).__name__}); re-run the run's `aimm run` command to "
-                          "write it again")
+    problem = metrics_problem(metrics)
+    if problem:
+        raise RunDirError(f"{path}: not a run's metrics ({problem}); re-run the run's `aimm run` "
+                          "command to write it again")
     return metrics
+
+
+_METRIC_NUMBERS = ("OP", "BWT", "FWT", "forgetting")
+
+
+def metrics_problem(metrics: Any) -> str | None:
+    """Why ``metrics`` is not a ``metrics.json`` a run wrote (``None``: it is); fields this
+    version does not know are left alone."""
+    if not isinstance(metrics, dict):
+        return f"a JSON object expected, found a {type(metrics).__name__}"
+    if "complete" in metrics and not isinstance(metrics["complete"], bool):
+        return f"complete={metrics['complete']!r}: true or false expected"
+    if "stages_done" in metrics and not is_int(metrics["stages_done"]):
+        return f"stages_done={metrics['stages_done']!r}: an integer expected"
+    for name in _METRIC_NUMBERS:
+        if metrics.get(name) is not None and not is_num(metrics[name]):
+            return f"{name}={metrics[name]!r}: a number or null expected"
+    for name in ("merges_per_stage", "single_task"):
+        if name in metrics and not (isinstance(metrics[name], dict) and all(
+                is_num(v) or v is None for v in metrics[name].values())):
+            return f"{name}: a mapping of task to number expected"
+    return None
 
 
 def load_warnings(run_dir: str | Path) -> list[str]:

@@ -208,6 +208,8 @@ def test_a_restart_does_not_follow_a_linked_stages_folder(finished, tmp_path, ca
 @pytest.mark.parametrize("name, text, needle", [
     ("metrics.json", "[1, 2]", "not a run's metrics (a JSON object expected, found a list)"),
     ("warnings.json", "5", "not a run's warnings"),
+    ("metrics.json", '{"complete": true, "OP": "x"}', "not a run's metrics (OP='x': a number or null"),
+    ("metrics.json", '{"complete": "yes"}', "not a run's metrics (complete='yes': true or false"),
     ("metrics.json", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
     ("state.json", "[" * 100_000 + "]" * 100_000, "JSON nested too deeply to read"),
     ("scores_matrix.csv", ",sst-2\nsst-2,high\n", "not a scores matrix (a score that is not a number)"),
