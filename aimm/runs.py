@@ -42,9 +42,10 @@ from typing import Any, Iterable
 import pandas as pd
 
 from aimm.errors import RunDirError  # noqa: F401  (re-exported: `from aimm.runs import RunDirError`)
-from aimm.names import is_valid_name, require_name
+from aimm.names import require_name
+from aimm.run_shapes import metrics_problem, state_problem
 from aimm.util import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
-from aimm.util import error_summary, is_int, is_num
+from aimm.util import error_summary
 from aimm.util import read_json as _read_json
 
 
@@ -295,40 +296,6 @@ def _remove_new_entries(root: Path, before: set[str], created: list[Path]) -> No
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-_STATE_LISTS = {"completed": str, "scores": dict, "stage_steps": int}
-
-
-def state_problem(state: Any) -> str | None:
-    """Why ``state`` is not a ``state.json`` this version wrote (``None``: it is)."""
-    if not isinstance(state, dict):
-        return f"expected a JSON object, got {type(state).__name__}"
-    for key, kind in _STATE_LISTS.items():
-        if key not in state and key == "stage_steps":
-            continue
-        value = state.get(key)
-        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool)
-                                                  for v in value):
-            return f"'{key}' must be a list of {kind.__name__} values"
-    bad = [n for n in state["completed"] if not is_valid_name(n)]
-    if bad:
-        return f"'completed' holds {bad[0]!r}, not a stage name"
-    if "stage_steps" in state and len(state["stage_steps"]) != len(state["completed"]):
-        return "'stage_steps' and 'completed' differ in length"
-    need = {"stage", "after_task", "eval_task", "score"}
-    for row in state["scores"]:
-        if not need <= set(row):
-            return f"a 'scores' row lacks {', '.join(sorted(need - set(row)))}"
-        if row["after_task"] not in state["completed"]:
-            return f"a 'scores' row is of stage {row['after_task']!r}, which is not completed"
-        if not (is_num(row["score"]) or row["score"] is None):
-            return f"a 'scores' row has score {row['score']!r}, not a number"
-    if "sha256" in state and not (isinstance(state["sha256"], dict) and all(
-            isinstance(k, str) and all(is_valid_name(part) for part in k.split("/"))
-            and isinstance(v, str) for k, v in state["sha256"].items())):
-        return "'sha256' must map run-dir-relative file paths to hex digests"
-    return None
-
-
 # ---------------------------------------------------------------------------------- readers
 def _csv_or_empty(path: Path) -> pd.DataFrame:
     if path.is_file() and path.stat().st_size > 0:
@@ -353,28 +320,6 @@ def load_metrics(run_dir: str | Path) -> dict[str, Any]:
         raise RunDirError(f"{path}: not a run's metrics ({problem}); re-run the run's `aimm run` "
                           "command to write it again")
     return metrics
-
-
-_METRIC_NUMBERS = ("OP", "BWT", "FWT", "forgetting")
-
-
-def metrics_problem(metrics: Any) -> str | None:
-    """Why ``metrics`` is not a ``metrics.json`` a run wrote (``None``: it is); fields this
-    version does not know are left alone."""
-    if not isinstance(metrics, dict):
-        return f"a JSON object expected, found a {type(metrics).__name__}"
-    if "complete" in metrics and not isinstance(metrics["complete"], bool):
-        return f"complete={metrics['complete']!r}: true or false expected"
-    if "stages_done" in metrics and not is_int(metrics["stages_done"]):
-        return f"stages_done={metrics['stages_done']!r}: an integer expected"
-    for name in _METRIC_NUMBERS:
-        if metrics.get(name) is not None and not is_num(metrics[name]):
-            return f"{name}={metrics[name]!r}: a number or null expected"
-    for name in ("merges_per_stage", "single_task"):
-        if name in metrics and not (isinstance(metrics[name], dict) and all(
-                is_num(v) or v is None for v in metrics[name].values())):
-            return f"{name}: a mapping of task to number expected"
-    return None
 
 
 def load_warnings(run_dir: str | Path) -> list[str]:

@@ -244,3 +244,11 @@ def test_controller_config_refuses_text_for_its_flag():
 
     with pytest.raises(ValueError, match="adaptive='False': must be true or false"):
         ControllerConfig(adaptive="False")
+
+
+def test_dare_seed_option_is_bounded_like_the_run_seed():
+    from aimm.config import MAX_SEED
+
+    assert METHODS["dare_linear"].parse_options({"seed": MAX_SEED}).seed == MAX_SEED
+    with pytest.raises(ConfigError, match=f"seed={MAX_SEED + 1}: must be an integer in \\[0, {MAX_SEED}\\]"):
+        METHODS["dare_linear"].parse_options({"seed": MAX_SEED + 1})

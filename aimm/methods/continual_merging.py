@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from aimm.config import MAX_SEED
 from aimm.errors import ConfigError
 from aimm.merging import continual as cm
 from aimm.methods.base import Method
@@ -66,8 +67,10 @@ def _number(name: str, value: Any, low: float | None = None, high: float | None 
 
 
 def _seed(value: Any) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ConfigError(f"seed={value!r}: must be an integer >= 0 (or null: the run's seed)")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0
+                              or value > MAX_SEED):
+        raise ConfigError(f"seed={value!r}: must be an integer in [0, {MAX_SEED}] (or null: the "
+                          "run's seed)")
 
 
 def _sign(value: Any) -> None:

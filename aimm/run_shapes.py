@@ -1,0 +1,68 @@
+"""What the JSON files of a run dir must hold: pure checks, each problem one phrase
+(``None``: the value is one this version wrote). :mod:`aimm.runs` reads the files and raises
+``RunDirError`` naming the file with the problem."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aimm.names import is_valid_name
+from aimm.util import is_int, is_num
+
+_STATE_LISTS = {"completed": str, "scores": dict, "stage_steps": int}
+
+
+def state_problem(state: Any) -> str | None:
+    """Why ``state`` is not a ``state.json`` this version wrote (``None``: it is)."""
+    if not isinstance(state, dict):
+        return f"expected a JSON object, got {type(state).__name__}"
+    for key, kind in _STATE_LISTS.items():
+        if key not in state and key == "stage_steps":
+            continue
+        value = state.get(key)
+        if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                  for v in value):
+            return f"'{key}' must be a list of {kind.__name__} values"
+    bad = [n for n in state["completed"] if not is_valid_name(n)]
+    if bad:
+        return f"'completed' holds {bad[0]!r}, not a stage name"
+    if "stage_steps" in state and len(state["stage_steps"]) != len(state["completed"]):
+        return "'stage_steps' and 'completed' differ in length"
+    need = {"stage", "after_task", "eval_task", "score"}
+    for row in state["scores"]:
+        if not need <= set(row):
+            return f"a 'scores' row lacks {', '.join(sorted(need - set(row)))}"
+        if row["after_task"] not in state["completed"]:
+            return f"a 'scores' row is of stage {row['after_task']!r}, which is not completed"
+        if not (is_num(row["score"]) or row["score"] is None):
+            return f"a 'scores' row has score {row['score']!r}, not a number"
+    if "sha256" in state and not (isinstance(state["sha256"], dict) and all(
+            isinstance(k, str) and all(is_valid_name(part) for part in k.split("/"))
+            and isinstance(v, str) for k, v in state["sha256"].items())):
+        return "'sha256' must map run-dir-relative file paths to hex digests"
+    return None
+
+
+_METRIC_NUMBERS = ("OP", "BWT", "FWT", "forgetting")
+
+
+def metrics_problem(metrics: Any) -> str | None:
+    """Why ``metrics`` is not a ``metrics.json`` a run wrote (``None``: it is); fields this
+    version does not know are left alone."""
+    if not isinstance(metrics, dict):
+        return f"a JSON object expected, found a {type(metrics).__name__}"
+    if "complete" in metrics and not isinstance(metrics["complete"], bool):
+        return f"complete={metrics['complete']!r}: true or false expected"
+    if "stages_done" in metrics and not is_int(metrics["stages_done"]):
+        return f"stages_done={metrics['stages_done']!r}: an integer expected"
+    for name in _METRIC_NUMBERS:
+        if metrics.get(name) is not None and not is_num(metrics[name]):
+            return f"{name}={metrics[name]!r}: a number or null expected"
+    for name in ("merges_per_stage", "single_task"):
+        if name in metrics and not (isinstance(metrics[name], dict) and all(
+                is_num(v) or v is None for v in metrics[name].values())):
+            return f"{name}: a mapping of task to number expected"
+    return None
+
+
+__all__ = ["metrics_problem", "state_problem"]
