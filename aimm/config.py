@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from aimm.attention import ATTENTION_DTYPES
 from aimm.errors import ConfigError  # noqa: F401  (re-exported: `from aimm.config import ConfigError`)
 from aimm.hardware import CHOICES as DTYPE_CHOICES, auto_dtype
 from aimm.names import name_problem
-from aimm.typecheck import nonfinite_problem, task_entry_name, type_problem
+from aimm.typecheck import field_problems, task_entry_name
 from aimm.util import did_you_mean, is_int, is_num
 
 
@@ -228,13 +227,10 @@ class RunConfig:
         (``method_options`` included), names that become paths, then the value rules."""
         errors: list[str] = []
         bad: set[str] = set()
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            problem = nonfinite_problem(value, f.name) or type_problem(value, hints[f.name], f.name)
-            if problem:
-                errors.append(f"{source}: {problem}")
-                bad.add(f.name)
+        for name, problem in field_problems(
+                type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}).items():
+            errors.append(f"{source}: {problem}")
+            bad.add(name)
         if "tasks" not in bad and isinstance(self.tasks, list):
             for i, entry in enumerate(self.tasks):
                 problem = name_problem(task_entry_name(entry), f"tasks[{i}]")

@@ -158,37 +158,23 @@ def restore_stage_adapter(model, stage_dir: str | Path) -> None:
 
 
 def check_stage_files(run_dir: str | Path, stage_dir: Path) -> None:
-    """Before export loads a stage: its adapter and method-state files match the sha256 recorded
-    in ``state.json`` when the stage was written, and its PEFT adapter folder is readable (an
-    older run without sums); else :class:`RunDirError` naming the damaged file and the way out."""
-    from aimm.integrity import adapter_problem, restart_hint, sha256_file
-    from aimm.runs import RunStore
+    """Before export loads a stage: its files match the sha256 recorded in ``state.json``
+    (:func:`aimm.integrity.verify_run` for that stage) and its PEFT adapter weights are readable
+    and finite (also for an older run without sums); else :class:`RunDirError` naming the damaged
+    file and the way out."""
+    from aimm.integrity import adapter_problem, restart_hint, verify_run
 
-    store = RunStore(Path(run_dir))
     number = int(stage_dir.name.split("_", 1)[0])  # stages/<k>_<task>
-    hint = (f"check the run with `aimm report --verify {run_dir}`, then {restart_hint(number)}")
-    prefix = stage_dir.relative_to(store.root).as_posix() + "/"
-    for rel, digest in sorted(store.read_state().get("sha256", {}).items()):
-        path = store.root / rel
-        used = rel.startswith((prefix + "adapter", prefix + "method_state"))  # what export reads
-        if used and path.is_file() and sha256_file(path) != digest:
-            raise RunDirError(f"{path}: damaged or edited (its sha256 differs from the one recorded "
-                              f"when stage {number} was written); {hint}")
+    damaged = [line for _, line in verify_run(Path(run_dir), results=False, stage=number)]
     adapter = stage_dir / ADAPTER_DIR
-    if not (adapter / PEFT_WEIGHTS).is_file():
-        return
-    for folder in (adapter, *(adapter / name for name in stacked_adapters(adapter))):
-        try:
-            config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            config = exc
-        if not isinstance(config, dict):
-            raise RunDirError(f"{folder / PEFT_CONFIG}: not a PEFT adapter config (a JSON object); "
-                              + hint)
-        problem = adapter_problem(folder / PEFT_WEIGHTS)
-        if problem:
-            raise RunDirError(f"{folder / PEFT_WEIGHTS}: adapter of stage {number} is {problem}; "
-                              + hint)
+    if not damaged and (adapter / PEFT_WEIGHTS).is_file():
+        for folder in (adapter, *(adapter / name for name in stacked_adapters(adapter))):
+            problem = adapter_problem(folder / PEFT_WEIGHTS)
+            if problem:
+                damaged.append(f"{folder / PEFT_WEIGHTS}: adapter of stage {number} is {problem}")
+    if damaged:
+        raise RunDirError(f"{damaged[0]}; check the run with `aimm report --verify {run_dir}`, "
+                          f"then {restart_hint(number)}")
 
 
 def check_export_target(out: str | Path) -> None:
@@ -333,7 +319,8 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
     "merged model": OUT/merged}`` or the one of them that applies."""
     out = Path(out)
     check_export_target(out)
-    model, bundle, cfg = load_stage_model(run_dir, stage)
+    number = int(stage_dir_of(run_dir, stage).name.split("_", 1)[0])
+    model, bundle, cfg = load_stage_model(run_dir, number)
     method = _method(cfg)
     written: dict[str, Path] = {}
     peft_config = getattr(model, "active_peft_config", None)
@@ -342,7 +329,7 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
     elif peft_config is not None:
         written["PEFT adapter"] = save_adapter(model, out / ADAPTER_DIR, base_model_name(cfg.model))
         if peft_config.is_prompt_learning:
-            return _mark_export(out, run_dir, stage, written)
+            return _mark_export(out, run_dir, number, written)
         model = model.merge_and_unload()
     with tempfile.TemporaryDirectory(prefix="aimm-merged-") as tmp:
         model.save_pretrained(tmp)
@@ -351,14 +338,13 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
             if path.is_file():
                 atomic_write_bytes(out / MERGED_DIR / path.relative_to(tmp), path.read_bytes())
     written["merged model"] = out / MERGED_DIR
-    return _mark_export(out, run_dir, stage, written)
+    return _mark_export(out, run_dir, number, written)
 
 
-def _mark_export(out: Path, run_dir, stage: int | None, written: dict[str, Path]) -> dict[str, Path]:
+def _mark_export(out: Path, run_dir, number: int, written: dict[str, Path]) -> dict[str, Path]:
     """``OUT/aimm_export.json``, written last: OUT is an aimm export (a later one may replace it)."""
     from aimm.runs import atomic_write_json
 
-    number = int(stage_dir_of(run_dir, stage).name.split("_", 1)[0])
     atomic_write_json(out / EXPORT_MARKER, {"aimm_export": 1, "run_dir": str(Path(run_dir).resolve()),
                                             "stage": number, "written": sorted(p.name for p in written.values())})
     return written

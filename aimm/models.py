@@ -302,7 +302,7 @@ def load_model(spec: str, *, dtype: torch.dtype = torch.float32, seed: int = 0) 
     except (torch.OutOfMemoryError, MemoryError):
         raise
     except Exception as exc:  # weights that do not fit the config, a refused pickle, ...
-        if type(exc).__name__ == "UnpicklingError":  # refused by the weights-only unpickler
+        if type(exc).__name__ == "UnpicklingError":  # weights-only refusal (the package imports no pickle)
             bins = ", ".join(p.name for p in sorted(path.glob("*.bin")))
             raise ModelError(f"{path}: {bins} holds pickled objects beyond plain tensors, which "
                              "are refused (never run); use a safetensors copy of the model") from None

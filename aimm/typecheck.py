@@ -122,5 +122,18 @@ def type_problem(value: Any, hint: Any, name: str) -> str | None:
     return f"{name}={value!r}: must be {expected}, not {_json_kind(value)}{fix}"
 
 
-__all__ = ["describe_type", "matches_type", "nonfinite_problem", "task_entry_name",
-           "type_problem"]
+def field_problems(cls: type, values: dict[str, Any]) -> dict[str, str]:
+    """``{field: problem line}`` for each of ``values`` that is not finite
+    (:func:`nonfinite_problem`) or not of its field's declared type in the dataclass ``cls``
+    (:func:`type_problem`); ``RunConfig``, a method's ``Options`` and ``ControllerConfig`` use it."""
+    hints = typing.get_type_hints(cls)
+    problems = {}
+    for name, value in values.items():
+        problem = nonfinite_problem(value, name) or type_problem(value, hints.get(name, Any), name)
+        if problem:
+            problems[name] = problem
+    return problems
+
+
+__all__ = ["describe_type", "field_problems", "matches_type", "nonfinite_problem",
+           "task_entry_name", "type_problem"]

@@ -288,6 +288,14 @@ def convert_benchmark(
             targets[path] = release_text(examples)
     if problems:
         raise DataError(problems)
+    return write_targets(Path(dst) / benchmark_folder, targets, overwrite)
+
+
+def write_targets(folder: Path, targets: dict[Path, str], overwrite: bool = False) -> list[Path]:
+    """Write ``targets`` (paths under ``folder``: their text) all or nothing
+    (:func:`write_all_or_nothing`); returns their paths. A target that exists with identical
+    content is left alone; one with different content is a ``FileExistsError`` (one line per
+    file), checked before anything is written, unless ``overwrite``."""
     unchanged = {p for p, text in targets.items() if p.is_file() and p.read_bytes() == text.encode("utf-8")}
     conflicts = [p for p in targets if p.exists() and p not in unchanged]
     if conflicts and not overwrite:
@@ -297,7 +305,7 @@ def convert_benchmark(
         )
     changed = {p: text for p, text in targets.items() if p not in unchanged}
     if changed:
-        write_all_or_nothing(Path(dst) / benchmark_folder, changed)
+        write_all_or_nothing(folder, changed)
     return list(targets)
 
 

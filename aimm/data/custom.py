@@ -200,14 +200,12 @@ def write_release_layout(spec: TaskSpec, dst: str | Path, benchmark_folder: str 
                          overwrite: bool = False) -> list[Path]:
     """The spec's train and test splits as ``<dst>/<benchmark folder>/<split>/<name>_T5.json``.
 
-    As :func:`aimm.data.convert.convert_benchmark`: every target is checked before anything is
-    written; a target with identical content is left alone, one with different content is a
-    ``FileExistsError`` (one line per file) unless ``overwrite``; the writing is all or nothing
-    (:func:`aimm.data.convert.write_all_or_nothing`).
+    Written as :func:`aimm.data.convert.convert_benchmark` writes: all or nothing, identical files
+    left alone, different ones refused unless ``overwrite`` (:func:`aimm.data.convert.write_targets`).
     """
     import json
 
-    from .convert import write_all_or_nothing
+    from .convert import write_targets
     from .paths import FILE_SUFFIX
 
     train, test, _, _ = read_custom_task(spec)
@@ -217,15 +215,7 @@ def write_release_layout(spec: TaskSpec, dst: str | Path, benchmark_folder: str 
         records = [{"id": e.id, "input": e.input, "output": e.output} for e in examples]
         targets[folder / split / f"{spec.name.lower()}{FILE_SUFFIX}"] = json.dumps(
             records, ensure_ascii=False, indent=1)
-    unchanged = {p for p, text in targets.items() if p.is_file() and p.read_bytes() == text.encode("utf-8")}
-    conflicts = [p for p in targets if p.exists() and p not in unchanged]
-    if conflicts and not overwrite:
-        raise FileExistsError("\n".join(f"{p}: exists with different content (pass --overwrite, or "
-                                        "overwrite=True, to replace it)" for p in conflicts))
-    changed = {p: text for p, text in targets.items() if p not in unchanged}
-    if changed:
-        write_all_or_nothing(folder, changed)
-    return list(targets)
+    return write_targets(folder, targets, overwrite)
 
 
 __all__ = ["TaskSpec", "parse_task_spec", "read_custom_task", "read_dataset", "write_release_layout"]

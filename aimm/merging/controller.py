@@ -43,12 +43,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any, Mapping, Optional
 
-from aimm.typecheck import type_problem
+from aimm.typecheck import field_problems
 
 __all__ = ["ControllerConfig", "ControllerState", "MergeController", "MergeEvent", "fusion_weights",
            "official_next_interval", "paper_next_interval", "paper_trend", "OFFICIAL_FUSION_TABLE",
@@ -103,11 +102,9 @@ class ControllerConfig:
             if not cond:
                 raise ValueError(f"{name}: {rule}, got {getattr(self, name)!r}")
 
-        hints = typing.get_type_hints(ControllerConfig)
-        for f in dataclasses.fields(self):  # strict types first: "False" is no bool, True no int
-            problem = type_problem(getattr(self, f.name), hints[f.name], f.name)
-            if problem:
-                raise ValueError(f"controller option {problem}")
+        for problem in field_problems(  # strict types first: "False" is no bool, True no int
+                ControllerConfig, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}).values():
+            raise ValueError(f"controller option {problem}")
 
         for name in ("initial_interval", "min_interval", "max_interval"):
             need(_is_int(getattr(self, name)) and getattr(self, name) > 0, name, "must be a positive int")

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -44,7 +43,7 @@ import torch
 from aimm.errors import ConfigError
 from aimm.loss import lm_loss
 from aimm.training.context import Stage
-from aimm.typecheck import matches_type, nonfinite_problem, type_problem
+from aimm.typecheck import field_problems
 from aimm.util import did_you_mean
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,13 +112,8 @@ class Method:
                     f"{cls.name}: unknown option '{key}'" + did_you_mean(key, names)
                     + (f"; options: {', '.join(names)}" if names else "; this method has no options")
                 )
-        hints = typing.get_type_hints(cls.Options)
-        for key, value in values.items():
-            problem = nonfinite_problem(value, key)
-            if problem is None and not matches_type(value, hints.get(key, Any)):
-                problem = type_problem(value, hints[key], key)
-            if problem:
-                raise ConfigError(f"{cls.name}: option {problem}")
+        for problem in field_problems(cls.Options, values).values():
+            raise ConfigError(f"{cls.name}: option {problem}")
         opts = cls.Options(**values)
         check = getattr(opts, "validate", None)
         if check is not None:
