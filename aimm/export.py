@@ -158,23 +158,37 @@ def restore_stage_adapter(model, stage_dir: str | Path) -> None:
 
 
 def check_stage_files(run_dir: str | Path, stage_dir: Path) -> None:
-    """Before export loads a stage: its files match the sha256 recorded in ``state.json``
-    (:func:`aimm.integrity.verify_run` for that stage) and its PEFT adapter weights are readable
-    and finite (also for an older run without sums); else :class:`RunDirError` naming the damaged
-    file and the way out."""
-    from aimm.integrity import adapter_problem, restart_hint, verify_run
+    """Before export loads a stage: its adapter and method-state files match the sha256 recorded
+    in ``state.json`` when the stage was written, and its PEFT adapter folder is readable (an
+    older run without sums); else :class:`RunDirError` naming the damaged file and the way out."""
+    from aimm.integrity import adapter_problem, restart_hint, sha256_file
+    from aimm.runs import RunStore
 
+    store = RunStore(Path(run_dir))
     number = int(stage_dir.name.split("_", 1)[0])  # stages/<k>_<task>
-    damaged = [line for _, line in verify_run(Path(run_dir), results=False, stage=number)]
+    hint = (f"check the run with `aimm report --verify {run_dir}`, then {restart_hint(number)}")
+    prefix = stage_dir.relative_to(store.root).as_posix() + "/"
+    for rel, digest in sorted(store.read_state().get("sha256", {}).items()):
+        path = store.root / rel
+        used = rel.startswith((prefix + "adapter", prefix + "method_state"))  # what export reads
+        if used and path.is_file() and sha256_file(path) != digest:
+            raise RunDirError(f"{path}: damaged or edited (its sha256 differs from the one recorded "
+                              f"when stage {number} was written); {hint}")
     adapter = stage_dir / ADAPTER_DIR
-    if not damaged and (adapter / PEFT_WEIGHTS).is_file():
-        for folder in (adapter, *(adapter / name for name in stacked_adapters(adapter))):
-            problem = adapter_problem(folder / PEFT_WEIGHTS)
-            if problem:
-                damaged.append(f"{folder / PEFT_WEIGHTS}: adapter of stage {number} is {problem}")
-    if damaged:
-        raise RunDirError(f"{damaged[0]}; check the run with `aimm report --verify {run_dir}`, "
-                          f"then {restart_hint(number)}")
+    if not (adapter / PEFT_WEIGHTS).is_file():
+        return
+    for folder in (adapter, *(adapter / name for name in stacked_adapters(adapter))):
+        try:
+            config = json.loads((folder / PEFT_CONFIG).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            config = exc
+        if not isinstance(config, dict):
+            raise RunDirError(f"{folder / PEFT_CONFIG}: not a PEFT adapter config (a JSON object); "
+                              + hint)
+        problem = adapter_problem(folder / PEFT_WEIGHTS)
+        if problem:
+            raise RunDirError(f"{folder / PEFT_WEIGHTS}: adapter of stage {number} is {problem}; "
+                              + hint)
 
 
 def check_export_target(out: str | Path) -> None:

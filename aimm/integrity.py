@@ -121,21 +121,19 @@ def load_adapter(path: Path, stage_number: int, like: dict[str, torch.Tensor]) -
     return load(Path(path).read_bytes())
 
 
-def verify_run(run_dir: Path, state: dict | None = None, results: bool = True,
-               stage: int | None = None) -> list[tuple[int | None, str]]:
+def verify_run(run_dir: Path, state: dict | None = None,
+               results: bool = True) -> list[tuple[int | None, str]]:
     """Every problem of a run directory as ``(stage number or None, line)``; empty: all good.
 
     Checks each completed stage's adapter (present, readable, finite) and every file listed in
     ``state.json``'s ``sha256`` against its sum. ``results=False`` skips the result set (a
-    resume rewrites it); ``stage=k`` checks stage k's files only (``aimm export``).
+    resume rewrites it).
     """
     store = RunStore(Path(run_dir))
     state = store.read_state() if state is None else state
     sums: dict[str, str] = state.get("sha256", {})
     problems: list[tuple[int | None, str]] = []
     for i, name in enumerate(state["completed"]):
-        if stage is not None and i + 1 != stage:
-            continue
         path = store.stage_dir(i, name) / "adapter.safetensors"
         rel = path.relative_to(store.root).as_posix()
         if rel not in sums:  # runs written before sums were recorded
@@ -145,7 +143,7 @@ def verify_run(run_dir: Path, state: dict | None = None, results: bool = True,
     deleted = _deleted_copies(store, sums)
     for rel, digest in sorted(sums.items()):
         number = _stage_number(rel)
-        if (number is None and not results) or (stage is not None and number != stage):
+        if number is None and not results:
             continue
         if (number, _adapter_copy(rel)) in deleted:
             continue
