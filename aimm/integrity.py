@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from aimm.runs import RunDirError, RunStore, atomic_write_json, read_json
+from aimm.util import launch_rank
 
 RESULT_FILES = ("scores.csv", "scores_matrix.csv", "metrics.json")
 FINGERPRINT = "data_fingerprint.json"
@@ -238,7 +238,7 @@ def check_data_fingerprint(store: RunStore, data: dict[str, Any], state: dict,
                         f"{then.get('file')}, now {now['sha256'][:12]}...); resume with the "
                         "original data, or start a new run dir")
         return
-    if not rewinding and int(os.environ.get("RANK", "0")) == 0:
+    if not rewinding and launch_rank() == 0:
         atomic_write_json(path, new)
 
 

@@ -335,6 +335,7 @@ def attach_lora(
                              if isinstance(module, torch.nn.Linear)})
             raise ConfigError(f"lora_targets: {target!r} names no module of {bundle.spec}; its "
                               f"linear layers: {', '.join(linear)}")
+    _check_rank(bundle, r, targets or default_lora_targets(bundle.model))
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -344,6 +345,21 @@ def attach_lora(
     )
     peft_model = get_peft_model(bundle.model, config)
     return ModelBundle(peft_model, bundle.tokenizer, bundle.is_seq2seq, bundle.spec, bundle.path)
+
+
+def _check_rank(bundle: ModelBundle, r: int, targets: list[str]) -> None:
+    """A rank above a targeted layer's smaller side adds weights (and optimiser state) but no
+    capacity: ``B @ A`` has rank at most ``min(in, out)``. Refused before PEFT allocates them."""
+    for name, module in bundle.model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and any(
+                name == t or name.endswith("." + t) for t in targets)):
+            continue
+        width = min(weight.shape)
+        if r > width:
+            raise ConfigError(f"lora_r {r}: above the width of {name} ({weight.shape[1]} in, "
+                              f"{weight.shape[0]} out) in {bundle.spec}, where a rank above "
+                              f"{width} adds weights but no capacity; choose lora_r <= {width}")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from aimm.names import is_valid_name
@@ -65,4 +66,26 @@ def metrics_problem(metrics: Any) -> str | None:
     return None
 
 
-__all__ = ["metrics_problem", "state_problem"]
+def scores_matrix_problem(rows: dict[str, dict[str, Any]], scores: list[dict]) -> str | None:
+    """Why a ``scores_matrix.csv`` (``rows``: after task -> evaluated task -> score) disagrees
+    with the ``scores`` of ``state.json`` (``None``: it holds every one of them).
+
+    Only this direction is checked: the engine writes the result files before ``state.json``
+    (the resume point), so for a moment the matrix may hold a stage the state does not yet."""
+    for row in scores:
+        after, task, score = row["after_task"], row["eval_task"], row["score"]
+        if after not in rows:
+            return f"no row {after!r}, a stage state.json records as completed"
+        if task not in rows[after]:
+            return f"no column {task!r}, a task state.json records a score for"
+        value = rows[after][task]
+        if score is None:
+            agree = not is_num(value) or math.isnan(value)
+        else:
+            agree = is_num(value) and math.isclose(value, score, rel_tol=1e-9, abs_tol=1e-12)
+        if not agree:
+            return f"scores[{after}][{task}] is {value!r}, state.json records {score!r}"
+    return None
+
+
+__all__ = ["metrics_problem", "scores_matrix_problem", "state_problem"]

@@ -43,9 +43,9 @@ import pandas as pd
 
 from aimm.errors import RunDirError  # noqa: F401  (re-exported: `from aimm.runs import RunDirError`)
 from aimm.names import require_name
-from aimm.run_shapes import metrics_problem, state_problem
+from aimm.run_shapes import metrics_problem, scores_matrix_problem, state_problem
 from aimm.util import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
-from aimm.util import error_summary
+from aimm.util import error_summary, launch_rank
 from aimm.util import read_json as _read_json
 
 
@@ -175,7 +175,7 @@ class RunStore:
         ``config.json`` exists, what it added to the directory is removed again (a run dir it
         created goes entirely): bad input leaves nothing behind.
         """
-        if int(os.environ.get("RANK", "0")) != 0:
+        if launch_rank() != 0:
             yield self
             return
         created = _missing_parents(self.root)
@@ -352,10 +352,24 @@ def load_scores_matrix(run_dir: str | Path) -> pd.DataFrame:
             "a score that is not a number"
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         problem = error_summary(exc)
+    if not problem:
+        problem = _matrix_against_state(matrix, Path(run_dir))
     if problem:
         raise RunDirError(f"{path}: not a scores matrix ({problem}); re-run the run's `aimm run` "
                           "command to write it again")
     return matrix
+
+
+def _matrix_against_state(matrix: pd.DataFrame, run_dir: Path) -> str:
+    """A matrix that is a table of numbers but lost a row or had a score edited: checked against
+    the scores of ``state.json`` (a missing or damaged state is reported where it is read)."""
+    if not matrix.index.is_unique or not matrix.columns.is_unique:
+        return "a row or column named twice"
+    try:
+        state = RunStore(run_dir).read_state()
+    except (RunDirError, ValueError, OSError):
+        return ""
+    return scores_matrix_problem(matrix.to_dict(orient="index"), state["scores"]) or ""
 
 
 def _concat_stage_csv(run_dir: Path, filename: str) -> pd.DataFrame:

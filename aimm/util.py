@@ -1,4 +1,5 @@
-"""Small helpers shared across the package: name hints, type checks, atomic writes, JSON reads.
+"""Small helpers shared across the package: name hints, type checks, atomic writes, JSON reads,
+the launcher's rank.
 
 Imports only :mod:`aimm.faults` (fault injection for the crash-safety tests) from the package.
 """
@@ -97,5 +98,39 @@ def error_summary(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {text[:limit]}"
 
 
+def launch_rank() -> int:
+    """This process's rank as a launcher (``accelerate launch``, torchrun) set it in ``RANK``; 0
+    for a process started alone. For the steps before an accelerator exists: locking the run dir
+    and the resume checks, which only rank 0 does."""
+    return _launch_number("RANK", 0)
+
+
+def launch_world_size() -> int:
+    """How many processes a launcher started (``WORLD_SIZE``); 1 for a process started alone."""
+    return _launch_number("WORLD_SIZE", 1)
+
+
+def check_launch_variables() -> None:
+    """One line naming a launcher variable (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``) that is not
+    a count, before accelerate parses it into a traceback."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        _launch_number(name, 0)
+
+
+def _launch_number(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise ValueError(f"environment variable {name}={value!r} is not a process count or rank; "
+                         "unset it, or start the run with `accelerate launch` or torchrun, which "
+                         "set it")
+    return number
+
+
 __all__ = ["atomic_write_bytes", "atomic_write_text", "did_you_mean", "error_summary", "is_int",
-           "is_num", "read_json"]
+           "is_num", "check_launch_variables", "launch_rank", "launch_world_size", "read_json"]

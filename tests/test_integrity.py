@@ -227,6 +227,43 @@ def test_wrongly_shaped_result_files_are_one_line(finished, capsys, name, text, 
         assert main(["report", str(run_dir), "--verify"]) == 0
 
 
+def _drop_last_row(lines: list[str]) -> list[str]:
+    return lines[:-1]
+
+
+def _edit_a_score(lines: list[str]) -> list[str]:
+    head, *cells = lines[1].split(",")
+    return [lines[0], ",".join([head, "0.123456"] + cells[1:])] + lines[2:]
+
+
+def _rename_a_column(lines: list[str]) -> list[str]:
+    return [lines[0].replace("sst-2", "sst-3")] + lines[1:]
+
+
+def _repeat_a_row(lines: list[str]) -> list[str]:
+    return lines + [lines[1]]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (_drop_last_row, "no row 'agnews', a stage state.json records as completed"),
+    (_edit_a_score, "scores[sst-2][sst-2] is 0.123456, state.json records"),
+    (_rename_a_column, "no column 'sst-2', a task state.json records a score for"),
+    (_repeat_a_row, "a row or column named twice"),
+])
+def test_a_scores_matrix_that_disagrees_with_the_state_is_one_line(finished, capsys, edit, needle):
+    """A matrix that is still a table of numbers but lost a row or had a score edited used to be
+    shown by ``aimm report`` as if the run had written it; only ``--verify`` caught it."""
+    run_dir, data = finished
+    path = run_dir / "scores_matrix.csv"
+    path.write_text("\n".join(edit(path.read_text().splitlines())) + "\n")
+    assert main(["report", str(run_dir)]) == 2
+    err = _one_line_error(capsys)
+    assert str(path) in err and needle in err
+    assert main(_args(data, run_dir)) == 0  # the run writes its results again
+    capsys.readouterr()
+    assert main(["report", str(run_dir), "--verify"]) == 0
+
+
 @pytest.mark.parametrize("state_text, needle", [
     ('{"completed": "sst-2", "scores": []}', "'completed' must be a list of str values"),
     ("[]", "expected a JSON object, got list"),
@@ -385,6 +422,21 @@ def test_other_ranks_make_no_run_dir(tiny_data, tmp_path, monkeypatch, capsys):
     new = tmp_path / "runs" / "new"
     assert main(_args(tiny_data, new, tasks="sst-2,nosuchtask")) == 2
     assert "nosuchtask_T5.json: missing train split" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("name, value", [("RANK", "one"), ("RANK", "-1"), ("WORLD_SIZE", "2.5"),
+                                         ("LOCAL_RANK", "x")])
+def test_a_launcher_variable_that_is_no_count_is_one_line(tiny_data, tmp_path, monkeypatch, capsys,
+                                                          name, value):
+    """``RANK``/``WORLD_SIZE`` are read before an accelerator exists (one reader,
+    ``aimm.util.launch_rank``); a value that is not a count was a ``ValueError`` traceback from
+    ``int()`` deep in the run-dir lock."""
+    monkeypatch.setenv(name, value)
+    new = tmp_path / "runs" / "new"
+    assert main(_args(tiny_data, new)) == 2
+    assert f"environment variable {name}={value!r} is not a process count or rank" \
+        in _one_line_error(capsys)
     assert not (tmp_path / "runs").exists()
 
 

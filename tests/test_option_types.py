@@ -252,3 +252,26 @@ def test_dare_seed_option_is_bounded_like_the_run_seed():
     assert METHODS["dare_linear"].parse_options({"seed": MAX_SEED}).seed == MAX_SEED
     with pytest.raises(ConfigError, match=f"seed={MAX_SEED + 1}: must be an integer in \\[0, {MAX_SEED}\\]"):
         METHODS["dare_linear"].parse_options({"seed": MAX_SEED + 1})
+
+
+# ------------------------------------------------------------------ rank against the model
+def test_a_rank_above_a_targeted_layers_width_is_refused_before_allocating(tiny_data, tmp_path,
+                                                                        capsys):
+    """Up to MAX_LORA_R a rank was accepted whatever the model: on SmolLM2 (576 wide) r 16384
+    would allocate about a billion LoRA weights that add no capacity. tiny-causal's v_proj maps
+    32 to 16, so 16 is its largest useful rank."""
+    def args(r: int, run: str) -> list[str]:
+        path = tmp_path / f"{run}.yaml"
+        path.write_text(f"lora_r: {r}\n", encoding="utf-8")
+        return ["run", "--config", str(path), "--model", "tiny-causal", "--benchmark",
+                "long_sequence", "--tasks", "sst-2", "--data-dir", str(tiny_data), "--run-dir",
+                str(tmp_path / run), "--no-progress", "--max-train", "4", "--max-test", "2",
+                "--epochs", "1"]
+
+    line = _error_line(capsys, args(17, "r17"))
+    assert line == ("aimm run: error: lora_r 17: above the width of "
+                    "model.layers.0.self_attn.v_proj (32 in, 16 out) in "
+                    "tiny-causal, where a rank above 16 adds weights but no capacity; choose "
+                    "lora_r <= 16")
+    assert not (tmp_path / "r17").exists()
+    assert main(args(16, "r16")) == 0

@@ -44,7 +44,7 @@ from aimm.training.loop import NonFiniteLossError, restore_checkpoint, seed_ever
 from aimm.training.method_state import read_method_state
 from aimm.training.shared_stage import copy_first_stage, share_problem
 from aimm.training.state import RESUME_FREE_FIELDS, RunState, differing_fields
-from aimm.util import is_int
+from aimm.util import check_launch_variables, is_int, launch_rank, launch_world_size
 
 
 class Engine:
@@ -59,6 +59,7 @@ class Engine:
         ``first_stage_from``: a finished run whose first stage a new run copies instead of
         training it (:mod:`aimm.training.shared_stage`); ignored when the run dir holds a run."""
         cfg.validate()
+        check_launch_variables()
         if restart_from_stage is not None and not (is_int(restart_from_stage)
                                                    and restart_from_stage > 0):
             raise ConfigError(f"--restart-from-stage {restart_from_stage!r}: stages are numbered "
@@ -106,7 +107,7 @@ class Engine:
     def _check_resume(self) -> RunState:
         # rank 0 made the run dir and checked it is writable when it locked it; other ranks
         # (which write nothing) make nothing, so a refused launch leaves no empty dir behind
-        if int(os.environ.get("RANK", "0")) == 0 and self.store.exists():
+        if launch_rank() == 0 and self.store.exists():
             self.store.remove_stale_temporaries()  # of this run's killed writes, not a user's
         if not self.store.exists():
             return self._share_first_stage() if self.first_stage_from else RunState()
@@ -129,7 +130,7 @@ class Engine:
 
     def _rewind(self, data: dict) -> None:
         """Drop the stages a ``restart_from_stage`` names, then record the data (rank 0)."""
-        if self.pending_rewind is None or int(os.environ.get("RANK", "0")) != 0:
+        if self.pending_rewind is None or launch_rank() != 0:
             return
         state = rewind_run(self.store, self.pending_rewind)
         check_data_fingerprint(self.store, data, state)
@@ -137,7 +138,7 @@ class Engine:
     def _share_first_stage(self) -> RunState:
         """A new run starts with the first stage of ``first_stage_from`` (checked first)."""
         problem = share_problem(self.first_stage_from, self.cfg, self.method)
-        if not problem and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if not problem and launch_world_size() > 1:
             problem = "a first stage is copied by one process only; run without it under several"
         if problem:
             raise RunDirError(f"first_stage_from {self.first_stage_from}: {problem}; leave it out "
