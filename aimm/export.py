@@ -139,6 +139,11 @@ def load_adapter(model, folder: str | Path) -> None:
                           f"{len(result.unexpected_keys)} unexpected, e.g. {bad})")
 
 
+def stage_number(stage_dir: Path) -> int:
+    """The 1-based number ``k`` of a ``stages/<k>_<task>`` folder."""
+    return int(stage_dir.name.split("_", 1)[0])
+
+
 def restore_stage_adapter(model, stage_dir: str | Path) -> None:
     """Resume: the stage's adapter from ``adapter.safetensors`` (checked: shapes, finite), else
     from ``adapter/``; a damaged one raises :class:`RunDirError` naming it and the way out."""
@@ -147,9 +152,8 @@ def restore_stage_adapter(model, stage_dir: str | Path) -> None:
 
     stage_dir = Path(stage_dir)
     if (stage_dir / AIMM_ADAPTER).is_file():
-        stage_number = int(stage_dir.name.split("_", 1)[0])  # stages/<k>_<task>
-        load_lora_state_dict(model, load_checked(stage_dir / AIMM_ADAPTER, stage_number,
-                                                 lora_state_dict(model)))
+        lora = load_checked(stage_dir / AIMM_ADAPTER, stage_number(stage_dir), lora_state_dict(model))
+        load_lora_state_dict(model, lora)
     elif (stage_dir / ADAPTER_DIR / PEFT_WEIGHTS).is_file():
         load_adapter(model, stage_dir / ADAPTER_DIR)
     else:
@@ -165,7 +169,7 @@ def check_stage_files(run_dir: str | Path, stage_dir: Path) -> None:
     from aimm.runs import RunStore
 
     store = RunStore(Path(run_dir))
-    number = int(stage_dir.name.split("_", 1)[0])  # stages/<k>_<task>
+    number = stage_number(stage_dir)
     hint = (f"check the run with `aimm report --verify {run_dir}`, then {restart_hint(number)}")
     prefix = stage_dir.relative_to(store.root).as_posix() + "/"
     for rel, digest in sorted(store.read_state().get("sha256", {}).items()):
@@ -333,7 +337,7 @@ def export_stage(run_dir: str | Path, out: str | Path, stage: int | None = None)
     "merged model": OUT/merged}`` or the one of them that applies."""
     out = Path(out)
     check_export_target(out)
-    number = int(stage_dir_of(run_dir, stage).name.split("_", 1)[0])
+    number = stage_number(stage_dir_of(run_dir, stage))
     model, bundle, cfg = load_stage_model(run_dir, number)
     method = _method(cfg)
     written: dict[str, Path] = {}
@@ -359,11 +363,13 @@ def _mark_export(out: Path, run_dir, number: int, written: dict[str, Path]) -> d
     """``OUT/aimm_export.json``, written last: OUT is an aimm export (a later one may replace it)."""
     from aimm.runs import atomic_write_json
 
-    atomic_write_json(out / EXPORT_MARKER, {"aimm_export": 1, "run_dir": str(Path(run_dir).resolve()),
-                                            "stage": number, "written": sorted(p.name for p in written.values())})
+    atomic_write_json(out / EXPORT_MARKER, {
+        "aimm_export": 1, "run_dir": str(Path(run_dir).resolve()), "stage": number,
+        "written": sorted(p.name for p in written.values())})
     return written
 
 
-__all__ = ["EXPORT_MARKER", "base_model_name", "check_export_target", "check_stage_files", "export_stage", "load_adapter", "load_stage_model",
-           "restore_stage_adapter", "save_adapter", "stacked_adapters", "stage_adapter_is_model",
-           "stage_dir_of", "with_evaluated_delta"]
+__all__ = ["EXPORT_MARKER", "base_model_name", "check_export_target", "check_stage_files",
+           "export_stage", "load_adapter", "load_stage_model", "restore_stage_adapter",
+           "save_adapter", "stacked_adapters", "stage_adapter_is_model", "stage_dir_of",
+           "stage_number", "with_evaluated_delta"]

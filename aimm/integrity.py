@@ -182,16 +182,19 @@ def require_finite_adapter(lora: dict[str, torch.Tensor], stage_name: str, run_d
 
 # ---------------------------------------------------------------------------------- data
 def check_run_data(store: RunStore, benchmark: str, data: dict[str, Any], state: dict,
-                   max_train: int | None = None, rewinding: bool = False) -> None:
+                   max_train: int | None = None, rewinding: bool = False) -> dict:
     """Before training: every task trainable (:func:`aimm.data.check.training_data_problems`,
-    ``DataError``) and, on resume, the same data as before (:func:`check_data_fingerprint`)."""
+    ``DataError``) and, on resume, the same data as before (:func:`check_data_fingerprint`).
+    Returns the data's fingerprint (:func:`data_fingerprint`), hashed here once per run."""
     from aimm.data import DataError
     from aimm.data.check import training_data_problems
 
     problems = training_data_problems(benchmark, data, max_train)
     if problems:
         raise DataError(problems)
-    check_data_fingerprint(store, data, state, rewinding)
+    fingerprint = data_fingerprint(data)
+    check_data_fingerprint(store, fingerprint, state, rewinding)
+    return fingerprint
 
 
 def data_fingerprint(data: dict[str, Any]) -> dict[str, dict[str, dict[str, str]]]:
@@ -201,9 +204,10 @@ def data_fingerprint(data: dict[str, Any]) -> dict[str, dict[str, dict[str, str]
             for task, td in data.items()}
 
 
-def check_data_fingerprint(store: RunStore, data: dict[str, Any], state: dict,
+def check_data_fingerprint(store: RunStore, new: dict[str, Any], state: dict,
                            rewinding: bool = False) -> None:
-    """On resume, refuse data that differs from what the run trained on; else record it.
+    """On resume, refuse data (``new``: its :func:`data_fingerprint`) that differs from what the
+    run trained on; else record it.
 
     The comparison is by content, per task and split: moving the same files elsewhere is fine.
     It applies once a stage is complete or a within-stage checkpoint exists; before that the
@@ -213,7 +217,6 @@ def check_data_fingerprint(store: RunStore, data: dict[str, Any], state: dict,
     is written yet.
     """
     path = store.root / FINGERPRINT
-    new = data_fingerprint(data)
     started = bool(state["completed"]) or (
         not rewinding and any((store.root / "checkpoints").glob("*")))
     if started:

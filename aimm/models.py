@@ -328,38 +328,39 @@ def attach_lora(
     """Wrap the model with one LoRA adapter (spec §1 defaults). Returns a new bundle."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    names = [name for name, _ in bundle.model.named_modules()]
-    for target in targets or []:  # PEFT matches a module's name or its dotted tail
-        if not any(name == target or name.endswith("." + target) for name in names):
-            linear = sorted({name.rsplit(".", 1)[-1] for name, module in bundle.model.named_modules()
-                             if isinstance(module, torch.nn.Linear)})
-            raise ConfigError(f"lora_targets: {target!r} names no module of {bundle.spec}; its "
-                              f"linear layers: {', '.join(linear)}")
-    _check_rank(bundle, r, targets or default_lora_targets(bundle.model))
+    targets = targets or default_lora_targets(bundle.model)
+    _check_targets(bundle, targets, r)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=targets or default_lora_targets(bundle.model),
+        target_modules=targets,
         task_type=TaskType.SEQ_2_SEQ_LM if bundle.is_seq2seq else TaskType.CAUSAL_LM,
     )
     peft_model = get_peft_model(bundle.model, config)
     return ModelBundle(peft_model, bundle.tokenizer, bundle.is_seq2seq, bundle.spec, bundle.path)
 
 
-def _check_rank(bundle: ModelBundle, r: int, targets: list[str]) -> None:
-    """A rank above a targeted layer's smaller side adds weights (and optimiser state) but no
-    capacity: ``B @ A`` has rank at most ``min(in, out)``. Refused before PEFT allocates them."""
-    for name, module in bundle.model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not (isinstance(weight, torch.Tensor) and weight.dim() == 2 and any(
-                name == t or name.endswith("." + t) for t in targets)):
-            continue
-        width = min(weight.shape)
-        if r > width:
-            raise ConfigError(f"lora_r {r}: above the width of {name} ({weight.shape[1]} in, "
-                              f"{weight.shape[0]} out) in {bundle.spec}, where a rank above "
-                              f"{width} adds weights but no capacity; choose lora_r <= {width}")
+def _check_targets(bundle: ModelBundle, targets: list[str], r: int) -> None:
+    """Before PEFT allocates anything: every target names a module (PEFT matches a module's name
+    or its dotted tail), and ``r`` is at most each targeted layer's smaller side: above it a
+    rank adds weights (and optimiser state) but no capacity, ``B @ A`` having rank at most
+    ``min(in, out)``. Each problem is a :class:`ConfigError` naming the target or the layer."""
+    modules = dict(bundle.model.named_modules())
+    for target in targets:
+        matched = [name for name in modules if name == target or name.endswith("." + target)]
+        if not matched:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, module in modules.items()
+                             if isinstance(module, torch.nn.Linear)})
+            raise ConfigError(f"lora_targets: {target!r} names no module of {bundle.spec}; its "
+                              f"linear layers: {', '.join(linear)}")
+        for name in matched:
+            weight = getattr(modules[name], "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2 and r > min(weight.shape):
+                width = min(weight.shape)
+                raise ConfigError(f"lora_r {r}: above the width of {name} ({weight.shape[1]} in, "
+                                  f"{weight.shape[0]} out) in {bundle.spec}, where a rank above "
+                                  f"{width} adds weights but no capacity; choose lora_r <= {width}")
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

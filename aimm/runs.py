@@ -367,7 +367,7 @@ def _matrix_against_state(matrix: pd.DataFrame, run_dir: Path) -> str:
         return "a row or column named twice"
     try:
         state = RunStore(run_dir).read_state()
-    except (RunDirError, ValueError, OSError):
+    except (ValueError, OSError):  # RunDirError is an OSError
         return ""
     return scores_matrix_problem(matrix.to_dict(orient="index"), state["scores"]) or ""
 

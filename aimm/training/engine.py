@@ -84,9 +84,9 @@ class Engine:
     def _run(self) -> Path:
         tasks = self.cfg.task_names()
         state = self._check_resume()
-        data = self._setup_data(tasks, state)
+        data, fingerprint = self._setup_data(tasks, state)
         bundle, initial_lora, accelerator, model = self._setup_model()
-        self._rewind(data)  # --restart-from-stage deletes only now, with all input checked
+        self._rewind(fingerprint)  # --restart-from-stage deletes only now, with all input checked
         stages = self.method.stages(tasks)
         if state.completed:
             self._restore_stage(model, stages[len(state.completed) - 1])
@@ -128,12 +128,12 @@ class Engine:
         verify_for_resume(self.store, state.to_dict())
         return state
 
-    def _rewind(self, data: dict) -> None:
+    def _rewind(self, fingerprint: dict) -> None:
         """Drop the stages a ``restart_from_stage`` names, then record the data (rank 0)."""
         if self.pending_rewind is None or launch_rank() != 0:
             return
         state = rewind_run(self.store, self.pending_rewind)
-        check_data_fingerprint(self.store, data, state)
+        check_data_fingerprint(self.store, fingerprint, state)
 
     def _share_first_stage(self) -> RunState:
         """A new run starts with the first stage of ``first_stage_from`` (checked first)."""
@@ -145,8 +145,9 @@ class Engine:
                               "to train the first stage")
         return copy_first_stage(self.first_stage_from, self.store, self.cfg, self.method)
 
-    def _setup_data(self, tasks: list[str], state: RunState) -> dict:
-        """Load the tasks; check they are trainable and, on resume, the data the run used."""
+    def _setup_data(self, tasks: list[str], state: RunState) -> tuple[dict, dict]:
+        """Load the tasks; check they are trainable and, on resume, the data the run used;
+        ``(data, its fingerprint)``."""
         from aimm.data import load_tasks
 
         cfg = self.cfg
@@ -154,9 +155,9 @@ class Engine:
                           max_test=cfg.max_test, seed=cfg.seed, specs=cfg.task_specs())
         for task in data.values():
             self.warnings.extend(task.warnings)
-        check_run_data(self.store, cfg.benchmark, data, state.to_dict(), cfg.max_train,
-                       rewinding=self.pending_rewind is not None)
-        return data
+        fingerprint = check_run_data(self.store, cfg.benchmark, data, state.to_dict(),
+                                     cfg.max_train, rewinding=self.pending_rewind is not None)
+        return data, fingerprint
 
     def _load_model(self):
         """The base model with what the method trains (:meth:`Method.setup_model`; default LoRA)."""
