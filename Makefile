@@ -34,7 +34,7 @@ bench:  ## speed benchmarks, CPU-sized (estimated 1-1.5 h on 2 idle cores now th
 	$(PY) -m benchmarks.prompt_scoring --model smollm2-135m --dtype auto --stage 3 --n 10 \
 	  --out runs/bench/prompt_scoring.json
 	$(PY) -m benchmarks.merge_ops --model smollm2-135m --repeats 50 --out runs/bench/merge_ops.json
-	$(PY) -m benchmarks.engine_vs_hf --model smollm2-135m --steps 12 --repeats 2 --batch-size 4 \
+	$(PY) -m benchmarks.engine_vs_hf --model smollm2-135m --steps 12 --repeats 3 --batch-size 4 \
 	  --seq-len 150 --dtype auto --out runs/bench/engine_vs_hf.json
 	$(PY) -m benchmarks.study_profile --model smollm2-135m --max-train 48 --max-test 16 \
 	  --out runs/bench/study_profile.json

@@ -40,20 +40,26 @@ consecutive step ends), tokens/s, and the share of the bf16 GEMM rate measured i
 the model's shapes (FLOPs per step from :mod:`benchmarks._flops`, counted per trainer: the LM head
 over all positions for Trainer, over the target tail for aimm and the floor). Repeats are
 interleaved (aimm, trainer, trainer_target, floor, aimm, ...) to cancel slow drifts of the
-machine's load; ratios are given as the ratio of medians and as the median of per-repeat ratios.
-Goals (issue #15): aimm <= 0.8x Trainer's time per step, aimm <= 1.1x the floor.
+machine's load (finer interleaving, step by step, was tried and biases the ratios: see the
+benchmarks README). Ratios: of the medians; per repeat, with their mean and 95% Student-t
+interval over the repeats. Goals (issue #15): aimm <= 0.8x Trainer's time per step, aimm <= 1.1x
+the floor; a goal's ``verdict`` is ``met`` / ``not met`` only when the repeats' interval lies
+wholly on one side of it, else ``not resolved``. On CUDA every trainer's step end is taken after
+``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import sys
 import tempfile
 import time
 import warnings as pywarnings
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -76,12 +82,38 @@ def steady_step_times(stamps: list[float], warmup: int) -> list[float]:
     return [b - a for i, (a, b) in enumerate(zip(stamps, stamps[1:]), start=2) if i > warmup]
 
 
+def goal_verdict(estimate, goal: float) -> str:
+    """``met`` when the whole 95% interval of the ratio lies at or under ``goal``, ``not met``
+    when it lies above, else ``not resolved`` (also with fewer than two repeats)."""
+    if estimate.n < 2 or not math.isfinite(estimate.ci_low):
+        return "not resolved (fewer than 2 repeats)"
+    if estimate.ci_high <= goal:
+        return "met"
+    if estimate.ci_low > goal:
+        return "not met"
+    return "not resolved"
+
+
+def _interval(values: list[float]):
+    """``({"n", "mean", "ci95"}, Estimate)`` of ``values`` (ci95 None below two values)."""
+    from aimm.study.stats import estimate
+
+    e = estimate(values)
+    finite = math.isfinite(e.ci_low)
+    return {"n": e.n, "mean": e.mean, "ci95": [e.ci_low, e.ci_high] if finite else None}, e
+
+
 def summarize(runs: list[dict], tokens_per_step: float, flops: dict[str, float],
               gemm_flops_per_s: float | None) -> tuple[dict, dict]:
     """Medians per trainer and the ratios of the headline pairs.
 
     ``runs``: ``{"trainer", "repeat", "s_per_step"}`` (the run's median step time).
     ``flops``: model FLOPs of one step per trainer. Returns ``(summary, ratios)``.
+
+    Per pair: ``time_per_step`` (ratio of the medians), ``per_repeat`` (ratio of each repeat's
+    medians) with its mean and 95% Student-t interval (``repeats``); for a goal pair also
+    ``verdict`` (:func:`goal_verdict` of that interval) and ``meets_goal`` (the point ratio
+    alone at or under the goal).
     """
     summary: dict[str, dict] = {}
     for name in dict.fromkeys(r["trainer"] for r in runs):
@@ -106,11 +138,14 @@ def summarize(runs: list[dict], tokens_per_step: float, flops: dict[str, float],
             if ra and rb:
                 per_repeat.append(ratio(ra["s_per_step"], rb["s_per_step"]))
         key = f"{a}/{b}"
+        repeats, est = _interval([x for x in per_repeat if x is not None])
         ratios[key] = {"time_per_step": ratio(summary[a]["s_per_step"], summary[b]["s_per_step"]),
-                       "per_repeat": per_repeat, "median_of_repeats": median(per_repeat)}
+                       "per_repeat": per_repeat, "median_of_repeats": median(per_repeat),
+                       "repeats": repeats}
         if key in GOALS and ratios[key]["time_per_step"] is not None:
             ratios[key]["goal"] = GOALS[key]
             ratios[key]["meets_goal"] = ratios[key]["time_per_step"] <= GOALS[key]
+            ratios[key]["verdict"] = goal_verdict(est, GOALS[key])
     return summary, ratios
 
 
@@ -145,7 +180,6 @@ class Setup:
         self.tokens_per_step = sum(lengths) / len(lengths) * args.batch_size
         self.keep = max(len(t) for t in self.encoded.target_ids) + 1  # aimm's logits_to_keep
         self.shapes = model_shapes(self.peft_model(bundle.model))
-        self.trainer_args: dict = {}  # TrainingArguments as used (filled by the first Trainer run)
         del bundle
 
     @property
@@ -171,20 +205,23 @@ class Setup:
 
 
 # ------------------------------------------------------------------------------ the trainers
-class _AimmClock:
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
+class _AimmStepEnd:
+    """An aimm callback that reports each optimiser step's end."""
+
+    def __init__(self, step_end: Callable[[], None]) -> None:
+        self.step_end = step_end
 
     def on_step(self, record: dict) -> None:
-        self.stamps.append(time.perf_counter())
+        self.step_end()
 
 
-def run_aimm(setup: Setup, work: Path, repeat: int, attention_dtype: str = "model") -> list[float]:
+def run_aimm(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None],
+             attention_dtype: str = "model") -> None:
     from aimm.engine import run
 
     a = setup.args
     run_dir = work / f"aimm-{attention_dtype}-r{repeat}"
-    clock = _AimmClock()
+    clock = _AimmStepEnd(step_end)
     run({"benchmark": "long_sequence", "tasks": [TASK], "data_dir": str(setup.data_dir),
          "max_train": setup.n, "max_test": 1, "method": "seq_lora", "model": a.model,
          "dtype": a.dtype, "batch_size": a.batch_size, "grad_accum": 1, "epochs": 1.0,
@@ -194,21 +231,41 @@ def run_aimm(setup: Setup, work: Path, repeat: int, attention_dtype: str = "mode
          "progress": False, "seed": a.seed, "run_dir": str(run_dir),
          "attention_dtype": attention_dtype}, callbacks=[clock])
     shutil.rmtree(run_dir, ignore_errors=True)
-    return clock.stamps
 
 
-def run_trainer(setup: Setup, work: Path, repeat: int, target_only: bool) -> list[float]:
+def training_arguments(setup: Setup, out_dir: Path):
+    """The ``TrainingArguments`` of ``trainer`` and ``trainer_target``."""
+    from transformers import TrainingArguments
+
+    a = setup.args
+    return TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
+        learning_rate=a.lr, weight_decay=0.0, warmup_steps=a.lr_warmup_steps,
+        lr_scheduler_type="linear", max_grad_norm=1.0, bf16=False, seed=a.seed,
+        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
+        disable_tqdm=True, use_cpu=a.device == "cpu", dataloader_pin_memory=a.device != "cpu")
+
+
+def training_arguments_record(setup: Setup, work: Path) -> dict[str, str]:
+    """The settings of :func:`training_arguments` that a reader of the JSON asks about."""
+    args = training_arguments(setup, work / "trainer-args")
+    return {k: str(getattr(args, k)) for k in (
+        "optim", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "weight_decay", "bf16",
+        "train_sampling_strategy", "logging_strategy", "save_strategy", "eval_strategy",
+        "report_to", "dataloader_num_workers", "torch_compile")}
+
+
+def run_trainer(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None],
+                target_only: bool) -> None:
     from transformers import (DataCollatorForLanguageModeling, DataCollatorForSeq2Seq,
-                              PrinterCallback, Trainer, TrainerCallback, TrainingArguments)
+                              PrinterCallback, Trainer, TrainerCallback)
     from transformers.utils import logging as hf_logging
 
-    class Clock(TrainerCallback):
-        stamps: list[float] = []
-
+    class StepEnd(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            self.stamps.append(time.perf_counter())
+            step_end()
 
-    a, enc = setup.args, setup.encoded
+    enc = setup.encoded
     if target_only:
         rows = [{"input_ids": p + t, "attention_mask": [1] * (len(p) + len(t)),
                  "labels": [-100] * len(p) + t} for p, t in zip(enc.prompt_ids, enc.target_ids)]
@@ -217,32 +274,20 @@ def run_trainer(setup: Setup, work: Path, repeat: int, target_only: bool) -> lis
         rows = [{"input_ids": p + t} for p, t in zip(enc.prompt_ids, enc.target_ids)]
         collator = DataCollatorForLanguageModeling(setup.tokenizer, mlm=False)
     out_dir = work / f"trainer-r{repeat}-{int(target_only)}"
-    args = TrainingArguments(
-        output_dir=str(out_dir), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
-        learning_rate=a.lr, weight_decay=0.0, warmup_steps=a.lr_warmup_steps,
-        lr_scheduler_type="linear", max_grad_norm=1.0, bf16=False, seed=a.seed,
-        logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
-        disable_tqdm=True, use_cpu=a.device == "cpu", dataloader_pin_memory=a.device != "cpu")
-    setup.trainer_args = {k: str(getattr(args, k)) for k in (
-        "optim", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "weight_decay", "bf16",
-        "train_sampling_strategy", "logging_strategy", "save_strategy", "eval_strategy",
-        "report_to", "dataloader_num_workers", "torch_compile")}
-    clock = Clock()
-    clock.stamps = []
+    args = training_arguments(setup, out_dir)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
         trainer = Trainer(model=setup.peft_model(), args=args, train_dataset=rows,
-                          data_collator=collator, callbacks=[clock])
+                          data_collator=collator, callbacks=[StepEnd()])
         trainer.remove_callback(PrinterCallback)  # the final metrics print (tqdm is off)
         trainer.train()
     finally:
         hf_logging.set_verbosity(verbosity)
         shutil.rmtree(out_dir, ignore_errors=True)
-    return clock.stamps
 
 
-def run_floor(setup: Setup, work: Path, repeat: int) -> list[float]:
+def run_floor(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None]) -> None:
     import torch.nn.functional as F
     from aimm.loss import last_positions
 
@@ -256,7 +301,6 @@ def run_floor(setup: Setup, work: Path, repeat: int) -> list[float]:
                for i in range(a.steps)]
     batches = [{k: v.to(a.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                for b in batches]
-    stamps = []
     for b in batches:
         keep = b["logits_to_keep"]
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
@@ -270,19 +314,25 @@ def run_floor(setup: Setup, work: Path, repeat: int) -> list[float]:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if a.device == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-    return stamps
+        step_end()
 
 
+#: ``runner(setup, work, repeat, step_end)``: one run of a trainer, ``step_end()`` after each step.
 RUNNERS = {
     "aimm": run_aimm,
-    "trainer": lambda s, w, r: run_trainer(s, w, r, target_only=False),
-    "trainer_target": lambda s, w, r: run_trainer(s, w, r, target_only=True),
+    "trainer": partial(run_trainer, target_only=False),
+    "trainer_target": partial(run_trainer, target_only=True),
     "floor": run_floor,
-    "aimm_attn32": lambda s, w, r: run_aimm(s, w, r, attention_dtype="float32"),
+    "aimm_attn32": partial(run_aimm, attention_dtype="float32"),
 }
+
+
+def run_named(name: str, setup: Setup, work: Path, repeat: int,
+              step_end: Callable[[], None]) -> None:
+    """One run of trainer ``name``, warnings off, ``step_end`` after the device finished."""
+    with pywarnings.catch_warnings():
+        pywarnings.simplefilter("ignore")
+        RUNNERS[name](setup, work, repeat, _synced(step_end, setup.args.device))
 
 
 # ------------------------------------------------------------------------------ main
@@ -365,23 +415,15 @@ def measure(args, setup: Setup, trainers: list[str], work: Path) -> dict:
         "tokens_per_step": setup.tokens_per_step, "shapes": shapes,
         "flops_formula": FLOPS_FORMULA, "flops_per_step": flops, "gemm": gemm,
         "trainers": trainers, "runs": [], "summary": {}, "ratios": {},
+        "trainer_args": training_arguments_record(setup, work),
     }
     started = time.perf_counter()
     work.mkdir(parents=True, exist_ok=True)
     for rep in range(a.repeats):
-        for name in trainers:
-            wall = time.perf_counter()
-            with pywarnings.catch_warnings():
-                pywarnings.simplefilter("ignore")
-                stamps = RUNNERS[name](setup, work, rep)
-            steps = steady_step_times(stamps, a.warmup_steps)
-            run = {"trainer": name, "repeat": rep, "steps_done": len(stamps),
-                   "step_s": [round(x, 5) for x in steps], "s_per_step": median(steps),
-                   "run_wall_s": round(time.perf_counter() - wall, 3)}
+        for run in _repeat(setup, work, rep, trainers):
             result["runs"].append(run)
-            print(f"[{PROG}] repeat {rep} {name}: {run['s_per_step']:.4f} s/step "
-                  f"({len(stamps)} steps)", file=sys.stderr, flush=True)
-            result["trainer_args"] = setup.trainer_args
+            print(f"[{PROG}] repeat {rep} {run['trainer']}: {run['s_per_step']:.4f} s/step "
+                  f"({run['steps_done']} steps)", file=sys.stderr, flush=True)
             result["summary"], result["ratios"] = summarize(
                 result["runs"], setup.tokens_per_step,
                 {k: v["total"] for k, v in flops.items()}, gemm["flops_per_s"])
@@ -390,6 +432,30 @@ def measure(args, setup: Setup, trainers: list[str], work: Path) -> dict:
     result["partial"] = False
     write_json(a.out, result)
     return result
+
+
+def _synced(step_end: Callable[[], None], device: str) -> Callable[[], None]:
+    """``step_end`` after the device finished the step's work (CUDA runs asynchronously)."""
+    if device != "cuda":
+        return step_end
+    return partial(_sync_then, step_end)
+
+
+def _sync_then(step_end: Callable[[], None]) -> None:
+    torch.cuda.synchronize()
+    step_end()
+
+
+def _repeat(setup: Setup, work: Path, rep: int, trainers: list[str]):
+    """One repeat: one whole run after the other; steps timed between consecutive step ends."""
+    for name in trainers:
+        stamps: list[float] = []
+        wall = time.perf_counter()
+        run_named(name, setup, work, rep, lambda: stamps.append(time.perf_counter()))
+        steps = steady_step_times(stamps, setup.args.warmup_steps)
+        yield {"trainer": name, "repeat": rep, "steps_done": len(stamps),
+               "step_s": [round(x, 5) for x in steps], "s_per_step": median(steps),
+               "run_wall_s": round(time.perf_counter() - wall, 3)}
 
 
 def print_table(result: dict) -> None:
@@ -401,9 +467,11 @@ def print_table(result: dict) -> None:
         print(f"{name:<16}{s['s_per_step']:>10.4f}{s['tokens_per_s']:>11.1f}"
               f"{s['flops_per_step'] / 1e9:>12.2f}{s['gemm_share']:>12.1%}")
     for key, r in result["ratios"].items():
-        goal = f"  (goal <= {r['goal']}: {'met' if r['meets_goal'] else 'NOT met'})" if "goal" in r else ""
         per = ", ".join(f"{x:.3f}" for x in r["per_repeat"] if x is not None)
-        print(f"{key:<22}{r['time_per_step']:.3f}x  per repeat [{per}]{goal}")
+        ci = r["repeats"]["ci95"]
+        spread = f", mean {r['repeats']['mean']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+        goal = f"  goal <= {r['goal']}: {r['verdict']}" if "goal" in r else ""
+        print(f"{key:<22}{r['time_per_step']:.3f}x  per repeat [{per}]{spread}{goal}")
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ def test_engine_vs_hf_on_a_tiny_model_times_every_trainer(tmp_path):
                        "--gemm-seconds", "0.02", "--threads", "1", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["partial"] is False and data["model"] == "tiny-causal"
+    assert data["ratios"]["aimm/trainer"]["verdict"] == "not resolved (fewer than 2 repeats)"
+    assert data["trainer_args"]["optim"].endswith("ADAMW_TORCH_FUSED")  # Trainer's default
     assert data["data"]["uniform_length"] is True  # every sequence is exactly --seq-len tokens
     assert data["tokens_per_step"] == 2 * 24
     assert [r["trainer"] for r in data["runs"]] == ["aimm", "trainer", "trainer_target", "floor",
@@ -183,6 +185,30 @@ def test_engine_vs_hf_ratios_and_step_times_on_hand_made_numbers():
     assert ratios["aimm/floor"]["time_per_step"] == pytest.approx(2.0 / 1.45)
     assert ratios["aimm/floor"]["meets_goal"] is False
     assert "aimm/trainer_target" not in ratios  # not measured
+
+
+def test_engine_vs_hf_gives_a_goal_verdict_only_when_the_interval_lies_on_one_side():
+    from benchmarks.engine_vs_hf import goal_verdict, summarize
+    from aimm.study.stats import estimate
+
+    def run(trainer, repeat, s):
+        return {"trainer": trainer, "repeat": repeat, "s_per_step": s}
+
+    # the machine is twice as slow in repeat 1, the ratio the same: no spread between repeats
+    runs = [run("aimm", 0, 1.0), run("trainer", 0, 1.4), run("aimm", 1, 2.0), run("trainer", 1, 2.8)]
+    r = summarize(runs, 100.0, {"aimm": 1.0, "trainer": 1.0}, 1.0)[1]["aimm/trainer"]
+    assert r["repeats"]["n"] == 2 and r["repeats"]["mean"] == pytest.approx(1 / 1.4)
+    assert r["repeats"]["ci95"] == pytest.approx([1 / 1.4, 1 / 1.4])
+    assert r["verdict"] == "met" and r["meets_goal"] is True
+    # the point ratio meets the goal, the interval does not lie under it
+    runs = [run("aimm", 0, 0.7), run("trainer", 0, 1.0), run("aimm", 1, 0.9), run("trainer", 1, 1.0)]
+    r = summarize(runs, 100.0, {"aimm": 1.0, "trainer": 1.0}, 1.0)[1]["aimm/trainer"]
+    assert r["meets_goal"] is True and r["verdict"] == "not resolved"
+
+    assert goal_verdict(estimate([0.70, 0.72, 0.74]), 0.8) == "met"
+    assert goal_verdict(estimate([0.85, 0.86, 0.87]), 0.8) == "not met"
+    assert goal_verdict(estimate([0.71, 0.87, 0.93, 0.81, 0.76]), 0.8) == "not resolved"  # session 14
+    assert goal_verdict(estimate([0.5]), 0.8) == "not resolved (fewer than 2 repeats)"
 
 
 def test_lora_step_flops_on_hand_made_shapes_and_the_tiny_model():
