@@ -51,7 +51,6 @@ wholly on one side of it, else ``not resolved``. On CUDA every trainer's step en
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import tempfile
@@ -85,22 +84,13 @@ def steady_step_times(stamps: list[float], warmup: int) -> list[float]:
 def goal_verdict(estimate, goal: float) -> str:
     """``met`` when the whole 95% interval of the ratio lies at or under ``goal``, ``not met``
     when it lies above, else ``not resolved`` (also with fewer than two repeats)."""
-    if estimate.n < 2 or not math.isfinite(estimate.ci_low):
+    if estimate.n < 2:
         return "not resolved (fewer than 2 repeats)"
     if estimate.ci_high <= goal:
         return "met"
     if estimate.ci_low > goal:
         return "not met"
     return "not resolved"
-
-
-def _interval(values: list[float]):
-    """``({"n", "mean", "ci95"}, Estimate)`` of ``values`` (ci95 None below two values)."""
-    from aimm.study.stats import estimate
-
-    e = estimate(values)
-    finite = math.isfinite(e.ci_low)
-    return {"n": e.n, "mean": e.mean, "ci95": [e.ci_low, e.ci_high] if finite else None}, e
 
 
 def summarize(runs: list[dict], tokens_per_step: float, flops: dict[str, float],
@@ -115,6 +105,8 @@ def summarize(runs: list[dict], tokens_per_step: float, flops: dict[str, float],
     ``verdict`` (:func:`goal_verdict` of that interval) and ``meets_goal`` (the point ratio
     alone at or under the goal).
     """
+    from aimm.study.stats import estimate
+
     summary: dict[str, dict] = {}
     for name in dict.fromkeys(r["trainer"] for r in runs):
         s = median([r["s_per_step"] for r in runs if r["trainer"] == name])
@@ -138,10 +130,11 @@ def summarize(runs: list[dict], tokens_per_step: float, flops: dict[str, float],
             if ra and rb:
                 per_repeat.append(ratio(ra["s_per_step"], rb["s_per_step"]))
         key = f"{a}/{b}"
-        repeats, est = _interval([x for x in per_repeat if x is not None])
+        est = estimate(per_repeat)  # None dropped
         ratios[key] = {"time_per_step": ratio(summary[a]["s_per_step"], summary[b]["s_per_step"]),
                        "per_repeat": per_repeat, "median_of_repeats": median(per_repeat),
-                       "repeats": repeats}
+                       "repeats": {"n": est.n, "mean": est.mean,
+                                   "ci95": [est.ci_low, est.ci_high] if est.n >= 2 else None}}
         if key in GOALS and ratios[key]["time_per_step"] is not None:
             ratios[key]["goal"] = GOALS[key]
             ratios[key]["meets_goal"] = ratios[key]["time_per_step"] <= GOALS[key]
@@ -327,14 +320,6 @@ RUNNERS = {
 }
 
 
-def run_named(name: str, setup: Setup, work: Path, repeat: int,
-              step_end: Callable[[], None]) -> None:
-    """One run of trainer ``name``, warnings off, ``step_end`` after the device finished."""
-    with pywarnings.catch_warnings():
-        pywarnings.simplefilter("ignore")
-        RUNNERS[name](setup, work, repeat, _synced(step_end, setup.args.device))
-
-
 # ------------------------------------------------------------------------------ main
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -434,24 +419,22 @@ def measure(args, setup: Setup, trainers: list[str], work: Path) -> dict:
     return result
 
 
-def _synced(step_end: Callable[[], None], device: str) -> Callable[[], None]:
-    """``step_end`` after the device finished the step's work (CUDA runs asynchronously)."""
-    if device != "cuda":
-        return step_end
-    return partial(_sync_then, step_end)
-
-
-def _sync_then(step_end: Callable[[], None]) -> None:
-    torch.cuda.synchronize()
-    step_end()
-
-
 def _repeat(setup: Setup, work: Path, rep: int, trainers: list[str]):
-    """One repeat: one whole run after the other; steps timed between consecutive step ends."""
+    """One repeat: one whole run after the other; steps timed between consecutive step ends
+    (on CUDA after the device finished the step: it runs asynchronously)."""
+    cuda = setup.args.device == "cuda"
     for name in trainers:
         stamps: list[float] = []
+
+        def step_end() -> None:
+            if cuda:
+                torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
         wall = time.perf_counter()
-        run_named(name, setup, work, rep, lambda: stamps.append(time.perf_counter()))
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("ignore")
+            RUNNERS[name](setup, work, rep, step_end)
         steps = steady_step_times(stamps, setup.args.warmup_steps)
         yield {"trainer": name, "repeat": rep, "steps_done": len(stamps),
                "step_s": [round(x, 5) for x in steps], "s_per_step": median(steps),
