@@ -30,7 +30,8 @@ def _config_flags(p, single_run: bool) -> None:
     p.add_argument("--config", help="YAML file of RunConfig fields (flags override it)")
     p.add_argument("--benchmark", help="standard_cl | long_sequence | superni")
     if single_run:
-        p.add_argument("--order", type=int, help="task order number of the benchmark")
+        p.add_argument("--order", type=int, help="task order number of the benchmark (not with "
+                                                 "--tasks or a --config that has tasks)")
     p.add_argument("--tasks", help="custom order: comma-separated task names")
     if single_run:
         p.add_argument("--method", help="a method of aimm.methods.METHODS, e.g. seq_lora or aimmerging "
@@ -55,7 +56,8 @@ def _config_flags(p, single_run: bool) -> None:
     p.add_argument("--nan-policy", help="stop | skip")
     if single_run:
         p.add_argument("--seed", type=int)
-        p.add_argument("--run-dir", help="run directory (re-running an existing one resumes it)")
+        p.add_argument("--run-dir", help="run directory (re-running an existing one resumes it; "
+                                          "not a study folder)")
     p.add_argument("--device", help="auto | cpu | cuda")
     p.add_argument("--dtype", help="base-model weights: float32 (default) | bfloat16 | auto (bfloat16 "
                    "where the CPU has AMX / AVX512-BF16 or the GPU bf16, else float32); LoRA stays float32")
@@ -67,7 +69,8 @@ def _config_flags(p, single_run: bool) -> None:
                    help="tensorboard | mlflow | wandb (repeatable): log into <run dir>/logs/")
     p.add_argument("--restart-from-stage", type=int, metavar="K",
                    help="drop stages K.. of the existing run in --run-dir, then resume (the way "
-                        "out when a completed stage's files are damaged)")
+                        "out when a completed stage's files are damaged); K > 1 needs a run there, "
+                        "K = 1 starts over")
     p.add_argument("--first-stage-from", metavar="RUN_DIR",
                    help="a new run copies this finished run's first stage instead of training it, "
                         "when that stage is the same training (its method is this method's "
@@ -108,16 +111,43 @@ def config_values(args) -> tuple[dict, str]:
             raise ConfigError(f"--option {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         options[key.strip()] = _parse_value(value)
+    if getattr(args, "run_dir", None) is not None and not args.run_dir.strip():
+        raise ConfigError(f"--run-dir {args.run_dir!r}: an empty path; give a folder, or leave "
+                          "it out for runs/<run id>")
     if args.config:
         base = RunConfig.from_yaml(args.config)
         merged = base.to_dict()
+        _refuse_order_with_tasks(args, base.tasks, args.config)
+        if "run_dir" not in values and isinstance(base.run_dir, str) and not base.run_dir.strip():
+            raise ConfigError(f"{args.config}: run_dir={base.run_dir!r}: an empty path; give a "
+                              "folder, or leave it out (null) for runs/<run id>")
         merged.update(values)
         if options:
             merged["method_options"] = {**merged.get("method_options", {}), **options}
         return merged, args.config + (" + command line" if values or options else "")
+    _refuse_order_with_tasks(args, None, None)
     if options:
         values["method_options"] = options
     return values, "command line"
+
+
+def _refuse_order_with_tasks(args, config_tasks, config: str | None) -> None:
+    """``--order`` (``aimm study``: ``--orders``) names a benchmark order, tasks a custom one: both
+    at once is refused, whichever source gives the tasks (``--tasks`` or the YAML's ``tasks``).
+    (A YAML's own ``order`` beside its ``tasks`` is kept: every stored config has both.)"""
+    flag, value = (("--order", getattr(args, "order", None)) if hasattr(args, "order")
+                   else ("--orders", getattr(args, "orders", None)))
+    if value is None:
+        return
+    if args.tasks is not None:
+        where = "--tasks"
+    elif config_tasks is not None:
+        where = f"the tasks of {config}"
+    else:
+        return
+    raise ConfigError(f"{flag} {value} and {where}: give one (an order number of the benchmark, "
+                      "or a custom task list); leave out " + (flag if where != "--tasks" else
+                                                              f"{flag} or --tasks"))
 
 
 def cmd_run(args) -> int:
@@ -128,6 +158,7 @@ def cmd_run(args) -> int:
     cfg = config_from_args(args)
     if args.restart_from_stage is not None and not (cfg.run_dir or cfg.run_id):
         raise ConfigError("--restart-from-stage: name the run with --run-dir")
+    _refuse_study_folder(cfg.run_dir)
     check_trackers(args.log_with)  # before anything runs
     engine = Engine(cfg, restart_from_stage=args.restart_from_stage,
                     first_stage_from=getattr(args, "first_stage_from", None))
@@ -141,6 +172,23 @@ def cmd_run(args) -> int:
     print(f"run dir: {run_dir}")
     print(report_text(run_dir))
     return 0
+
+
+def _refuse_study_folder(run_dir: str | None) -> None:
+    """A study folder (``aimm study --out``: ``study.json``, ``runs.csv``, ``cells/``) is no run
+    dir: a run written there would mix the two layouts."""
+    from aimm.study.grid import RUNS_CSV
+    from aimm.study.report import STUDY_JSON
+
+    if run_dir is None:
+        return
+    folder = Path(run_dir)
+    marks = [m for m in (STUDY_JSON, RUNS_CSV) if (folder / m).is_file()]
+    marks += ["cells/"] if (folder / "cells").is_dir() else []
+    if marks and not (folder / "config.json").is_file():
+        raise ConfigError(f"--run-dir {run_dir}: a study folder (holds {', '.join(marks)}), not a "
+                          "run dir; give a new folder, or re-run its `aimm study` command to "
+                          "resume the study")
 
 
 def cmd_study(args) -> int:
@@ -172,6 +220,11 @@ def cmd_study(args) -> int:
 def cmd_report(args) -> int:
     from aimm.runs import report_text
 
+    if args.aggregate and (args.run_dir or args.verify):
+        raise ConfigError(f"--aggregate {args.aggregate} and "
+                          + (f"the run dir {args.run_dir}" if args.run_dir else "--verify")
+                          + ": give one (--aggregate STUDY_DIR prints a study's tables; a run dir, "
+                          "with or without --verify, reports that run)")
     if args.aggregate:
         from aimm.study import summary_markdown, write_aggregate
 
@@ -276,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("study", help="a grid of runs (methods x seeds x orders) and its summary")
     st.add_argument("--methods", required=True, help="comma-separated, e.g. seq_lora,replay,aimmerging")
     st.add_argument("--seeds", required=True, help="comma-separated integers, e.g. 1,2,3")
-    st.add_argument("--orders", help="comma-separated order numbers of --benchmark (or --tasks a,b,c)")
+    st.add_argument("--orders", help="comma-separated order numbers of --benchmark (or --tasks "
+                                     "a,b,c; not both, nor with a --config that has tasks)")
     st.add_argument("--reference", help="method the others are compared with (default seq_lora)")
     st.add_argument("--out", required=True, help="study folder (re-running resumes it)")
     st.add_argument("--no-share-first-stage", action="store_true",
@@ -287,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="scores matrix and metrics of a run, or a study's tables")
     rep.add_argument("run_dir", nargs="?")
     rep.add_argument("--aggregate", metavar="STUDY_DIR",
-                     help="recompute a study folder's summary.csv / summary.md / paired.csv and print them")
+                     help="recompute a study folder's summary.csv / summary.md / paired.csv and "
+                          "print them (not with a run dir or --verify)")
     rep.add_argument("--verify", action="store_true",
                      help="check every stage adapter and the files listed in state.json against "
                           "the sha256 recorded when they were written")
@@ -324,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--data-dir")
     rp.add_argument("--model")
     rp.add_argument("--smoke", action="store_true",
-                    help="the preset's grid with the tiny random model and tiny sizes (a quick check)")
+                    help="the preset's grid with the tiny random model and tiny sizes (a quick "
+                         "check; --model is refused with it)")
     rp.add_argument("--results-dir",
                     help="where the evidence goes (tables, study figures, command.txt); default: "
                          "the preset's (study: results/study-cpu, catalogue: results/catalogue-cpu), "

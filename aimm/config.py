@@ -295,7 +295,9 @@ class RunConfig:
              "tasks", "must be a non-empty list of task names or dataset specs")
         from aimm.data.custom import parse_task_spec
 
-        for i, spec in enumerate(t for t in self.tasks or [] if isinstance(t, dict)):
+        for i, spec in enumerate(self.tasks or []):  # i: the entry's place in the whole list
+            if not isinstance(spec, dict):
+                continue
             try:
                 parse_task_spec(spec, f"tasks[{i}]")
             except ValueError as exc:

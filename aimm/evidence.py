@@ -53,22 +53,45 @@ def run_timers(out_dir: str | Path) -> dict[str, float] | None:
     ``stages`` and seconds of ``train`` / ``probe`` / ``rehearsal`` / ``eval``, over the stages
     the runs trained themselves (a first stage copied from another run, ``first_stage_from``,
     counts once, in its source). None without ``runs.json``."""
-    from aimm.runs import read_json
+    from aimm.run_shapes import stage_problem
+    from aimm.runs import RunDirError, read_json
 
     index = Path(out_dir) / "runs.json"
     if not index.is_file():
         return None
+    runs = read_json(index)
+    if not (isinstance(runs, dict) and all(isinstance(d, str) and d for d in runs.values())):
+        raise RunDirError(f"{index}: not a list of runs (a JSON object of run name to run "
+                          "directory expected); remove it, the notebooks write it again")
     total = {"runs": 0, "stages": 0, "train": 0.0, "probe": 0.0, "rehearsal": 0.0, "eval": 0.0}
-    for run_dir in read_json(index).values():
+    for run_dir in runs.values():
         total["runs"] += 1
-        for path in sorted(Path(run_dir).glob("stages/*/stage.json")):
+        for path in completed_stage_files(Path(run_dir)):
             info = read_json(path)
+            problem = stage_problem(info)
+            if problem:
+                number = path.parent.name.split("_", 1)[0].lstrip("0") or "1"
+                raise RunDirError(f"{path}: not a stage record ({problem}); re-run the run's "
+                                  f"`aimm run` command with --restart-from-stage {number}")
             if info.get("first_stage_from"):
                 continue
             total["stages"] += 1
             for key in ("train", "probe", "rehearsal", "eval"):
                 total[key] += float(info.get("seconds", {}).get(key, 0.0))
     return total
+
+
+def completed_stage_files(run_dir: Path) -> list[Path]:
+    """The ``stage.json`` of the stages ``state.json`` records as completed (a folder of another
+    stage is an orphan a resume redoes); every stage folder's of a run without ``state.json``."""
+    from aimm.runs import RunStore
+
+    store = RunStore(run_dir)
+    if not store.state_path.is_file():
+        return sorted(run_dir.glob("stages/*/stage.json"))
+    paths = [store.stage_dir(i, name) / "stage.json"
+             for i, name in enumerate(store.read_state()["completed"])]
+    return [p for p in paths if p.is_file()]
 
 
 def command_text(command: str, seconds: float, started: float, notebooks: dict[str, Any],
@@ -162,6 +185,7 @@ def write_results(results_dir: str | Path, out_dir: str | Path, fig_dir: str | P
     method: ``metrics_bars`` and ``task1_curve``), and ``command.txt``."""
     from aimm.runs import atomic_write_text, environment_info
 
+    timers = run_timers(out_dir)  # first: a damaged run stops this before anything is copied
     target = Path(results_dir)
     target.mkdir(parents=True, exist_ok=True)
     written = copy_new_files((Path(out_dir) / name for name in TABLES), target, started)
@@ -175,7 +199,7 @@ def write_results(results_dir: str | Path, out_dir: str | Path, fig_dir: str | P
     env["packages"].update(package_versions(EXTRA_PACKAGES))
     atomic_write_text(target / "command.txt",
                       command_text(command, seconds, started, notebooks, parameters, env,
-                                   run_timers(out_dir)))
+                                   timers))
     return written + [target / "command.txt"]
 
 

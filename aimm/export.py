@@ -46,7 +46,7 @@ import torch
 
 from aimm.models import unwrap
 from aimm.util import error_summary
-from aimm.runs import RunDirError, atomic_write_bytes
+from aimm.runs import RunDirError, atomic_write_bytes, refuse_links
 
 ADAPTER_DIR = "adapter"
 AIMM_ADAPTER = "adapter.safetensors"
@@ -104,7 +104,8 @@ def save_adapter(model, folder: str | Path, base_model: str) -> Path:
 def _remove_stale_peft_files(folder: Path, written: set[Path]) -> None:
     """The files of an earlier PEFT save in ``folder`` that this one did not write (e.g. the
     subfolder of an adapter no longer in the stack); any other file is left alone."""
-    subfolders = [p for p in folder.iterdir() if p.is_dir() and (p / PEFT_CONFIG).is_file()]
+    subfolders = [p for p in folder.iterdir()  # never into a link: it would delete elsewhere
+                  if p.is_dir() and not p.is_symlink() and (p / PEFT_CONFIG).is_file()]
     for where in (folder, *subfolders):
         for name in PEFT_FILES:
             old = where / name
@@ -207,6 +208,11 @@ def check_export_target(out: str | Path) -> None:
                               "would overwrite; choose an OUT outside every run directory")
     if out.exists() and not out.is_dir():
         raise RunDirError(f"{out}: exists and is not a folder; choose an empty or new OUT")
+    for name in (ADAPTER_DIR, MERGED_DIR, EXPORT_MARKER):  # links there: writes land elsewhere
+        if (out / name).is_symlink():
+            raise RunDirError(f"{out / name}: is a link; an export writes and deletes files there "
+                              "and would reach what it points to; remove the link or choose a new OUT")
+        refuse_links(out / name, "the export", "an export writes and deletes files there")
     marker = out / EXPORT_MARKER
     try:
         ours = json.loads(marker.read_text(encoding="utf-8")).get("aimm_export") == 1
@@ -247,11 +253,11 @@ def load_stage_model(run_dir: str | Path, stage: int | None = None):
     from aimm.config import RunConfig
     from aimm.methods import build_method
     from aimm.models import attach_lora, load_model
-    from aimm.runs import read_json
+    from aimm.runs import load_config
 
     folder = stage_dir_of(run_dir, stage)
     check_stage_files(run_dir, folder)
-    cfg = RunConfig.from_dict(read_json(Path(run_dir) / "config.json"))
+    cfg = RunConfig.from_dict(load_config(run_dir))
     bundle = load_model(cfg.model, seed=cfg.seed)  # the run's base (tiny models: same seed)
     method = build_method(cfg, source=str(Path(run_dir) / "config.json"))
     if not method.peft_adapter:  # full fine-tuning: the weights are the stage's method state
@@ -301,9 +307,9 @@ def _method(cfg):
 def stage_adapter_is_model(run_dir: str | Path) -> bool:
     """Whether the run's stage adapters are the models it evaluated (``aimm export`` writes them)."""
     from aimm.config import RunConfig
-    from aimm.runs import read_json
+    from aimm.runs import load_config
 
-    method = _method(RunConfig.from_dict(read_json(Path(run_dir) / "config.json")))
+    method = _method(RunConfig.from_dict(load_config(run_dir)))
     return method is None or method.adapter_is_model
 
 

@@ -272,6 +272,15 @@ def rewound_state(store: RunStore, k: int) -> dict:
     return state
 
 
+def check_restart_target(store: RunStore, k: int | None) -> None:
+    """``--restart-from-stage k`` on a dir that holds no run (no ``config.json``): k > 1 names
+    stages that do not exist and is refused (:class:`RunDirError`); k = 1 means start over, which
+    a new run does anyway."""
+    if k is not None and k > 1 and not store.exists():
+        raise RunDirError(f"--restart-from-stage {k}: {store.root} holds no run; leave it out "
+                          "to start a new run there, or give the --run-dir that holds the run")
+
+
 def rewind_run(store: RunStore, k: int) -> dict:
     """Forget stages ``k``.. (1-based) of the run in ``store``: their folders, scores, sums and
     within-stage checkpoints; returns the new state (:func:`rewound_state`, also written). A stage
@@ -291,6 +300,7 @@ def rewind_run(store: RunStore, k: int) -> dict:
 
 
 __all__ = ["FINGERPRINT", "NonFiniteWeightsError", "RESULT_FILES", "adapter_problem",
-           "check_data_fingerprint", "check_run_data", "data_fingerprint", "load_adapter", "record_stage_files",
+           "check_data_fingerprint", "check_restart_target", "check_run_data", "data_fingerprint",
+           "load_adapter", "record_stage_files",
            "require_finite_adapter", "restart_hint", "rewind_run", "rewound_state", "sha256_file",
            "verify_for_resume", "verify_run"]

@@ -145,6 +145,16 @@ def preset_parameters(preset: str, run_root: str | Path = "runs", fig_dir: str |
         params["model"] = str(local.resolve()) if local.exists() else model
     if smoke:
         params["smoke"] = True
+    if params.get("smoke"):  # the tiny model and sizes replace the preset's: recorded as run
+        from aimm.notebook.params import SMOKE_MODEL, SMOKE_SIZES
+
+        if model is not None and model != SMOKE_MODEL:
+            how = "--smoke" if smoke else f"the preset {preset}"
+            raise ConfigError(f"--model {model}: a smoke run ({how}) trains the tiny random model "
+                              f"{SMOKE_MODEL} at tiny sizes; leave out --model, or "
+                              + ("--smoke" if smoke else "choose another preset")
+                              + f" to train {model}")
+        params.update(model=SMOKE_MODEL, **SMOKE_SIZES)
     params.update(overrides)
     validate_parameters(params)
     return params

@@ -29,6 +29,8 @@ def state_problem(state: Any) -> str | None:
         return f"'completed' holds {bad[0]!r}, not a stage name"
     if "stage_steps" in state and len(state["stage_steps"]) != len(state["completed"]):
         return "'stage_steps' and 'completed' differ in length"
+    if any(n < 0 for n in state.get("stage_steps", [])):
+        return "'stage_steps' holds a negative count"
     need = {"stage", "after_task", "eval_task", "score"}
     for row in state["scores"]:
         if not need <= set(row):
@@ -37,10 +39,59 @@ def state_problem(state: Any) -> str | None:
             return f"a 'scores' row is of stage {row['after_task']!r}, which is not completed"
         if not (is_num(row["score"]) or row["score"] is None):
             return f"a 'scores' row has score {row['score']!r}, not a number"
+        problem = _score_row_problem(row)
+        if problem:
+            return f"a 'scores' row has {problem}"
     if "sha256" in state and not (isinstance(state["sha256"], dict) and all(
             isinstance(k, str) and all(is_valid_name(part) for part in k.split("/"))
             and isinstance(v, str) for k, v in state["sha256"].items())):
         return "'sha256' must map run-dir-relative file paths to hex digests"
+    return None
+
+
+def _score_row_problem(row: dict) -> str | None:
+    """What is wrong with the fields of one ``scores`` row besides ``after_task`` and ``score``."""
+    if not is_valid_name(row["eval_task"]):
+        return f"eval_task {row['eval_task']!r}, not a task name"
+    if not _is_count(row["stage"]):
+        return f"stage {row['stage']!r}, not a stage index (an integer >= 0)"
+    if "metric" in row and not isinstance(row["metric"], str):
+        return f"metric {row['metric']!r}, not a metric name"
+    if "n" in row and not _is_count(row["n"]):
+        return f"n {row['n']!r}, not a count (an integer >= 0)"
+    return None
+
+
+def _is_count(value: Any) -> bool:
+    return is_int(value) and value >= 0
+
+
+_STAGE_COUNTS = ("stage", "inner_steps", "optimizer_steps", "merges", "memory_size", "processes")
+
+
+def stage_problem(info: Any, name: str | None = None) -> str | None:
+    """Why ``info`` is not a ``stage.json`` a run wrote (``None``: it is). The fields its readers
+    use are type-checked where present (``name``, the counts, ``train_tasks``, ``seconds``,
+    ``first_stage_from``); fields this version does not know are left alone. ``name``: the stage
+    the folder holds (its ``name`` field, if any, must be that)."""
+    if not isinstance(info, dict):
+        return f"a JSON object expected, found a {type(info).__name__}"
+    if "name" in info and not is_valid_name(info["name"]):
+        return f"name={info['name']!r}: a stage name expected"
+    if name is not None and info.get("name", name) != name:
+        return f"name={info['name']!r}, but the folder holds stage {name!r}"
+    for key in _STAGE_COUNTS:
+        if key in info and not _is_count(info[key]):
+            return f"{key}={info[key]!r}: a count (an integer >= 0) expected"
+    tasks = info.get("train_tasks", [])
+    if not (isinstance(tasks, list) and all(is_valid_name(t) for t in tasks)):
+        return "train_tasks: a list of task names expected"
+    seconds = info.get("seconds", {})
+    if not (isinstance(seconds, dict) and all(is_num(v) and math.isfinite(v) and v >= 0
+                                              for v in seconds.values())):
+        return "seconds: a mapping of timer name to seconds (a number >= 0) expected"
+    if "first_stage_from" in info and not isinstance(info["first_stage_from"], str):
+        return f"first_stage_from={info['first_stage_from']!r}: a run name expected"
     return None
 
 
@@ -88,4 +139,4 @@ def scores_matrix_problem(rows: dict[str, dict[str, Any]], scores: list[dict]) -
     return None
 
 
-__all__ = ["metrics_problem", "scores_matrix_problem", "state_problem"]
+__all__ = ["metrics_problem", "scores_matrix_problem", "stage_problem", "state_problem"]

@@ -135,6 +135,20 @@ def new_run_id(method: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- the store
+def refuse_links(folder: Path, what: str, why: str, unless: Path | None = None) -> None:
+    """:class:`RunDirError` naming the first link (file or folder) inside ``folder`` (not
+    followed), other than ``unless``; ``folder`` itself may be one. Writing or deleting through a
+    planted link would reach the file or folder it points to, outside ``folder``; aimm makes no
+    links."""
+    for parent, dirs, files in os.walk(folder):
+        for name in sorted(dirs + files):
+            path = os.path.join(parent, name)
+            if os.path.islink(path) and path != str(unless):
+                raise RunDirError(f"{path}: a link inside {what} {folder}; "
+                                  f"{why} and would reach what the link points to; replace the "
+                                  "link with the file or folder itself, or remove it")
+
+
 @dataclass
 class RunStore:
     """Reads and writes one run directory."""
@@ -178,6 +192,8 @@ class RunStore:
         if launch_rank() != 0:
             yield self
             return
+        refuse_links(self.root, "the run directory", "aimm writes and deletes files there",
+                     unless=self.lock_path)  # refused below, with its own fix
         created = _missing_parents(self.root)
         before = set(os.listdir(self.root)) if self.root.is_dir() else set()
         self.ensure_writable()
@@ -305,10 +321,16 @@ def _csv_or_empty(path: Path) -> pd.DataFrame:
 
 def load_config(run_dir: str | Path) -> dict[str, Any]:
     """A run's ``config.json``; an older run's renamed fields read under today's names, and the
-    fields added since at the value it ran with."""
+    fields added since at the value it ran with. :class:`RunDirError` names one that is not a
+    JSON object."""
     from aimm.config import renamed_fields, with_added_fields
 
-    return with_added_fields(renamed_fields(read_json(Path(run_dir) / "config.json")))
+    path = Path(run_dir) / "config.json"
+    values = read_json(path)
+    if not isinstance(values, dict):
+        raise RunDirError(f"{path}: not a run config (a JSON object expected, found a "
+                          f"{type(values).__name__}); fix it, or remove the run to start over")
+    return with_added_fields(renamed_fields(values, source=str(path)))
 
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:

@@ -18,8 +18,9 @@ tokenizer (:func:`tokenizer_fingerprint`), the encoding parameters the caller pa
 * Fewer than :data:`MIN_CACHED` texts are not cached (the look-up costs more than it saves).
 * Safety: ``datasets`` writes a temporary file in the cache folder and renames it into place, so
   a reader sees a whole file or none; concurrent runs writing the same key write identical
-  files. A file that cannot be read, or whose rows or columns do not match, is deleted and
-  rebuilt; a cache that cannot be written only costs the saving. Errors of the tokenisation
+  files. A file that cannot be read, or whose rows or columns do not match (row count, column
+  names and types, nulls, token ids outside ``[0, len(tokenizer))``, the texts' digests), is
+  deleted and rebuilt; a cache that cannot be written only costs the saving. Errors of the tokenisation
   itself propagate unchanged.
 """
 
@@ -151,15 +152,37 @@ def _text_check(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:4], "little", signed=True)
 
 
-def _columns(dataset, texts: Sequence[str]) -> Encoded:
-    """``ids`` and ``cut`` columns of a cached dataset as Python lists (checked: ``n`` rows)."""
+def _columns(dataset, texts: Sequence[str], vocab_size: int) -> Encoded:
+    """``ids`` and ``cut`` columns of a cached dataset as Python lists, checked: ``n`` rows of
+    the columns ``ids`` (lists of integers in ``[0, vocab_size)``), ``cut`` (booleans) and
+    ``check`` (integers, :func:`_text_check` of each text), no nulls. Any mismatch raises
+    ``ValueError`` (the caller then deletes and rebuilds the file)."""
+    import pyarrow as pa
+
     table = dataset.data.table
     if dataset.num_rows != len(texts) or table.column_names != ["ids", "cut", "check"]:
         raise ValueError(f"expected {len(texts)} rows of ids, cut, check; found {dataset.num_rows} "
                          f"rows of {', '.join(table.column_names)}")
+    types = {name: table.schema.field(name).type for name in table.column_names}
+    ids_type = types["ids"]
+    if not ((pa.types.is_list(ids_type) or pa.types.is_large_list(ids_type))
+            and pa.types.is_integer(ids_type.value_type)
+            and pa.types.is_boolean(types["cut"]) and pa.types.is_integer(types["check"])):
+        raise ValueError("expected columns ids: list of integers, cut: bool, check: integer; found "
+                         + ", ".join(f"{name}: {kind}" for name, kind in types.items()))
+    ids = table.column("ids").combine_chunks()
+    values = ids.flatten()  # the ids the rows hold (a sliced array's values without the rest)
+    if table.column("cut").null_count or table.column("check").null_count or ids.null_count \
+            or values.null_count:
+        raise ValueError("the file holds null values")
+    if len(values):
+        flat_np = values.to_numpy()
+        low, high = flat_np.min(), flat_np.max()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"token ids out of range: {int(low)} to {int(high)}, the tokenizer has "
+                             f"{vocab_size} tokens")
     if table.column("check").to_pylist() != [_text_check(t) for t in texts]:
         raise ValueError("the file holds the ids of other texts")
-    ids = table.column("ids").combine_chunks()
     flat = ids.values.to_numpy().tolist()
     offsets = ids.offsets.to_numpy().tolist()
     rows = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
@@ -167,9 +190,10 @@ def _columns(dataset, texts: Sequence[str]) -> Encoded:
 
 
 def _map(texts: Sequence[str], key: str, path: Path, compute: Callable[[list[str]], Encoded],
-         reuse: bool, failures: list) -> Encoded:
+         reuse: bool, failures: list, vocab_size: int) -> Encoded:
     """``datasets``' fingerprint cache: load ``path`` when ``reuse`` and it exists, else
-    ``compute`` (batch by batch) and write it. Errors of ``compute`` land in ``failures``."""
+    ``compute`` (batch by batch) and write it; either way checked by :func:`_columns`. Errors
+    of ``compute`` land in ``failures``."""
     from datasets import Dataset, Features, List, Value
 
     def tokenise(batch: list[str]) -> dict:
@@ -187,7 +211,7 @@ def _map(texts: Sequence[str], key: str, path: Path, compute: Callable[[list[str
             tokenise, batched=True, batch_size=1000, input_columns="text", remove_columns=["text"],
             features=features, cache_file_name=str(path), new_fingerprint=key,
             load_from_cache_file=reuse)
-    return _columns(out, texts)
+    return _columns(out, texts, vocab_size)
 
 
 def cached_encode(tokenizer, texts: Sequence[str], params: dict,
@@ -205,9 +229,10 @@ def cached_encode(tokenizer, texts: Sequence[str], params: dict,
     key = cache_key(texts, tokenizer_fp, params)
     path = cache_dir() / f"{key}.arrow"
     failures: list = []
+    vocab_size = len(tokenizer)
     if path.is_file():
         try:
-            return _map(texts, key, path, compute, True, failures)
+            return _map(texts, key, path, compute, True, failures, vocab_size)
         except Exception as exc:
             if failures:  # the file was not used: tokenisation itself failed
                 raise
@@ -215,7 +240,7 @@ def cached_encode(tokenizer, texts: Sequence[str], params: dict,
             with contextlib.suppress(OSError):
                 path.unlink()
     try:
-        return _map(texts, key, path, compute, False, failures)
+        return _map(texts, key, path, compute, False, failures, vocab_size)
     except Exception as exc:
         if failures:
             raise

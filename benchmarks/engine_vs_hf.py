@@ -26,6 +26,18 @@ warm-up of ``--lr-warmup-steps`` then linear decay, gradients clipped at 1.0):
   default; ``trainer`` and the floor run the attention as transformers loads the model (sdpa in
   the weights' dtype), as a user without aimm would.
 
+Three more, for the GPU check (``gpu_check.sh``; not in the default ``--trainers``: on a CPU
+``torch.compile`` brings nothing and its warm-up takes minutes, issue #15):
+
+* ``aimm_compiled``: ``aimm`` with ``compile: true`` (the engine compiles the model in place with
+  ``--compile-backend`` and pads batch widths to multiples of 64: at a ``--seq-len`` that is not
+  one, it computes the padded width);
+* ``plain``: plain HF + PEFT, a hand-written loop that passes ``labels=input_ids`` to the PEFT
+  model (transformers' own shifted cross-entropy over ALL tokens, every logit computed: the
+  Trainer's math without the Trainer), then clip, AdamW, scheduler;
+* ``plain_compiled``: ``plain`` on the PEFT model compiled in place (``model.compile``): the
+  "plain compiled HF + PEFT" reference of issue #15's GPU goal.
+
 Dtype policy (all trainers, as aimm does): the base model's weights in ``--dtype`` (``auto``
 by default: bf16 where the CPU has AMX / AVX512-BF16, else fp32; see aimm.hardware), the LoRA
 weights in fp32 (PEFT's ``autocast_adapter_dtype``), no autocast; Trainer runs with
@@ -44,8 +56,10 @@ machine's load (finer interleaving, step by step, was tried and biases the ratio
 benchmarks README). Ratios: of the medians; per repeat, with their mean and 95% Student-t
 interval over the repeats. Goals (issue #15): aimm <= 0.8x Trainer's time per step, aimm <= 1.1x
 the floor; a goal's ``verdict`` is ``met`` / ``not met`` only when the repeats' interval lies
-wholly on one side of it, else ``not resolved``. On CUDA every trainer's step end is taken after
-``torch.cuda.synchronize()``.
+wholly on one side of it, else ``not resolved``. With the compiled trainers also compiled against
+eager (``aimm_compiled/aimm``, ``plain_compiled/plain``) and the GPU goal, ``aimm_compiled`` <= 1.2x
+``plain_compiled``. A compiled run's first steps include the compilation: leave them out with
+``--warmup-steps``. On CUDA every trainer's step end is taken after ``torch.cuda.synchronize()``.
 """
 
 from __future__ import annotations
@@ -68,10 +82,20 @@ from benchmarks._flops import (FLOPS_FORMULA, gemm_shapes, lora_step_flops, meas
                                model_shapes)
 
 PROG = "engine_vs_hf"
-TRAINERS = ("aimm", "trainer", "trainer_target", "floor", "aimm_attn32")
+#: The default ``--trainers`` (the CPU comparison of issue #15, part 1).
+DEFAULT_TRAINERS = ("aimm", "trainer", "trainer_target", "floor", "aimm_attn32")
+#: Every trainer, in the order they run.
+TRAINERS = DEFAULT_TRAINERS + ("aimm_compiled", "plain", "plain_compiled")
+#: Trainers whose loss needs the LM head on every position (the rest: on the target tail).
+ALL_LOGITS = ("trainer", "trainer_target", "plain", "plain_compiled")
 TASK = "sst-2"
 TARGET_TOKENS = 2  # one label token + EOS
-GOALS = {"aimm/trainer": 0.8, "aimm/floor": 1.1}
+GOALS = {"aimm/trainer": 0.8, "aimm/floor": 1.1, "aimm_compiled/plain_compiled": 1.2}
+#: The ratios reported, ``(a, b)`` for ``a/b``, when both trainers ran.
+PAIRS = (("aimm", "trainer"), ("aimm", "trainer_target"), ("aimm", "floor"), ("trainer", "floor"),
+         ("aimm_attn32", "trainer"), ("aimm_attn32", "aimm"),
+         ("aimm_compiled", "plain_compiled"), ("aimm_compiled", "aimm"), ("plain_compiled", "plain"),
+         ("aimm", "plain"))
 
 
 # ------------------------------------------------------------------------------ pure helpers
@@ -119,8 +143,7 @@ def summarize(runs: list[dict], tokens_per_step: float, flops: dict[str, float],
             "gemm_share": ratio(ratio(f, s), gemm_flops_per_s),
         }
     ratios: dict[str, dict] = {}
-    for a, b in (("aimm", "trainer"), ("aimm", "trainer_target"), ("aimm", "floor"),
-                 ("trainer", "floor"), ("aimm_attn32", "trainer"), ("aimm_attn32", "aimm")):
+    for a, b in PAIRS:
         if a not in summary or b not in summary:
             continue
         per_repeat = []
@@ -160,7 +183,8 @@ class Setup:
         self.data_dir = root
         task = load_tasks(root, "long_sequence", [TASK], max_train=self.n, max_test=1,
                           seed=args.seed)[TASK]
-        bundle = load_model(args.model, dtype=self.dtype, seed=args.seed)
+        bundle = load_model(args.model, dtype=self.dtype, seed=args.seed,
+                            random_device="meta")  # for its shapes only: no memory, no init
         if bundle.is_seq2seq:
             fail(PROG, f"--model {args.model}: a seq2seq model; this benchmark compares "
                        "decoder-only trainers (e.g. smollm2-135m, tiny-causal)")
@@ -186,7 +210,8 @@ class Setup:
         from aimm.models import default_lora_targets, load_model
 
         if base is None:
-            base = load_model(self.args.model, dtype=self.dtype, seed=self.args.seed).model
+            base = load_model(self.args.model, dtype=self.dtype, seed=self.args.seed,
+                              random_device=self.args.device).model  # as aimm's engine builds it
         torch.manual_seed(self.args.seed)
         config = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                             target_modules=default_lora_targets(base))
@@ -209,11 +234,11 @@ class _AimmStepEnd:
 
 
 def run_aimm(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None],
-             attention_dtype: str = "model") -> None:
+             attention_dtype: str = "model", compile: bool = False) -> None:
     from aimm.engine import run
 
     a = setup.args
-    run_dir = work / f"aimm-{attention_dtype}-r{repeat}"
+    run_dir = work / f"aimm-{attention_dtype}-{int(compile)}-r{repeat}"
     clock = _AimmStepEnd(step_end)
     run({"benchmark": "long_sequence", "tasks": [TASK], "data_dir": str(setup.data_dir),
          "max_train": setup.n, "max_test": 1, "method": "seq_lora", "model": a.model,
@@ -222,7 +247,8 @@ def run_aimm(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None]
          "weight_decay": 0.0, "max_input_len": a.seq_len - TARGET_TOKENS,
          "eval_mode": "label_scoring", "eval_batch_size": 1, "device": a.device,
          "progress": False, "seed": a.seed, "run_dir": str(run_dir),
-         "attention_dtype": attention_dtype}, callbacks=[clock])
+         "attention_dtype": attention_dtype, "compile": compile,
+         "compile_backend": a.compile_backend}, callbacks=[clock])
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -310,6 +336,31 @@ def run_floor(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None
         step_end()
 
 
+def run_plain(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None],
+              compile: bool = False) -> None:
+    a = setup.args
+    model = setup.peft_model().to(a.device)
+    model.train()
+    if compile:
+        model.compile(backend=a.compile_backend)  # in place, as the engine does
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, setup.lr_factor)
+    batches = [setup.encoded.batch(range(i * a.batch_size, (i + 1) * a.batch_size))
+               for i in range(a.steps)]
+    batches = [tuple(t.to(a.device) for t in (b["input_ids"], b["attention_mask"],
+                                              b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)))
+               for b in batches]
+    for input_ids, attention_mask, labels in batches:
+        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_end()
+
+
 #: ``runner(setup, work, repeat, step_end)``: one run of a trainer, ``step_end()`` after each step.
 RUNNERS = {
     "aimm": run_aimm,
@@ -317,6 +368,9 @@ RUNNERS = {
     "trainer_target": partial(run_trainer, target_only=True),
     "floor": run_floor,
     "aimm_attn32": partial(run_aimm, attention_dtype="float32"),
+    "aimm_compiled": partial(run_aimm, compile=True),
+    "plain": run_plain,
+    "plain_compiled": partial(run_plain, compile=True),
 }
 
 
@@ -330,7 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=150, help="tokens of every sequence")
     ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    ap.add_argument("--trainers", default=",".join(TRAINERS), help="subset, in this order")
+    ap.add_argument("--trainers", default=",".join(DEFAULT_TRAINERS),
+                    help=f"comma-separated, run in this order; from {', '.join(TRAINERS)}")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of the *_compiled trainers (eager: trace only, tests)")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--lr-warmup-steps", type=int, default=2)
     ap.add_argument("--gemm-seconds", type=float, default=0.5, help="GEMM timing per shape")
@@ -355,6 +412,8 @@ def check_args(args) -> list[str]:
     for name, low in (("repeats", 1), ("batch_size", 1), ("seq_len", TARGET_TOKENS + 8)):
         if getattr(args, name) < low:
             fail(PROG, f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= {low}")
+    if not args.compile_backend:
+        fail(PROG, "--compile-backend '': name a torch.compile backend, e.g. inductor")
     if not args.gemm_seconds > 0:
         fail(PROG, f"--gemm-seconds {args.gemm_seconds}: must be > 0")
     return trainers
@@ -387,7 +446,7 @@ def measure(args, setup: Setup, trainers: list[str], work: Path) -> dict:
     tokens = a.batch_size * a.seq_len
     gemm = measure_gemm_rate(gemm_shapes(shapes, tokens), setup.dtype, a.gemm_seconds, a.device)
     flops = {name: lora_step_flops(shapes, a.batch_size, a.seq_len,
-                                   a.seq_len if name.startswith("trainer") else setup.keep)
+                                   a.seq_len if name in ALL_LOGITS else setup.keep)
              for name in trainers}
     result: dict[str, Any] = {
         "benchmark": PROG, "partial": True,
@@ -431,14 +490,23 @@ def _repeat(setup: Setup, work: Path, rep: int, trainers: list[str]):
                 torch.cuda.synchronize()
             stamps.append(time.perf_counter())
 
-        wall = time.perf_counter()
+        wall, graphs = time.perf_counter(), _compiled_graphs()
         with pywarnings.catch_warnings():
             pywarnings.simplefilter("ignore")
             RUNNERS[name](setup, work, rep, step_end)
         steps = steady_step_times(stamps, setup.args.warmup_steps)
         yield {"trainer": name, "repeat": rep, "steps_done": len(stamps),
                "step_s": [round(x, 5) for x in steps], "s_per_step": median(steps),
-               "run_wall_s": round(time.perf_counter() - wall, 3)}
+               "run_wall_s": round(time.perf_counter() - wall, 3),
+               "compiled_graphs": _compiled_graphs() - graphs}
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (dynamo's counter): a compiled
+    trainer's run that adds none ran eagerly."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def print_table(result: dict) -> None:
@@ -454,7 +522,7 @@ def print_table(result: dict) -> None:
         ci = r["repeats"]["ci95"]
         spread = f", mean {r['repeats']['mean']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
         goal = f"  goal <= {r['goal']}: {r['verdict']}" if "goal" in r else ""
-        print(f"{key:<22}{r['time_per_step']:.3f}x  per repeat [{per}]{spread}{goal}")
+        print(f"{key:<30}{r['time_per_step']:.3f}x  per repeat [{per}]{spread}{goal}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# GPU speed check: AIMMerging training overhead (T5-large and Qwen3-1.7B shapes, eager and
-# torch.compile) and evaluation throughput, in one script with a total budget (default 300 s).
+# GPU speed check (issue #15, part 3), in one script with a total budget (default 300 s):
+#   1. engine_vs_hf at the SmolLM2-135M and the Qwen3-1.7B shapes (8 x 256 tokens, bf16): aimm's
+#      engine compiled and eager against plain HF + PEFT compiled and eager; the goal is aimm
+#      compiled within 1.2x of plain compiled HF + PEFT (the issue's H200 reference: 33 and 44 ms
+#      per step), compiled against eager from the same runs;
+#   2. then, as the budget allows: evaluation throughput, and AIMMerging's training overhead
+#      (T5-large and Qwen3-1.7B shapes, eager and torch.compile).
 #
 #   bash benchmarks/gpu_check.sh               # on a CUDA machine (writes ${OUT:-runs/gpu_check})
 #   bash benchmarks/gpu_check.sh --cpu-smoke   # the same logic on CPU with tiny models, ~2 min
@@ -10,23 +15,25 @@
 # SmolLM2 tokenizer must be at $AIMM_CACHE/smollm2-135m-tokenizer (default: ./.cache/aimm when
 # that folder holds it, else ~/.cache/aimm; e.g. `mkdir -p .cache/aimm && cp -r
 # ~/.cache/aimm/smollm2-135m-tokenizer .cache/aimm/` and carry `.cache/aimm` to the GPU machine).
-# Models are random-init shapes (random:t5-large,
-# random:qwen3-1.7b), bf16 weights, synthetic batches of 8 x ~256 tokens.
+# Models are random-init shapes (random:smollm2-135m, random:qwen3-1.7b, random:t5-large; built
+# on the GPU), bf16 weights, synthetic batches (the vocabulary is SmolLM2's 49,152 for all).
 #
 # Every sub-benchmark runs under `timeout`, sized from what is left of BUDGET_S; a failure or a
-# timeout is recorded and the script goes on. train_overhead rewrites its JSON after every run,
+# timeout is recorded and the script goes on. Each benchmark rewrites its JSON after every run,
 # so a timed-out one still leaves its finished runs ("partial": true). Exit status: 0 when the
 # pre-flight passed (see summary.json for each sub-benchmark's status), 2 otherwise.
-# Knobs (environment): OUT, BUDGET_S (300), P_EVAL / P_QWEN / P_T5 (planned seconds per
-# sub-benchmark on a GPU: 35 / 160 / the rest), PYTHON, AIMM_CACHE; SMOKE_MODES=eager,compile adds
-# torch.compile to --cpu-smoke (several minutes on a CPU).
+# Knobs (environment): OUT, BUDGET_S (300; 600 runs every part on an H200, estimated), P_SMOL /
+# P_QWEN_HF / P_EVAL / P_QWEN / P_T5 (planned seconds per sub-benchmark, in this order: 100 / 130 /
+# 35 / 160 / the rest; 0 skips one), PYTHON, AIMM_CACHE; SMOKE_MODES=eager,compile adds
+# torch.compile to --cpu-smoke's train_overhead and SMOKE_BACKEND=inductor to its engine_vs_hf
+# (default eager: trace only; inductor takes several minutes on a CPU).
 set -u
 
 MODE=gpu
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) MODE=cpu ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -59,6 +66,11 @@ run_bench() {
   local name=$1 planned=$2; shift 2
   local remain=$(( $(left) - 5 ))
   local limit=$(( planned < remain ? planned : remain ))
+  if [ "$planned" -le 0 ]; then
+    log "$name: skipped (planned 0 s)"
+    printf '%s\tskipped\t0\t0\n' "$name" >> "$STATUS_FILE"
+    return
+  fi
   if [ "$limit" -lt 10 ]; then
     log "$name: skipped (budget spent)"
     printf '%s\tskipped\t0\t0\n' "$name" >> "$STATUS_FILE"
@@ -122,6 +134,12 @@ if [ "$MODE" = gpu ]; then
   MODES=(--modes eager,compile --repeats 1 --compile-settings fast --compile-repeats 2
          --discard-first compile --warmup-steps 4)
   EVAL_N=64; EVAL_WORDS=236
+  SMOL=random:smollm2-135m
+  # engine_vs_hf: the compiled pair first (the goal), then eager; 2 interleaved repeats, the
+  # first 5 steps (compilation) left out of the timing
+  EVH=(--device cuda --dtype bfloat16 --batch-size 8 --seq-len 256 --steps 16 --warmup-steps 5
+       --repeats 2 --gemm-seconds 0.1 --compile-backend inductor)
+  P_SMOL=${P_SMOL:-100}; P_QWEN_HF=${P_QWEN_HF:-130}
   P_EVAL=${P_EVAL:-35}; P_QWEN=${P_QWEN:-160}; P_T5=${P_T5:-300}
 else
   DEV=cpu; T5=tiny-seq2seq; QWEN=tiny-causal
@@ -131,9 +149,14 @@ else
   MODES=(--modes "${SMOKE_MODES:-eager}" --repeats 2 --compile-settings fast --compile-repeats 2
          --discard-first compile --warmup-steps 1)
   EVAL_N=4; EVAL_WORDS=20
+  SMOL=tiny-causal
+  EVH=(--device cpu --dtype bfloat16 --batch-size 2 --seq-len 32 --steps 4 --warmup-steps 1
+       --repeats 1 --gemm-seconds 0.02 --compile-backend "${SMOKE_BACKEND:-eager}")
+  P_SMOL=${P_SMOL:-60}; P_QWEN_HF=${P_QWEN_HF:-60}
   P_EVAL=${P_EVAL:-40}; P_QWEN=${P_QWEN:-90}; P_T5=${P_T5:-90}
 fi
 COMMON=(--device "$DEV" --fused-optimizer --settings release,fast "${SIZE[@]}" "${MODES[@]}")
+EVH+=(--trainers aimm_compiled,plain_compiled,aimm,plain)
 
 "$PYTHON" -c "
 from aimm.data.synthetic import make_synthetic_benchmark
@@ -141,6 +164,10 @@ make_synthetic_benchmark('$DATA', n_train=2, n_test=$EVAL_N, words=($EVAL_WORDS,
 " || log "could not write synthetic eval data"
 
 # ---------------------------------------------------------------------------- benchmarks
+run_bench engine_vs_hf_smollm2 "$P_SMOL" "$PYTHON" -m benchmarks.engine_vs_hf \
+  --model "$SMOL" "${EVH[@]}" --out "$OUT/engine_vs_hf_smollm2.json"
+run_bench engine_vs_hf_qwen3 "$P_QWEN_HF" "$PYTHON" -m benchmarks.engine_vs_hf \
+  --model "$QWEN" "${EVH[@]}" --out "$OUT/engine_vs_hf_qwen3.json"
 run_bench eval_throughput_qwen3 "$P_EVAL" "$PYTHON" -m benchmarks.eval_throughput \
   --model "$QWEN" --device "$DEV" --data-dir "$DATA/data_longsequence" --task agnews \
   --split test --n "$EVAL_N" --batch-size 16 --max-input-len 256 --repeats 2 \
@@ -157,6 +184,8 @@ from pathlib import Path
 out, total = Path(sys.argv[1]), int(sys.argv[2])
 rows = [line.split("\t") for line in (out / "status.tsv").read_text().splitlines() if line]
 summary = {"total_s": total, "benchmarks": {}}
+# issue #15, part 3: plain compiled HF + PEFT on the H200, 8 x 256 tokens per step
+REFERENCE_MS = {"random:smollm2-135m": 33, "random:qwen3-1.7b": 44}
 def f(x, spec="6.3f"):
     return format(x, spec) if isinstance(x, (int, float)) else "-"
 print(f"\n{'benchmark':<30}{'status':>8}{'s':>5}  details")
@@ -180,6 +209,20 @@ for name, status, rc, dt in rows:
                   f"  steady x/opt {f(rv.get('steady_time_per_optimizer_step'), '5.2f')}"
                   f"  peak {f(peak / 2**30 if peak else None, '6.2f')} GiB")
             entry.setdefault("ratios", {})[v] = rv
+    if data and name.startswith("engine_vs_hf"):
+        ref = REFERENCE_MS.get(data.get("model"))
+        for t, sv in data.get("summary", {}).items():
+            ms = sv["s_per_step"] * 1e3 if isinstance(sv.get("s_per_step"), (int, float)) else None
+            vs = f"  {ms / ref:5.2f}x the issue's {ref} ms (H200)" if ms and ref and t.endswith("compiled") else ""
+            print(f"    {t:<16} {f(ms, '8.1f')} ms/step{vs}")
+            entry.setdefault("ms_per_step", {})[t] = ms
+        for k, rv in data.get("ratios", {}).items():
+            print(f"    {k:<30} {f(rv.get('time_per_step'), '6.3f')}x"
+                  + (f"  goal <= {rv['goal']}: {rv['verdict']}" if "goal" in rv else ""))
+            entry.setdefault("ratios", {})[k] = {x: rv.get(x) for x in
+                                                 ("time_per_step", "per_repeat", "goal", "verdict")}
+        if ref:
+            entry["reference_ms"] = ref
     if data and name.startswith("eval_throughput"):
         keys = [k for k in data if k.startswith("speedup")]
         b = data.get("batched", {})

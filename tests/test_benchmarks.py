@@ -96,7 +96,8 @@ def test_gpu_check_cpu_smoke_runs_every_sub_benchmark(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = ["eval_throughput_qwen3", "train_overhead_qwen3", "train_overhead_t5"]
+    names = ["engine_vs_hf_smollm2", "engine_vs_hf_qwen3", "eval_throughput_qwen3",
+             "train_overhead_qwen3", "train_overhead_t5"]
     summary = json.loads((out / "summary.json").read_text())
     for name in names:
         assert summary["benchmarks"][name]["status"] == "ok", (name, proc.stderr[-3000:])
@@ -107,6 +108,17 @@ def test_gpu_check_cpu_smoke_runs_every_sub_benchmark(tmp_path):
     qwen = json.loads((out / "train_overhead_qwen3.json").read_text())
     assert qwen["discarded_first_repeat"] == {"eager": False}
     assert set(qwen["ratios"]) == {"aimmerging_release", "aimmerging_fast"}
+    # issue #15's GPU goal: aimm compiled against plain compiled HF + PEFT, and compiled vs eager
+    evh = json.loads((out / "engine_vs_hf_smollm2.json").read_text())
+    runs = {r["trainer"]: r for r in evh["runs"]}
+    assert list(runs) == ["aimm_compiled", "plain_compiled", "aimm", "plain"]
+    for name, r in runs.items():  # the compiled trainers did compile (one graph each: no breaks)
+        assert (r["compiled_graphs"] >= 1) == name.endswith("_compiled"), r
+    assert evh["ratios"]["aimm_compiled/plain_compiled"]["goal"] == 1.2
+    assert evh["flops_per_step"]["plain"]["head"] > evh["flops_per_step"]["aimm"]["head"]
+    entry = summary["benchmarks"]["engine_vs_hf_smollm2"]
+    assert set(entry["ms_per_step"]) == set(runs) and "aimm_compiled/aimm" in entry["ratios"]
+    assert "aimm_compiled/plain_compiled" in proc.stdout
 
 
 # ------------------------------------------------------------------------------ prompt_scoring

@@ -1,6 +1,7 @@
 """check_benchmark / main_check on small synthetic folders."""
 
 import json
+from pathlib import Path
 
 from aimm.data import check_benchmark, inspect_benchmark, main_check
 
@@ -62,3 +63,66 @@ def test_unknown_layout(tmp_path):
 def test_main_check_missing_dir(tmp_path, capsys):
     assert main_check(tmp_path / "nope") == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def valid_task(root, task="cb"):
+    put(root, f"data_longsequence/train/{task}_T5.json", records(task, ["a", "b"] * 3))
+    put(root, f"data_longsequence/test/{task}_T5.json", records(task, ["a", "b"]))
+
+
+def check_in_child(root, timeout=20):
+    """``main_check(root)`` in a child process (a FIFO once blocked the reader for ever): its
+    exit status, stdout and stderr."""
+    import subprocess
+    import sys
+
+    code = "import sys; from aimm.data import main_check; sys.exit(main_check(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True,
+                          timeout=timeout)
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_a_fifo_is_reported_not_read(tmp_path):
+    import os
+
+    import pytest
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this system")
+    valid_task(tmp_path)
+    fifo = tmp_path / "data_longsequence" / "train" / "rte_T5.json"
+    os.mkfifo(fifo)
+    put(tmp_path, "data_longsequence/test/rte_T5.json", records("rte", ["a", "b"]))
+    rc, out, err = check_in_child(tmp_path)
+    assert rc == 1 and out == ""
+    assert f"{fifo}: not a regular file but a FIFO (named pipe); not read" in err.splitlines()
+    assert "FAILED: 1 error(s)" in err  # the FIFO only: rte's train split is not also "missing"
+
+
+def test_links_to_special_or_missing_files_are_reported_not_read(tmp_path):
+    import os
+
+    import pytest
+
+    special = "/dev/null"  # not /dev/zero: a check that read it would never end
+    if not os.path.exists(special):
+        pytest.skip("no /dev/null")
+    valid_task(tmp_path)
+    train = tmp_path / "data_longsequence" / "train"
+    (train / "rte_T5.json").symlink_to(special)
+    (train / "wic_T5.json").symlink_to(tmp_path / "nowhere.json")
+    for task in ("rte", "wic"):
+        put(tmp_path, f"data_longsequence/test/{task}_T5.json", records(task, ["a", "b"]))
+    errors = check_benchmark(tmp_path)
+    assert errors == [
+        f"{train / 'rte_T5.json'}: not a regular file but a character device "
+        f"(through a symbolic link to {Path(special).resolve()}); not read",
+        f"{train / 'wic_T5.json'}: cannot be read (a symbolic link to {tmp_path / 'nowhere.json'}): "
+        "No such file or directory",
+    ]
+    (train / "rte_T5.json").unlink()
+    (train / "wic_T5.json").unlink()
+    (tmp_path / "data_longsequence" / "test" / "wic_T5.json").unlink()
+    (train / "rte_T5.json").symlink_to(train / "cb_T5.json")  # a link to a regular file: read
+    put(tmp_path, "data_longsequence/test/rte_T5.json", records("cb", ["a", "b"]))
+    assert check_benchmark(tmp_path) == []

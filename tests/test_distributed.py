@@ -63,3 +63,21 @@ def test_a_stale_accelerate_state_is_refused_on_every_rank(tiny_data, tmp_path):
     assert all("launched as 2 processes (WORLD_SIZE)" in line and "has 1" in line for line in errors)
     # refused before anything was written: rank 0 removes the dir it made, rank 1 makes none
     assert not run_dir.exists()
+
+
+def test_a_random_shape_model_is_built_on_the_gpu_only_in_a_one_process_gpu_run():
+    import torch
+
+    from aimm.models import load_model
+    from aimm.training.launch import random_model_device
+
+    assert random_model_device("cuda", world_size=1) == "cuda"
+    assert random_model_device("cpu", world_size=1) is None
+    assert random_model_device("cuda", world_size=2) is None  # every rank's GPU is cuda:0 yet
+    assert random_model_device("auto", world_size=1) == ("cuda" if torch.cuda.is_available() else None)
+    # the device is honoured (meta: built without memory), and the default stays the CPU
+    model = load_model("random:smollm2-135m", random_device="meta").model
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    assert model.config.num_hidden_layers == 30
+    tiny = load_model("tiny-causal", random_device="meta").model  # only random: specs move
+    assert {p.device.type for p in tiny.parameters()} == {"cpu"}

@@ -188,6 +188,30 @@ def test_export_refuses_an_out_holding_user_files_or_inside_a_run_dir(trained, t
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == last.read_bytes()
 
 
+@pytest.mark.parametrize("where", ["adapter/task_9", "merged", "adapter"])
+def test_export_refuses_links_in_an_earlier_export_and_keeps_their_targets(trained, tmp_path,
+                                                                           capsys, where):
+    """A link planted in an earlier export (whose aimm_export.json anyone can write) used to
+    make the export delete the files of an adapter folder it pointed to, or replace a model's
+    config.json there."""
+    _, run_dir, _ = trained
+    out = tmp_path / "out"
+    assert main(["export", str(run_dir), str(out), "--stage", "1"]) == 0
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "adapter_config.json").write_text("{}")  # looks like a stale stacked adapter
+    (victim / "config.json").write_text("KEEP")
+    link = out / where
+    if link.exists():
+        shutil.rmtree(link)
+    link.symlink_to(victim, target_is_directory=True)
+    before = _snapshot(victim)
+    assert main(["export", str(run_dir), str(out)]) == 2
+    line = _one_line_error(capsys, "export")
+    assert f"{link}: " in line and "link" in line
+    assert _snapshot(victim) == before
+
+
 def test_save_adapter_removes_only_files_of_an_earlier_peft_save(trained, tmp_path):
     from aimm.export import load_stage_model, save_adapter
 

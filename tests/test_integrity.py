@@ -200,7 +200,7 @@ def test_a_restart_does_not_follow_a_linked_stages_folder(finished, tmp_path, ca
     (elsewhere / "02_photos" / "a.jpg").write_text("keep")
     assert main(_args(data, run_dir, "--restart-from-stage", "2")) == 2
     err = _one_line_error(capsys)
-    assert f"{run_dir / 'stages'}: is a symbolic link" in err
+    assert f"{run_dir / 'stages'}: a link inside the run directory" in err  # RunStore.lock
     assert (elsewhere / "02_photos" / "a.jpg").read_text() == "keep"
     assert (elsewhere / "02_agnews" / "adapter.safetensors").is_file()
 
@@ -274,6 +274,11 @@ def test_a_scores_matrix_that_disagrees_with_the_state_is_one_line(finished, cap
     ('{"completed": [', "malformed JSON"),
     ('{"completed": ["sst-2"], "stage_steps": [1], "scores": [{"stage": 0, "after_task": "sst-2",'
      ' "eval_task": "sst-2", "score": "high"}]}', "has score 'high', not a number"),
+    ('{"completed": ["sst-2"], "stage_steps": [1], "scores": [{"stage": 0, "after_task": "sst-2",'
+     ' "eval_task": ["x"], "score": 0.5}]}', "has eval_task ['x'], not a task name"),
+    ('{"completed": ["sst-2"], "stage_steps": [1], "scores": [{"stage": -1, "after_task": "sst-2",'
+     ' "eval_task": "sst-2", "score": 0.5}]}', "has stage -1, not a stage index"),
+    ('{"completed": ["sst-2"], "stage_steps": [-4], "scores": []}', "'stage_steps' holds a negative"),
 ])
 def test_wrongly_shaped_state_json_is_one_line(finished, capsys, state_text, needle):
     run_dir, data = finished
@@ -495,3 +500,263 @@ def test_convert_overwrite_flag(tmp_path, capsys):
     assert main(["data", "convert", str(raw), str(dst), "--overwrite"]) == 0
     assert json.loads(target.read_text())[0]["output"] in ("Good", "Bad")
     assert other.read_text() == "[1]"  # files the conversion does not produce stay
+
+
+# ------------------------------------------------------------------ run files of the wrong type
+from aimm.run_shapes import stage_problem, state_problem  # noqa: E402
+
+STATE = {"completed": ["sst-2"], "stage_steps": [4],
+         "scores": [{"stage": 0, "after_task": "sst-2", "eval_task": "sst-2", "metric": "accuracy",
+                     "score": 0.5, "n": 4, "split": "test"}]}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"eval_task": ["x"]}, "eval_task ['x'], not a task name"),
+    ({"eval_task": "../x"}, "eval_task '../x', not a task name"),
+    ({"metric": 3}, "metric 3, not a metric name"),
+    ({"stage": "0"}, "stage '0', not a stage index"),
+    ({"stage": True}, "stage True, not a stage index"),
+    ({"n": -1}, "n -1, not a count"),
+    ({"n": 1.5}, "n 1.5, not a count"),
+])
+def test_state_problem_checks_every_field_of_a_score_row(change, needle):
+    assert state_problem(STATE) is None
+    row = {**STATE["scores"][0], **change}
+    assert needle in state_problem({**STATE, "scores": [row]})
+    assert "negative" in state_problem({**STATE, "stage_steps": [-1]})
+
+
+def test_stage_problem_accepts_what_a_run_writes(reference):
+    ref, _ = reference
+    for k, name in enumerate(["sst-2", "agnews"]):
+        info = json.loads((ref / "stages" / f"{k + 1:02d}_{name}" / "stage.json").read_text())
+        assert stage_problem(info, name) is None
+        assert stage_problem({**info, "first_stage_from": "other-run"}, name) is None
+    assert stage_problem({"seconds": {"train": 1.0, "eval": 0.5}}) is None  # older / hand-made
+
+
+@pytest.mark.parametrize("info, needle", [
+    ([1], "a JSON object expected, found a list"),
+    ({"name": ["sst-2"]}, "name=['sst-2']: a stage name expected"),
+    ({"name": "rte"}, "name='rte', but the folder holds stage 'sst-2'"),
+    ({"merges": -1}, "merges=-1: a count"),
+    ({"inner_steps": True}, "inner_steps=True: a count"),
+    ({"train_tasks": "sst-2"}, "train_tasks: a list of task names"),
+    ({"seconds": [1]}, "seconds: a mapping of timer name to seconds"),
+    ({"seconds": {"train": "1"}}, "seconds: a mapping of timer name to seconds"),
+    ({"seconds": {"train": float("nan")}}, "seconds: a mapping of timer name to seconds"),
+    ({"first_stage_from": 3}, "first_stage_from=3: a run name expected"),
+])
+def test_stage_problem_names_the_wrong_field(info, needle):
+    assert needle in stage_problem(info, "sst-2")
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"seq_lora"', "3"])
+def test_a_config_json_that_is_not_an_object_is_one_line(finished, tmp_path, capsys, text):
+    """A list used to be a ``TypeError`` traceback on resume and on --first-stage-from."""
+    from aimm.runs import load_config
+
+    run_dir, data = finished
+    path = run_dir / "config.json"
+    path.write_text(text)
+    metrics = (run_dir / "metrics.json").read_bytes()
+    assert main(_args(data, run_dir)) == 2
+    err = _one_line_error(capsys)
+    assert f"{path}: not a run config (a JSON object expected" in err and "remove the run" in err
+    assert (run_dir / "metrics.json").read_bytes() == metrics and path.read_text() == text
+    with pytest.raises(RunDirError, match="not a run config"):
+        load_config(run_dir)
+    assert main(["export", str(run_dir), str(tmp_path / "out")]) == 2  # was two lines, no file named
+    assert f"{path}: not a run config" in _one_line_error(capsys)
+    new = tmp_path / "new"
+    with pytest.raises(RunDirError, match=f"first_stage_from {run_dir}: .*{path}: not a run config"):
+        run(_cfg(data, new, method="replay", method_options={}), first_stage_from=run_dir)
+    assert not new.exists()
+
+
+def test_a_config_json_with_a_field_under_both_names_names_the_file(finished):
+    from aimm.runs import load_config
+
+    run_dir, _ = finished
+    config = json.loads((run_dir / "config.json").read_text())
+    config["probe_history"] = config["record_forgetting_signal"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=f"^{run_dir / 'config.json'}: probe_history is the old name"):
+        load_config(run_dir)
+
+
+def test_report_does_not_trip_over_a_score_row_that_is_no_task(finished, capsys):
+    """``eval_task: ["x"]`` was a ``TypeError`` in ``aimm report`` while ``--verify`` said OK."""
+    run_dir, _ = finished
+    state = json.loads((run_dir / "state.json").read_text())
+    state["scores"][0]["eval_task"] = ["x"]
+    (run_dir / "state.json").write_text(json.dumps(state))
+    assert main(["report", str(run_dir), "--verify"]) == 2
+    assert "has eval_task ['x'], not a task name" in _one_line_error(capsys)
+    assert main(["report", str(run_dir)]) == 0  # the matrix and metrics, as written
+    assert "scores[j][i]" in capsys.readouterr().out
+
+
+def test_an_orphan_stage_folder_is_left_to_the_stage_that_redoes_it(finished, capsys):
+    """A stage folder past the completed ones (``stages/03_rte``, even with a stage.json that is
+    no stage record) used to stop the resume with ``KeyError: 'name'``."""
+    run_dir, data = finished
+    orphan = run_dir / "stages" / "03_rte"
+    shutil.copytree(run_dir / "stages" / "02_agnews", orphan)
+    (orphan / "stage.json").write_text('{"x": 1}')
+    assert main(_args(data, run_dir)) == 0
+    capsys.readouterr()
+    assert set(load_metrics(run_dir)["merges_per_stage"]) == {"sst-2", "agnews"}
+    (orphan / "stage.json").write_text("[1]")
+    assert main(_args(data, run_dir)) == 0
+    capsys.readouterr()
+    assert main(["report", str(run_dir), "--verify"]) == 0
+
+
+def test_a_malformed_stage_json_of_a_completed_stage_is_one_line(finished, capsys):
+    """Without sums in state.json (an older run) a stage.json holding a list was an
+    ``AttributeError`` on resume."""
+    run_dir, data = finished
+    state = json.loads((run_dir / "state.json").read_text())
+    del state["sha256"]
+    (run_dir / "state.json").write_text(json.dumps(state))
+    path = run_dir / "stages" / "01_sst-2" / "stage.json"
+    path.write_text("[1]")
+    kept = [*(run_dir / "stages").rglob("*.*"), *(run_dir / n for n in ("metrics.json", "scores.csv",
+                                                                      "scores_matrix.csv"))]
+    before = {p: p.read_bytes() for p in kept if p.is_file()}
+    assert main(_args(data, run_dir)) == 2
+    err = _one_line_error(capsys)
+    assert f"{path}: not a stage record (a JSON object expected, found a list)" in err
+    assert "--restart-from-stage 1" in err
+    assert {p: p.read_bytes() for p in before} == before  # stages and results as they were
+
+
+def test_a_shared_first_stage_needs_a_whole_stage_json(finished, tmp_path):
+    from aimm.methods import build_method
+    from aimm.training.shared_stage import share_problem
+
+    run_dir, data = finished
+    config = json.loads((run_dir / "config.json").read_text())
+    config.update(method="seq_lora", method_options={})  # replay's first stage is seq_lora's
+    (run_dir / "config.json").write_text(json.dumps(config))
+    cfg = _cfg(data, tmp_path / "new", method="replay", method_options={})
+    assert share_problem(run_dir, cfg, build_method(cfg)) is None
+    state = json.loads((run_dir / "state.json").read_text())
+    del state["sha256"]  # (with sums, the edit is a sha256 mismatch)
+    (run_dir / "state.json").write_text(json.dumps(state))
+    path = run_dir / "stages" / "01_sst-2" / "stage.json"
+    path.write_text('["x"]')
+    assert share_problem(run_dir, cfg, build_method(cfg)) == (
+        f"{path}: not a stage record (a JSON object expected, found a list)")
+
+
+# ------------------------------------------------------------------ study files of the wrong type
+def _tiny_study(root: Path) -> Path:
+    """A study folder of one complete two-stage run (only the files the aggregation reads)."""
+    run_dir = root / "runs" / "a"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"method": "seq_lora"}))
+    (run_dir / "scores_matrix.csv").write_text("after_task,t1,t2\nt1,0.8,\nt2,0.5,0.6\n")
+    (run_dir / "metrics.json").write_text(json.dumps(
+        {"method": "seq_lora", "complete": True, "stages_done": 2, "OP": 0.55, "BWT": -0.3,
+         "forgetting": 0.3}))
+    for k, name in enumerate(["t1", "t2"]):
+        stage = run_dir / "stages" / f"{k + 1:02d}_{name}"
+        stage.mkdir(parents=True)
+        (stage / "stage.json").write_text(json.dumps({"name": name,
+                                                      "seconds": {"train": 2.0, "eval": 1.0}}))
+    (root / "runs.csv").write_text("method,seed,order,run_dir\nseq_lora,1,1,runs/a\n")
+    return root
+
+
+def test_aggregate_reads_the_completed_stages_only_and_names_a_malformed_one(tmp_path, capsys):
+    study = _tiny_study(tmp_path)
+    orphan = study / "runs" / "a" / "stages" / "03_t3"
+    orphan.mkdir()
+    (orphan / "stage.json").write_text("[1]")  # past stages_done: not read
+    assert main(["report", "--aggregate", str(study)]) == 0
+    capsys.readouterr()
+    summary = pd.read_csv(study / "summary.csv")
+    assert summary["n"].tolist() == [1] and summary["train_seconds_mean"].tolist() == [4.0]
+    path = study / "runs" / "a" / "stages" / "02_t2" / "stage.json"
+    path.write_text(json.dumps({"name": "t2", "seconds": [1]}))
+    assert main(["report", "--aggregate", str(study)]) == 0  # the run is left out, and noted
+    out = capsys.readouterr().out
+    assert (f"runs/a: unreadable: {path}: not a stage record (seconds: a mapping of timer name "
+            "to seconds") in out and "--restart-from-stage 2" in out
+    assert pd.read_csv(study / "summary.csv").empty
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[1]", "not a study's settings (a JSON object expected, found a list)"),
+    ('{"reference": ["seq_lora"]}', "not a study's settings (reference=['seq_lora']: a method name"),
+    ("{", "malformed JSON"),
+])
+def test_a_wrongly_shaped_study_json_is_one_line(tmp_path, capsys, text, needle):
+    study = _tiny_study(tmp_path)
+    (study / "study.json").write_text(text)
+    assert main(["report", "--aggregate", str(study)]) == 2
+    err = _one_line_error(capsys)
+    assert str(study / "study.json") in err and needle in err
+    assert not (study / "summary.md").exists()
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ("seq_lora,1,1,\n", "row 1: run_dir='', a run directory expected"),
+    ("seq_lora,abc,1,runs/a\n", "row 1: seed='abc', an integer >= 0 expected"),
+    ("seq_lora,-1,1,runs/a\n", "row 1: seed='-1', an integer >= 0 expected"),
+    ("seq_lora,1,,runs/a\n", "row 1: order='', an order number or 'custom' expected"),
+    (",1,1,runs/a\n", "row 1: method='', a method name expected"),
+    ("seq_lora,1,1,runs/a\nseq_lora,2,x,runs/a\n", "row 2: order='x', an order number"),
+    ("seq_lora,42,1,r1,x,y\n", "ParserWarning"),
+    ("seq_lora,1,1,runs/a\nseq_lora,2,1,runs/a,x\n", "ParserError"),
+    ('"unterminated\n', "ParserError"),
+])
+def test_a_wrongly_shaped_runs_csv_is_one_line(tmp_path, capsys, rows, needle):
+    study = _tiny_study(tmp_path)
+    path = study / "runs.csv"
+    path.write_text("method,seed,order,run_dir\n" + rows)
+    assert main(["report", "--aggregate", str(study)]) == 2
+    err = _one_line_error(capsys)
+    assert f"{path}: not a study's list of runs (" in err and needle in err
+    assert not (study / "summary.md").exists()
+
+
+@pytest.mark.parametrize("raw, needle", [(b"\xff\xfe garbage", "UnicodeDecodeError"),
+                                         (b"", "EmptyDataError"),
+                                         (b"method,seed\nseq_lora,1\n", "missing column(s) order")])
+def test_a_runs_csv_that_is_no_table_is_one_line(tmp_path, capsys, raw, needle):
+    study = _tiny_study(tmp_path)
+    path = study / "runs.csv"
+    path.write_bytes(raw)
+    assert main(["report", "--aggregate", str(study)]) == 2
+    err = _one_line_error(capsys)
+    assert f"{path}: not a study's list of runs (" in err and needle in err
+
+
+def test_run_timers_name_a_malformed_stage_json_and_skip_orphans(finished, tmp_path):
+    """``aimm reproduce``'s command.txt sums the runs' stage timers; a stage.json holding a list
+    was an ``AttributeError`` there, after the tables had been copied."""
+    from aimm.evidence import run_timers, write_results
+
+    run_dir, _ = finished
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.json").write_text(json.dumps({"a": str(run_dir)}))
+    orphan = run_dir / "stages" / "03_rte"
+    orphan.mkdir()
+    (orphan / "stage.json").write_text("[1]")  # not completed: not read
+    assert run_timers(out)["stages"] == 2
+    path = run_dir / "stages" / "02_agnews" / "stage.json"
+    path.write_text("[1]")
+    with pytest.raises(RunDirError, match=f"^{path}: not a stage record .*--restart-from-stage 2"):
+        run_timers(out)
+    results = tmp_path / "results"
+    (out / "summary.csv").write_text("x\n")
+    with pytest.raises(RunDirError, match="not a stage record"):
+        write_results(results, out, tmp_path / "fig", "aimm reproduce", 1.0, 0.0, {}, {})
+    assert not results.exists()  # stopped before anything was copied
+    (out / "runs.json").write_text("[1]")
+    with pytest.raises(RunDirError, match=f"^{out / 'runs.json'}: not a list of runs"):
+        run_timers(out)

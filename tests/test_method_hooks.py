@@ -193,3 +193,24 @@ def test_a_method_can_train_all_weights(tiny_config, monkeypatch):
     FullFineTune.changed.clear()
     run(tiny_config(method="toy_full"))
     assert len(FullFineTune.changed) == 2 and min(FullFineTune.changed) > 10
+
+
+def test_a_resumed_merging_method_keeps_its_state_beside_the_lora_weights():
+    """A checkpoint's tensors are read on the CPU; on a GPU run θ_t and recurrent_kif's
+    importance EMAs must go to the GPU with the LoRA weights (meta stands in for the GPU)."""
+    from types import SimpleNamespace
+
+    from aimm.methods.recurrent_kif import RecurrentKIF
+
+    live = {"a.lora_A": torch.empty(2, 3, device="meta"), "a.lora_B": torch.empty(3, device="meta")}
+    ctx = SimpleNamespace(lora_params=lambda: live)
+    method = RecurrentKIF()
+    method.active = True
+    state = {**method.task_state(), "theta_t": {k: torch.ones(v.shape) for k, v in live.items()},
+             "outer_opt": None}
+    state["ipt_in"] = state["ipt_out"] = {k: torch.zeros(v.shape) for k, v in live.items()}
+    state["last_merge"] = 3
+    method.load_state_dict(state, ctx)
+    for tensors in (method.theta_t, method.ipt_in, method.ipt_out):
+        assert {k: v.device.type for k, v in tensors.items()} == {k: "meta" for k in live}
+    assert method.last_merge == 3

@@ -275,3 +275,86 @@ def test_a_rank_above_a_targeted_layers_width_is_refused_before_allocating(tiny_
                     "lora_r <= 16")
     assert not (tmp_path / "r17").exists()
     assert main(args(16, "r16")) == 0
+
+
+# ------------------------------------------------------------------ ranges checked at build time
+# Each of these was accepted when the method was built and then failed (or silently meant the
+# default) only in training: 0 or a negative batch size inside the memory sampler, beta1 in
+# Recurrent-KIF's second stage after the first was written, a misspelt controller key as a
+# ControllerConfig.__init__ TypeError, a short fusion_table pair as an IndexError traceback.
+@pytest.mark.parametrize("method, options, expected", [
+    ("aimmerging", {"probe_batch_size": 0}, "probe_batch_size=0: must be an integer >= 1 (or null"),
+    ("aimmerging", {"probe_batch_size": -3}, "probe_batch_size=-3: must be an integer >= 1"),
+    ("aimmerging", {"rehearsal_batch_size": 0}, "rehearsal_batch_size=0: must be an integer >= 1"),
+    ("aimmerging", {"rehearsal_batch_size": -3, "fast": True}, "rehearsal_batch_size=-3: must be an integer >= 1"),
+    ("recurrent_kif", {"beta1": 5}, "beta1=5: must be a number in (0, 1)"),
+    ("recurrent_kif", {"beta1": 0}, "beta1=0: must be a number in (0, 1)"),
+    ("recurrent_kif", {"beta2": 1}, "beta2=1: must be a number in (0, 1)"),
+    ("recurrent_kif", {"beta2": -0.5}, "beta2=-0.5: must be a number in (0, 1)"),
+    ("recurrent_kif", {"outer_ratio": -1}, "outer_ratio=-1: must be a finite number >= 0"),
+    ("aimmerging", {"controller": {"windw": 3}},
+     "controller: unknown option 'windw' (did you mean 'window'?); controller options: threshold_window, "),
+    ("aimmerging", {"controller": {"fusion_table": {"many_short": [0.5], "many_long": [0.4, 0.6],
+                                                    "few_short": [0.6, 0.4], "few_long": [0.5, 0.5]}}},
+     "fusion_table.many_short=[0.5]: must be [w_in, w_out], two finite numbers"),
+    ("aimmerging", {"controller": {"fusion_table": {"many_short": ["a", "b"]}}},
+     "fusion_table.many_short=['a', 'b']: must be [w_in, w_out]"),
+    ("aimmerging", {"controller": {"fusion_table": {"many_shrt": [0.5, 0.5]}}},
+     "fusion_table: unknown key 'many_shrt' (did you mean 'many_short'?)"),
+    ("aimmerging", {"controller": {"fusion_table": [0.5, 0.5]}},
+     "fusion_table=[0.5, 0.5]: must map many_short, many_long, few_short, few_long to [w_in, w_out]"),
+])
+def test_option_out_of_range_refused_when_the_method_is_built(method, options, expected):
+    cfg = RunConfig.from_dict({"model": "tiny-causal", "method": method, "method_options": options})
+    with pytest.raises(ConfigError) as info:
+        build_method(cfg)
+    message = str(info.value)
+    assert message.startswith("config: method_options: ") and expected in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("method, options", [
+    ("aimmerging", {"probe_batch_size": 1, "rehearsal_batch_size": 1}),
+    ("aimmerging", {"probe_batch_size": None, "rehearsal_batch_size": None, "fast": True}),
+    ("recurrent_kif", {"beta1": 0.5, "beta2": 0.999, "outer_ratio": 0}),
+    ("aimmerging", {"controller": {"window": 4, "fusion_table": {
+        "many_short": [0.5, 0.5], "many_long": (0.4, 0.6), "few_short": [1, 0], "few_long": [0.5, 0.5]}}}),
+])
+def test_options_in_range_still_accepted(method, options):
+    opts = METHODS[method].parse_options(options)
+    for key, value in options.items():
+        assert getattr(opts, key) == value
+
+
+def test_fast_preset_fills_only_null_batch_sizes():
+    opts = METHODS["aimmerging"].parse_options({"fast": True, "probe_batch_size": 1})
+    resolved = opts.resolved(batch_size=8)
+    assert (resolved.probe_batch_size, resolved.rehearsal_batch_size) == (1, 8)
+    assert METHODS["aimmerging"].parse_options({"fast": True}).resolved(8).probe_batch_size == 4
+
+
+def test_controller_fusion_table_survives_a_json_checkpoint():
+    import json
+
+    from aimm.merging.controller import OFFICIAL_FUSION_TABLE, MergeController
+
+    table = {k: (w_out, w_in) for k, (w_in, w_out) in OFFICIAL_FUSION_TABLE.items()}
+    controller = METHODS["aimmerging"].parse_options({"controller": {"fusion_table": table}}).make_controller()
+    back = MergeController.from_state_dict(json.loads(json.dumps(controller.state_dict())))
+    assert back.config.fusion_table == table
+
+
+@pytest.mark.parametrize("method, option, expected", [
+    ("recurrent_kif", "beta1=5", "beta1=5: must be a number in (0, 1)"),
+    ("recurrent_kif", "outer_ratio=-1", "outer_ratio=-1: must be a finite number >= 0"),
+    ("aimmerging", "probe_batch_size=0", "probe_batch_size=0: must be an integer >= 1"),
+    ("aimmerging", 'controller={"windw":3}', "controller: unknown option 'windw' (did you mean 'window'?)"),
+])
+def test_cli_option_out_of_range_is_one_line_and_writes_nothing(capsys, tmp_path, method, option,
+                                                                 expected):
+    argv = ["run", "--model", "tiny-causal", "--method", method, "--benchmark", "long_sequence",
+            "--tasks", "sst-2,agnews", "--data-dir", str(tmp_path / "none"), "--run-dir",
+            str(tmp_path / "run"), "--no-progress", "--epochs", "4", "-o", option]
+    line = _error_line(capsys, argv)
+    assert line.startswith("aimm run: error: command line: method_options: " + expected), line
+    assert not (tmp_path / "run").exists()

@@ -273,6 +273,36 @@ def test_a_planted_run_lock_is_refused_and_its_target_kept(tiny_data, tmp_path, 
     assert sorted(p.name for p in run_dir.iterdir()) == ["run.lock"]
 
 
+@pytest.mark.parametrize("where", ["checkpoints", "stages", "stages/01_sst-2/adapter",
+                                   "logs/notes.txt"])
+def test_a_link_inside_a_received_run_dir_is_refused_and_its_target_kept(tiny_data, tmp_path,
+                                                                         capsys, where):
+    """A resumed run writes checkpoints and stage files and deletes the ones it is done with: a
+    ``checkpoints`` folder linked elsewhere had a user's file there overwritten, then deleted."""
+    import shutil
+
+    run_dir = tmp_path / "received"
+    assert main(_tiny_args(tiny_data, run_dir)) == 0
+    capsys.readouterr()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "stage-02.safetensors").write_text("KEEP")
+    (victim / "notes.txt").write_text("KEEP")
+    link = run_dir / where
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_dir():
+        shutil.rmtree(link)
+    link.symlink_to(victim / "notes.txt" if where.endswith(".txt") else victim)
+    state = (run_dir / "state.json").read_bytes()
+    assert main(_tiny_args(tiny_data, run_dir)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"{link}: a link inside the run directory" in err and "replace the link" in err
+    assert sorted(p.name for p in victim.iterdir()) == ["notes.txt", "stage-02.safetensors"]
+    assert all(p.read_text() == "KEEP" for p in victim.iterdir())
+    assert (run_dir / "state.json").read_bytes() == state
+
+
 def test_a_failed_run_keeps_a_users_dot_tmp_files(tiny_data, tmp_path, capsys):
     """Half-written ``.*.tmp`` files are cleared only in a dir that holds a run."""
     mine = tmp_path / "mine"

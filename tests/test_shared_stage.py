@@ -159,7 +159,7 @@ def test_notebook_training_copies_the_first_stage_unless_told_not_to(share, tiny
     from aimm.notebook.training import train_all
 
     params = dict(benchmark="long_sequence", order=None, tasks=["sst-2", "agnews"],
-                  methods=["seq_lora", "replay"], model="tiny-causal", max_train=8, max_test=4,
+                  methods=["seq_lora", "replay"], model="tiny-causal", max_test=4,
                   seeds=[5], run_root=str(tmp_path), run_name="grid", data_dir=str(tiny_data),
                   smoke=True, interactive=False, share_first_stage=share)
     runs = train_all(params)

@@ -229,6 +229,12 @@ def test_report_aggregate_on_a_folder_that_is_no_study(tmp_path, capsys):
     (["--methods", "seq_lora,aimmergin", "--seeds", "1"], "did you mean 'aimmerging'"),
     (["--methods", "seq_lora", "--seeds", "1,x"], "--seeds: 'x' is not an integer"),
     (["--methods", "seq_lora", "--seeds", "1,1"], "--seeds: 1 given more than once"),
+    (["--methods", "seq_lora", "--seeds", "1,01"], "--seeds: 1 given more than once (as 1, 01)"),
+    (["--methods", "seq_lora", "--seeds", "1", "--orders", "4,04"],
+     "--orders: 4 given more than once (as 4, 04)"),
+    (["--methods", "ties", "--seeds", "1", "-o", "density=5"],
+     "method_options: density=5: must be a number in [0.0, 1.0]"),
+    (["--methods", "ties", "--seeds", "1", "-o", "density=abc"], "density='abc': must be a number"),
     (["--methods", "seq_lora", "--seeds", "1", "--orders", "1", "--tasks", "a,b"], "give one"),
     (["--methods", "seq_lora", "--seeds", "1", "-o", "initial_interval=2"], "no method of the grid"),
     (["--methods", "replay", "--seeds", "1", "--reference", "seq_lora"], "--reference seq_lora"),
@@ -248,6 +254,37 @@ def test_bad_study_input_is_one_line_exit_2_and_creates_nothing(tmp_path, capsys
     assert not out.exists()
 
 
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every folder (None) and file (its bytes) under ``root``, by relative path."""
+    return {p.relative_to(root).as_posix(): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+def test_parse_ints_finds_duplicates_by_value():
+    from aimm.config import ConfigError
+    from aimm.study import parse_ints
+
+    assert parse_ints("3, 1,2", "--seeds") == [3, 1, 2]
+    with pytest.raises(ConfigError, match=r"^--orders: 2 given more than once \(as 2, 002\)$"):
+        parse_ints("2,1,002", "--orders")
+
+
+@pytest.mark.parametrize("files", [("config.json", "state.json"), ("config.json",)])
+def test_study_out_that_is_a_run_directory_is_refused_and_left_alone(tmp_path, capsys, tiny_data,
+                                                                     files):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in files:
+        (run_dir / name).write_text('{"method": "seq_lora"}')
+    before = snapshot(run_dir)
+    argv = ["study", "--methods", "seq_lora", "--seeds", "1", "--benchmark", "long_sequence",
+            "--tasks", "sst-2,agnews", "--data-dir", str(tiny_data), "--out", str(run_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {run_dir}: a run directory (it holds {files[0]}" in err[0], err
+    assert snapshot(run_dir) == before
+
+
 # ------------------------------------------------------------------ a tiny grid
 @pytest.fixture
 def tiny_study_config(tiny_data, tmp_path):
@@ -264,6 +301,62 @@ def study_argv(config: Path, out: Path, methods: str = "seq_lora,aimmerging", se
     options = ["-o", "initial_interval=2"] if "aimmerging" in methods else []
     return ["study", "--config", str(config), "--methods", methods, "--seeds", seeds, *options,
             "--out", str(out)]
+
+
+@pytest.fixture
+def made_study(tiny_study_config, tmp_path):
+    """A study folder of seq_lora seeds 1, 2 as ``aimm study`` leaves it (written by hand, no
+    training): s1 finished, s2 unfinished with its cell yaml; returns (folder, its cells)."""
+    from aimm.config import RunConfig
+    from aimm.study import plan_cells
+    from aimm.study.grid import write_runs_csv
+    from aimm.study.report import write_settings
+
+    out = tmp_path / "study"
+    cells = plan_cells(RunConfig.from_yaml(tiny_study_config).to_dict(), ["seq_lora"], [1, 2],
+                       None, out)
+    for cell in cells:
+        cell.run_dir.mkdir(parents=True)
+        (cell.run_dir / "config.json").write_text(json.dumps(cell.config.to_dict()))
+        (cell.run_dir / "state.json").write_text('{"completed": [], "scores": []}')
+    (cells[0].run_dir / "metrics.json").write_text('{"complete": true, "method": "seq_lora"}')
+    (out / "cells").mkdir()
+    (out / "cells" / f"{cells[1].name}.yaml").write_text(yaml.safe_dump(cells[1].config.to_dict()))
+    write_runs_csv(cells, out)
+    write_settings(out, {"methods": ["seq_lora"], "seeds": [1, 2], "reference": "seq_lora"})
+    (out / "summary.csv").write_text("method,order,n\nseq_lora,custom,1\n")
+    return out, cells
+
+
+@pytest.mark.parametrize("seeds, cell", [("1,2", "seq_lora-custom-s1"), ("2", "seq_lora-custom-s2")])
+def test_study_rerun_with_other_settings_is_refused_before_anything_is_written(
+        made_study, tiny_study_config, capsys, seeds, cell):
+    from aimm.study import check_study_folder
+
+    out, cells = made_study
+    check_study_folder(cells, out)  # the same settings pass (they resume)
+    before = snapshot(out)
+    argv = study_argv(tiny_study_config, out, methods="seq_lora", seeds=seeds)
+    assert main([*argv, "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"study folder {out}: cell {cell} holds a run with a different config (lr: 0.001 -> " \
+           "0.01); use another --out, or the same settings" in err[0], err
+    assert snapshot(out) == before  # runs.csv, study.json, summaries, cell yaml: all unchanged
+
+
+def test_run_cell_refuses_an_unfinished_run_with_another_config_without_writing(made_study):
+    import dataclasses
+
+    from aimm.study.runner import FAILED, run_cell
+
+    out, cells = made_study
+    before = snapshot(out)
+    cell = cells[1]
+    changed = dataclasses.replace(cell, config=dataclasses.replace(cell.config, lr=0.01))
+    outcome = run_cell(changed, out)
+    assert outcome.status == FAILED and "different config (lr: 0.001 -> 0.01)" in outcome.reason
+    assert snapshot(out) == before  # no cell yaml rewritten, no log, nothing started
 
 
 def comparable(summary: pd.DataFrame) -> pd.DataFrame:
@@ -336,9 +429,13 @@ def test_tiny_grid_killed_and_resumed_matches_an_uninterrupted_grid(tiny_study_c
     assert list(pd.read_csv(out / "runs.csv").columns) == ["method", "seed", "order", "run_dir"]
     assert "merges_mean" in got.columns and got["merges_mean"].notna().sum() == 1
 
-    # the same folder with another setting: finished cells are refused, nothing is started
-    assert main([*study_argv(tiny_study_config, out), "--lr", "0.01"]) == 1
-    assert capsys.readouterr().out.count("holds a run with a different config (lr: 0.001 -> 0.01)") == 4
+    # the same folder with another setting: refused as a whole, nothing started or rewritten
+    before = snapshot(out)
+    assert main([*study_argv(tiny_study_config, out), "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cell seq_lora-custom-s1 holds a run with a different config " \
+        "(lr: 0.001 -> 0.01); use another --out" in err[0], err
+    assert snapshot(out) == before
 
 
 def test_failed_and_in_use_cells_do_not_stop_the_others(tiny_study_config, tmp_path, capsys):

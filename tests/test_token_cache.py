@@ -188,6 +188,118 @@ def test_a_bad_cache_file_is_rebuilt(tokenizer, cache, monkeypatch, caplog, dama
     assert encode(tokenizer, prompts, targets) == want and spy.calls == 0
 
 
+def rewrite(path: Path, **columns) -> None:
+    """Rewrite the cache file ``path`` (an Arrow stream, as ``datasets`` writes it) with some
+    columns replaced: ``name=(pyarrow type, function of the old column's values)``."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(pa.py_buffer(path.read_bytes())).read_all()  # not mapped: rewritten
+    arrays = {name: table.column(name) for name in table.column_names}
+    for name, (kind, change) in columns.items():
+        arrays[name] = pa.array(change(arrays[name].to_pylist()), type=kind)
+    new = pa.table(arrays)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, new.schema) as writer:
+        writer.write_table(new)
+
+
+def damaged_columns(damage: str, vocab_size: int) -> dict:
+    import pyarrow as pa
+
+    ids32 = pa.list_(pa.int32())
+    return {
+        "negative": dict(ids=(ids32, lambda rows: [[-7] for _ in rows])),
+        "one_negative": dict(ids=(ids32, lambda rows: [r[:-1] + [-1] for r in rows[:1]] + rows[1:])),
+        "too_large": dict(ids=(ids32, lambda rows: rows[:-1] + [[vocab_size]])),
+        "null_row": dict(ids=(ids32, lambda rows: [None] + rows[1:])),
+        "null_cut": dict(cut=(pa.bool_(), lambda cut: [None] + cut[1:])),
+    }[damage]
+
+
+@pytest.mark.parametrize("damage", ["negative", "one_negative", "too_large", "null_row",
+                                    "null_cut"])
+def test_a_cache_file_with_bad_values_is_rebuilt(tokenizer, cache, monkeypatch, caplog, damage):
+    """Readable files of the right rows, types and texts, but with ids no tokenizer makes
+    (outside ``[0, len(tokenizer))``) or nulls: rebuilt, never used."""
+    prompts, targets = texts()
+    want = encode(tokenizer, prompts, targets)
+    paths = sorted(cache.glob("*.arrow"))
+    assert len(paths) == 2
+    data = {p: p.read_bytes() for p in paths}
+    for path in paths:
+        rewrite(path, **damaged_columns(damage, len(tokenizer)))
+        assert path.read_bytes() != data[path]
+    with caplog.at_level(logging.WARNING, logger="aimm.token_cache"):
+        got = encode(tokenizer, prompts, targets)
+    assert got == want
+    assert caplog.text.count("unreadable token cache file, rebuilt") == 2
+    assert all(p.read_bytes() == data[p] for p in paths)  # rewritten, same bytes
+    spy = Spy(monkeypatch, tokenizer)
+    assert encode(tokenizer, prompts, targets) == want and spy.calls == 0
+
+
+@pytest.mark.parametrize("damage", ["float_ids", "null_id", "string_cut", "float_check",
+                                    "int_cut"])
+def test_columns_refuses_other_types_and_nulls(damage):
+    """``_columns`` itself (``datasets`` also refuses most of these on load, by its features)."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    rows = ["a", "b", "c"]
+    columns = {"ids": pa.array([[1, 2], [3], []], pa.list_(pa.int32())),
+               "cut": pa.array([False, True, False]),
+               "check": pa.array([token_cache._text_check(t) for t in rows], pa.int32())}
+    good = Dataset(pa.table(columns))
+    assert token_cache._columns(good, rows, 4) == ([[1, 2], [3], []], [False, True, False])
+    columns.update({
+        "float_ids": dict(ids=pa.array([[1.0, 2.0], [3.0], []], pa.list_(pa.float64()))),
+        "null_id": dict(ids=pa.array([[1, None], [3], []], pa.list_(pa.int32()))),
+        "string_cut": dict(cut=pa.array(["False", "True", ""])),
+        "float_check": dict(check=pa.array([float(token_cache._text_check(t)) for t in rows])),
+        "int_cut": dict(cut=pa.array([0, 1, 0], pa.int8())),
+    }[damage])
+    with pytest.raises(ValueError, match="expected columns|null values"):
+        token_cache._columns(Dataset(pa.table(columns)), rows, 4)
+
+
+def test_a_cache_file_with_every_id_in_range_is_used(tokenizer, cache, monkeypatch):
+    """The range check's bounds are inclusive of 0 and len(tokenizer) - 1: such a file is read
+    as it is."""
+    import pyarrow as pa
+
+    prompts, targets = texts()
+    encode(tokenizer, prompts, targets)
+    top = len(tokenizer) - 1
+    for path in cache.glob("*.arrow"):
+        rewrite(path, ids=(pa.list_(pa.int32()), lambda rows: [[0, top]] + rows[1:]))
+    spy = Spy(monkeypatch, tokenizer)
+    prompt_ids, target_ids, _ = encode(tokenizer, prompts, targets)
+    assert spy.calls == 0
+    assert prompt_ids[0] == [0, top] and target_ids[0] == [0, top]
+
+
+def test_a_run_rebuilds_cache_files_with_ids_out_of_range(cache, tmp_path, monkeypatch,
+                                                          tokenizer_dir, caplog):
+    """A run's cache files rewritten to hold the id -7 (their check column kept): the next run
+    rebuilds them and completes equal to the golden run (it once died in torch.embedding)."""
+    import pyarrow as pa
+    from tests.test_golden_runs import GOLDEN, assert_like_golden, compared_files, golden_run
+
+    (cache.parent).mkdir(parents=True)
+    (cache.parent / "smollm2-135m-tokenizer").symlink_to(tokenizer_dir)
+    monkeypatch.setattr(token_cache, "MIN_CACHED", 1)
+    golden_run("seq_lora", tmp_path / "cold")
+    data = {p: p.read_bytes() for p in cache.glob("*.arrow")}
+    assert data
+    for path in data:
+        rewrite(path, ids=(pa.list_(pa.int32()), lambda rows: [[-7] for _ in rows]))
+    with caplog.at_level(logging.WARNING, logger="aimm.token_cache"):
+        run_dir = golden_run("seq_lora", tmp_path / "damaged")
+    assert caplog.text.count("unreadable token cache file, rebuilt") == len(data)
+    assert {p: p.read_bytes() for p in cache.glob("*.arrow")} == data
+    for rel in compared_files(run_dir):
+        assert_like_golden(run_dir / rel, GOLDEN / "seq_lora" / rel, f"damaged cache: {rel}")
+
+
 @pytest.mark.parametrize("value", ["0", "false", "off", "No"])
 def test_disabled_by_environment(tokenizer, cache, monkeypatch, value):
     monkeypatch.setenv("AIMM_TOKEN_CACHE", value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,30 @@ def _expected_tasks(folder_name: str) -> dict[str, str]:
     return where
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """Why ``path`` (its target, for a symbolic link) is no regular file that can be read to
+    its end: ``"<path>: ..."``; None for a regular file. Such a file is never opened (a FIFO
+    blocks a reader, ``/dev/zero`` never ends); :func:`aimm.data.loader.load_task` likewise
+    reads only what ``Path.is_file`` accepts."""
+    try:
+        mode = path.stat().st_mode  # follows symbolic links
+    except OSError as err:  # a broken or looping symbolic link, no permission, ...
+        try:
+            target = f" (a symbolic link to {os.readlink(path)})"
+        except OSError:
+            target = ""
+        return f"{path}: cannot be read{target}: {err.strerror or err}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in _KINDS if test(mode)), "a special file")
+    link = f" (through a symbolic link to {path.resolve()})" if path.is_symlink() else ""
+    return f"{path}: not a regular file but {kind}{link}; not read"
+
+
 def _check_folder(folder: Path, report: CheckReport) -> None:
     """Validate every split file of one benchmark folder and apply the split rules per task."""
     for entry in sorted(folder.iterdir()):
@@ -68,10 +93,16 @@ def _check_folder(folder: Path, report: CheckReport) -> None:
                 continue
             task = entry.name[: -len(FILE_SUFFIX)]
             report.n_files += 1
+            problem = _not_a_regular_file(entry)
             try:
+                if problem:
+                    raise DataError(problem)
                 examples: list[Example] | None = read_records(entry)
             except DataError as err:
                 report.errors.extend(err.lines)
+                examples = None
+            except OSError as err:  # e.g. no permission to read
+                report.errors.append(f"{entry}: cannot be read: {err.strerror or err}")
                 examples = None
             else:
                 report.n_records += len(examples)
@@ -162,7 +193,8 @@ def training_data_problems(benchmark: str, data: dict, max_train: int | None = N
 def inspect_benchmark(root: str | os.PathLike[str]) -> CheckReport:
     """Check a data directory (holding ``data_longsequence/``, ``data_superni/``) or one benchmark folder.
 
-    Errors: unreadable or invalid ``*_T5.json`` files (every problem), an unknown
+    Errors: unreadable or invalid ``*_T5.json`` files (every problem), entries named like
+    one that are no regular file (FIFO, device, socket, broken link: never opened), an unknown
     layout, unexpected folders, a task without train split, a task with neither
     test nor dev split. Warnings: dev fallback for a missing test split, missing
     dev split, labels in the evaluated split never seen in train, empty outputs,

@@ -48,6 +48,7 @@ from fractions import Fraction
 from typing import Any, Mapping, Optional
 
 from aimm.typecheck import field_problems
+from aimm.util import did_you_mean, is_num as _is_num
 
 __all__ = ["ControllerConfig", "ControllerState", "MergeController", "MergeEvent", "fusion_weights",
            "official_next_interval", "paper_next_interval", "paper_trend", "OFFICIAL_FUSION_TABLE",
@@ -124,9 +125,7 @@ class ControllerConfig:
              "must be an int >= 1")
         need(_finite(self.fusion_boundary), "fusion_boundary", "must be finite")
         if self.fusion_table is not None:
-            missing = set(OFFICIAL_FUSION_TABLE) - set(self.fusion_table)
-            if missing:
-                raise ValueError(f"fusion_table: missing keys {sorted(missing)}")
+            _check_fusion_table(self.fusion_table)
             object.__setattr__(self, "fusion_table", {k: (float(v[0]), float(v[1]))
                                                       for k, v in self.fusion_table.items()})
         need(_is_int(self.window) and self.window >= 2, "window", "must be an int >= 2")
@@ -421,6 +420,20 @@ class MergeController:
         return (f"MergeController(variant={self.variant!r}, interval={s.interval}, "
                 f"outer_steps={s.outer}, planned_step={s.planned}, activations={s.activations}, "
                 f"threshold={s.threshold}, merges={len(self.events)})")
+
+
+def _check_fusion_table(table: Any) -> None:
+    """``ValueError`` naming the entry unless ``table`` maps each official key to ``[w_in, w_out]``."""
+    keys = list(OFFICIAL_FUSION_TABLE)
+    if not isinstance(table, Mapping):
+        raise ValueError(f"fusion_table={table!r}: must map {', '.join(keys)} to [w_in, w_out]")
+    for k, v in table.items():
+        if k not in keys:
+            raise ValueError(f"fusion_table: unknown key {k!r}{did_you_mean(k, keys)}; keys: {', '.join(keys)}")
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(w) and _finite(w) for w in v)):
+            raise ValueError(f"fusion_table.{k}={v!r}: must be [w_in, w_out], two finite numbers")
+    if set(keys) - set(table):
+        raise ValueError(f"fusion_table: missing keys {sorted(set(keys) - set(table))}")
 
 
 def _is_int(x: Any) -> bool:

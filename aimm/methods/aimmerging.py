@@ -31,6 +31,7 @@ from aimm.merging import ControllerConfig, MergeController
 from aimm.merging.controller import MERGE_KINDS
 from aimm.merging import fusion
 from aimm.methods.inner_outer import InnerOuterMerging, OuterOptions
+from aimm.util import did_you_mean, is_int
 
 #: ControllerConfig fields that are top-level options (type and default from ControllerConfig)
 CONTROLLER_OPTIONS = ("initial_interval", "min_interval", "max_interval", "cold_start",
@@ -56,8 +57,13 @@ class AIMMergingOptions(ControllerOptions, OuterOptions):
         super().validate()
         if self.probe_mode not in ("train", "eval"):
             raise ConfigError(f"probe_mode={self.probe_mode!r}: choose train or eval")
-        if not (isinstance(self.probe_every, int) and self.probe_every >= 1):
+        if not (is_int(self.probe_every) and self.probe_every >= 1):
             raise ConfigError(f"probe_every={self.probe_every!r}: must be an integer >= 1")
+        for name in ("probe_batch_size", "rehearsal_batch_size"):
+            value = getattr(self, name)  # 0 is no "default": refused, not read as null
+            if value is not None and not (is_int(value) and value >= 1):
+                raise ConfigError(f"{name}={value!r}: must be an integer >= 1 (or null: the "
+                                  "run's memory_batch_size)")
         try:
             self.make_controller()
         except (TypeError, ValueError) as exc:
@@ -69,14 +75,21 @@ class AIMMergingOptions(ControllerOptions, OuterOptions):
             return self
         return dataclasses.replace(self, fast=False,
                                    probe_every=self.probe_every if self.probe_every != 1 else 2,
-                                   probe_batch_size=self.probe_batch_size or max(1, batch_size // 2),
-                                   rehearsal_batch_size=self.rehearsal_batch_size or batch_size)
+                                   probe_batch_size=(max(1, batch_size // 2) if self.probe_batch_size
+                                                     is None else self.probe_batch_size),
+                                   rehearsal_batch_size=(batch_size if self.rehearsal_batch_size
+                                                         is None else self.rehearsal_batch_size))
 
     def make_controller(self) -> MergeController:
         top = [name for name in self.controller if name in CONTROLLER_OPTIONS]
         if top:
             raise ConfigError(f"controller: {top[0]} is an option of its own; set it as "
                               f"{top[0]}=... (-o {top[0]}=...), not inside controller")
+        names = [f.name for f in dataclasses.fields(ControllerConfig) if f.name not in CONTROLLER_OPTIONS]
+        for key in self.controller:
+            if key not in names:
+                raise ConfigError(f"controller: unknown option '{key}'" + did_you_mean(key, names)
+                                  + f"; controller options: {', '.join(names)}")
         return MergeController(ControllerConfig(
             **{name: getattr(self, name) for name in CONTROLLER_OPTIONS}, **self.controller))
 

@@ -130,10 +130,21 @@ class InnerOuterMerging(Method):
     def load_state_dict(self, state: dict[str, Any], ctx) -> None:
         if not state:
             return
+        # a checkpoint's tensors come on the CPU: θ_t and the per-parameter task state (e.g.
+        # importance EMAs) go where the LoRA weights train
+        live = ctx.lora_params()
+        state = {k: beside(v, live) if isinstance(v, dict) else v for k, v in state.items()}
         self.theta_t = state["theta_t"]
         if self.outer_opt is not None and state["outer_opt"] is not None:
             self.outer_opt.load_state_dict(state["outer_opt"])
         self.load_task_state(state)
 
 
-__all__ = ["InnerOuterMerging", "OuterOptions"]
+def beside(tensors: dict, live: dict[str, torch.Tensor]) -> dict:
+    """``tensors`` with each tensor named like a parameter of ``live`` on that parameter's
+    device (anything else unchanged)."""
+    return {k: v.to(live[k].device) if k in live and isinstance(v, torch.Tensor) else v
+            for k, v in tensors.items()}
+
+
+__all__ = ["InnerOuterMerging", "OuterOptions", "beside"]

@@ -15,6 +15,7 @@ clears the outer one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from aimm.errors import ConfigError
 from aimm.merging import fusion
 from aimm.methods.inner_outer import InnerOuterMerging, OuterOptions
+from aimm.util import is_num
 
 
 @dataclass
@@ -42,6 +44,14 @@ class RecurrentKIFOptions(OuterOptions):
             raise ConfigError(f"interval={self.interval!r}: must be an integer >= 1")
         if not 0 < self.top_fraction <= 1:
             raise ConfigError(f"top_fraction={self.top_fraction!r}: must be in (0, 1]")
+        for name in ("beta1", "beta2"):  # the importance EMAs' factors (the release asserts it)
+            value = getattr(self, name)
+            if not (is_num(value) and 0 < value < 1):
+                raise ConfigError(f"{name}={value!r}: must be a number in (0, 1), e.g. 0.85 "
+                                  "(the release's)")
+        if not (is_num(self.outer_ratio) and math.isfinite(self.outer_ratio) and self.outer_ratio >= 0):
+            raise ConfigError(f"outer_ratio={self.outer_ratio!r}: must be a finite number >= 0 "
+                              "(rehearsal steps per merge = int(interval * outer_ratio); 0: none)")
         if self.mask_scope not in ("global", "per_tensor"):
             raise ConfigError(f"mask_scope={self.mask_scope!r}: choose global or per_tensor")
         for name in ("empty_inner_score", "empty_outer_score"):

@@ -233,6 +233,7 @@ def validate_parameters(params: dict[str, Any] | NotebookParams) -> NotebookPara
         errors.append(f"seeds: {p.seeds!r} lists a seed twice")
     if p.orders is not None and len(set(p.orders)) != len(p.orders):
         errors.append(f"orders: {p.orders!r} lists an order twice")
+    errors.extend(smoke_conflicts(p))
     if p.orders is not None and p.tasks is not None:
         errors.append("orders and tasks: give one (order numbers of the benchmark, or one custom "
                       "task list); set the other to None")
@@ -251,6 +252,23 @@ def validate_parameters(params: dict[str, Any] | NotebookParams) -> NotebookPara
         raise ConfigError("\n".join(errors))
     configs(p)  # every method's RunConfig, validated up front
     return p
+
+
+def smoke_conflicts(p: NotebookParams) -> list[str]:
+    """With ``smoke=True`` the model and sizes are the smoke ones (:data:`SMOKE_MODEL`,
+    :data:`SMOKE_SIZES`): one problem per parameter set to anything else than its default or
+    its smoke value (it would be replaced silently)."""
+    if not p.smoke:
+        return []
+    defaults = NotebookParams()
+    problems = []
+    for key, smoke_value in {"model": SMOKE_MODEL, **SMOKE_SIZES}.items():
+        value = getattr(p, key)
+        if value != getattr(defaults, key) and value != smoke_value:
+            problems.append(f"{key}={value!r}: smoke=True runs {key} {smoke_value!r} (the tiny "
+                            f"random model and tiny sizes); leave {key} at its default, or set "
+                            "smoke=False")
+    return problems
 
 
 # ------------------------------------------------------------------------------------------

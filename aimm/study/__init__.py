@@ -16,13 +16,13 @@ from aimm.study.aggregate import (
     summary_table,
 )
 from aimm.study.grid import Cell, parse_ints, parse_list, plan_cells, read_runs_csv
-from aimm.study.orchestrate import exit_code, run_study
+from aimm.study.orchestrate import check_study_folder, exit_code, run_study
 from aimm.study.report import Aggregate, aggregate, summary_markdown, write_aggregate
 from aimm.study.stats import estimate, paired_difference, t_quantile
 
 __all__ = [
-    "Aggregate", "Cell", "aggregate", "controller_table", "estimate", "exit_code", "paired_difference", "paired_table",
-    "parse_ints", "parse_list", "plan_cells", "read_results", "read_runs_csv", "run_study",
-    "runs_table", "seed_trajectories", "summary_markdown", "summary_table", "t_quantile",
-    "write_aggregate",
+    "Aggregate", "Cell", "aggregate", "check_study_folder", "controller_table", "estimate",
+    "exit_code", "paired_difference", "paired_table", "parse_ints", "parse_list", "plan_cells",
+    "read_results", "read_runs_csv", "run_study", "runs_table", "seed_trajectories",
+    "summary_markdown", "summary_table", "t_quantile", "write_aggregate",
 ]

@@ -19,7 +19,8 @@ import pandas as pd
 
 from aimm import metrics as cl
 from aimm.methods import METHODS
-from aimm.runs import load_metrics, load_scores_matrix, load_trajectory, read_json
+from aimm.run_shapes import stage_problem
+from aimm.runs import RunDirError, load_metrics, load_scores_matrix, load_trajectory, read_json
 from aimm.study.grid import read_runs_csv
 from aimm.study.stats import estimate, paired_difference
 
@@ -47,12 +48,26 @@ class RunResult:
 
 
 # ------------------------------------------------------------------------------ reading
-def _stage_seconds(run_dir: Path) -> tuple[float, float]:
+def _stage_seconds(run_dir: Path, stages_done: int | None) -> tuple[float, float]:
+    """Train and eval seconds over the ``stage.json`` of the completed stages, the first
+    ``stages_done`` (any other folder is an orphan a resume redoes: not read); RunDirError names
+    a malformed one."""
+    from aimm.integrity import restart_hint
+
     train = evaluate = 0.0
     for path in sorted((run_dir / "stages").glob("*/stage.json")):
-        seconds = read_json(path).get("seconds") or {}
-        train += float(seconds.get("train") or 0.0)
-        evaluate += float(seconds.get("eval") or 0.0)
+        number = path.parent.name.split("_", 1)[0]
+        number = int(number) if number.isascii() and number.isdigit() else None
+        if stages_done is not None and (number is None or number > stages_done):
+            continue
+        info = read_json(path)
+        problem = stage_problem(info)
+        if problem:
+            raise RunDirError(f"{path}: not a stage record ({problem}); "
+                              + restart_hint(number or 1))
+        seconds = info.get("seconds", {})
+        train += float(seconds.get("train", 0.0))
+        evaluate += float(seconds.get("eval", 0.0))
     return train, evaluate
 
 
@@ -70,7 +85,8 @@ def read_run(path: Path, method: str, seed: int, order: str, run_dir: str) -> Ru
             result.problem = (f"incomplete ({result.metrics.get('stages_done', 0)} stages done)")
             return result
         result.matrix = load_scores_matrix(path)
-        result.train_seconds, result.eval_seconds = _stage_seconds(Path(path))
+        result.train_seconds, result.eval_seconds = _stage_seconds(
+            Path(path), result.metrics.get("stages_done"))
         if getattr(METHODS.get(method), "merges", False):
             _, merges = load_trajectory(path)
             kinds = merges["kind"].fillna("merge") if "kind" in merges.columns else \

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,10 @@ import pandas as pd
 
 from aimm.config import ConfigError, RunConfig
 from aimm.data import find_task_file, resolve_data_dir
-from aimm.methods import METHODS
+from aimm.methods import METHODS, build_method
+from aimm.names import is_valid_name
 from aimm.runs import atomic_write_csv
+from aimm.util import error_summary
 
 CUSTOM = "custom"  # the order column of a grid over one custom task list
 RUNS_CSV = "runs.csv"
@@ -63,14 +67,19 @@ def parse_list(text: str | None, flag: str) -> list[str]:
 
 
 def parse_ints(text: str | None, flag: str) -> list[int]:
+    """``1,2,3`` -> ``[1, 2, 3]``; a duplicate is one by value (``1,01`` is 1 twice)."""
     out = []
-    for item in parse_list(text, flag):
+    items = parse_list(text, flag)
+    for item in items:
         try:
             value = int(item)
         except ValueError:
             raise ConfigError(f"{flag}: {item!r} is not an integer") from None
         if value < 0:
             raise ConfigError(f"{flag}: {value} must be a non-negative integer")
+        if value in out:
+            same = ", ".join(t for t, v in zip(items, out + [value]) if v == value)
+            raise ConfigError(f"{flag}: {value} given more than once (as {same})")
         out.append(value)
     return out
 
@@ -102,7 +111,8 @@ def split_options(options: dict[str, Any], methods: list[str]) -> dict[str, dict
 # ------------------------------------------------------------------------------ the grid
 def plan_cells(base: dict[str, Any], methods: list[str], seeds: list[int],
                orders: list[int] | None, out: str | Path, *, source: str = "command line") -> list[Cell]:
-    """The validated run configs of the grid (ConfigError before anything is written).
+    """The validated run configs of the grid (ConfigError before anything is written): every
+    field and every method option value (each cell's method is built once, then dropped).
 
     ``base``: RunConfig fields shared by every cell (flags and --config; ``method``, ``seed``,
     ``order`` and ``run_dir`` are set per cell, ``method_options`` split by :func:`split_options`).
@@ -130,6 +140,7 @@ def plan_cells(base: dict[str, Any], methods: list[str], seeds: list[int],
                 values["run_dir"] = str(Path(out) / "runs" / probe.name)
                 values["run_id"] = probe.name
                 cfg = RunConfig.from_dict(values, source=f"{source} ({probe.name})")
+                build_method(cfg, source=f"{source} ({probe.name})")  # the option values
                 cells.append(Cell(method, seed, order, cfg))
     check_training_files(cells)
     return cells
@@ -161,9 +172,37 @@ def read_runs_csv(out: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a study folder (runs.csv missing); "
                                 "run `aimm study ... --out DIR` first")
-    table = pd.read_csv(path, dtype={"order": str})
-    missing = [c for c in RUNS_COLUMNS if c not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    try:  # every cell as text ("" when empty), checked below; a row longer than the header
+        with warnings.catch_warnings():  # is a ParserWarning with index_col=False: an error
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+        problem = runs_table_problem(table)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.ParserWarning,
+            pd.errors.EmptyDataError) as exc:
+        problem = error_summary(exc)
+    if problem:
+        raise ValueError(f"{path}: not a study's list of runs ({problem}); fix it, or run the "
+                         "`aimm study` command that made the folder again to rewrite it")
+    table["seed"] = table["seed"].astype(int)
     table["path"] = [Path(out) / p for p in table["run_dir"]]
     return table
+
+
+def runs_table_problem(table: pd.DataFrame) -> str | None:
+    """Why ``table`` (``runs.csv`` read as text, ``""`` for an empty cell) is not a list of runs
+    (``None``: it is): a method name, a seed (an integer >= 0), an order number or ``custom``,
+    and a run dir in every row."""
+    missing = [c for c in RUNS_COLUMNS if c not in table.columns]
+    if missing:
+        return f"missing column(s) {', '.join(missing)}"
+    rules = {"method": (is_valid_name, "a method name"),
+             "seed": (lambda v: re.fullmatch(r"[0-9]{1,10}", v) is not None, "an integer >= 0"),
+             "order": (lambda v: v == CUSTOM or re.fullmatch(r"[0-9]{1,10}", v) is not None,
+                       f"an order number or {CUSTOM!r}"),
+             "run_dir": (bool, "a run directory")}
+    for i, row in enumerate(table[RUNS_COLUMNS].itertuples(index=False), start=1):
+        for column, value in zip(RUNS_COLUMNS, row):
+            check, expected = rules[column]
+            if not check(value):
+                return f"row {i}: {column}={value!r}, {expected} expected"
+    return None

@@ -10,7 +10,8 @@ from typing import Any
 
 import pandas as pd
 
-from aimm.runs import atomic_write_json, atomic_write_text, read_json
+from aimm.names import is_valid_name
+from aimm.runs import RunDirError, atomic_write_json, atomic_write_text, read_json
 from aimm.study.aggregate import (
     RunResult,
     paired_table,
@@ -37,8 +38,28 @@ def write_settings(out: str | Path, settings: dict[str, Any]) -> None:
 
 
 def read_settings(out: str | Path) -> dict[str, Any]:
+    """``study.json`` (none: ``{}``); :class:`RunDirError` names one that is not a study's
+    settings (:func:`settings_problem`)."""
     path = Path(out) / STUDY_JSON
-    return read_json(path) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    settings = read_json(path)
+    problem = settings_problem(settings)
+    if problem:
+        raise RunDirError(f"{path}: not a study's settings ({problem}); fix it, or run the "
+                          "`aimm study` command that made the folder again to rewrite it")
+    return settings
+
+
+def settings_problem(settings: Any) -> str | None:
+    """Why ``settings`` is not a ``study.json`` (``None``: it is): a JSON object whose
+    ``reference``, where given, is a method name (the one field the aggregation reads)."""
+    if not isinstance(settings, dict):
+        return f"a JSON object expected, found a {type(settings).__name__}"
+    reference = settings.get("reference")
+    if reference is not None and not is_valid_name(reference):
+        return f"reference={reference!r}: a method name expected"
+    return None
 
 
 def aggregate(results: list[RunResult], reference: str) -> Aggregate:
@@ -128,5 +149,5 @@ def write_aggregate(out: str | Path, reference: str | None = None) -> Aggregate:
     return agg
 
 
-__all__ = ["Aggregate", "aggregate", "read_settings", "summary_markdown",
+__all__ = ["Aggregate", "aggregate", "read_settings", "settings_problem", "summary_markdown",
            "write_aggregate", "write_settings"]

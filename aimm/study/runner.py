@@ -9,7 +9,9 @@ seconds), small next to training.
 Per cell, before starting anything:
 
 * finished (``metrics.json`` says complete) with the same config: skipped, only read;
-* finished with a different config: failed, nothing started (the engine would refuse it too);
+* holding a run (finished or not) with a different config: failed, nothing written or started
+  (the engine would refuse it too); :func:`check_existing_runs` refuses such a study as a whole
+  before it writes anything;
 * its ``run.lock`` held by another process: reported ``in use`` and skipped;
 * else ``aimm run`` resumes it after its last completed task (or starts it). Its output goes to
   ``DIR/cells/<cell>.log``; the config it ran is ``DIR/cells/<cell>.yaml``. A new cell whose
@@ -32,6 +34,7 @@ from typing import Callable
 
 import yaml
 
+from aimm.config import ConfigError
 from aimm.runs import atomic_write_text, load_config, load_metrics
 from aimm.study.grid import Cell
 from aimm.training.state import differing_fields
@@ -70,6 +73,29 @@ def config_difference(stored: dict, planned: dict) -> list[str]:
     """Fields (other than the resume-free ones) where a stored config differs from the planned."""
     return [f"{k}: {stored.get(k)!r} -> {planned.get(k)!r}"
             for k in differing_fields(stored, planned)]
+
+
+def stored_difference(run_dir: Path, planned: dict) -> list[str] | None:
+    """:func:`config_difference` of ``run_dir/config.json`` and ``planned`` (None: no
+    ``config.json``); OSError (:class:`RunDirError`) for one that cannot be read."""
+    if not (Path(run_dir) / "config.json").is_file():
+        return None
+    return config_difference(load_config(run_dir), planned)
+
+
+def check_existing_runs(cells: list[Cell], out: Path) -> None:
+    """ConfigError (one line: the study folder, the first cell whose run directory holds a run
+    with a different config, its fields, the way out) before a study writes anything. A cell
+    whose ``config.json`` cannot be read is left to :func:`run_cell` to report."""
+    for cell in cells:
+        try:
+            diff = stored_difference(cell.run_dir, cell.config.to_dict())
+        except OSError:
+            continue
+        if diff:
+            raise ConfigError(f"study folder {out}: cell {cell.name} holds a run with a different "
+                              "config (" + "; ".join(diff) + "); use another --out, or the same "
+                              "settings as that study to resume it")
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -129,15 +155,17 @@ def run_cell(cell: Cell, out: Path, finished: list[Path] | None = None) -> Outco
     first stage a new cell may copy."""
     run_dir = cell.run_dir
     planned = cell.config.to_dict()
-    config_json = run_dir / "config.json"
-    if is_complete(run_dir) and config_json.is_file():
-        try:
-            diff = config_difference(load_config(config_json.parent), planned)
-        except OSError as exc:
+    complete = is_complete(run_dir)
+    try:
+        diff = stored_difference(run_dir, planned)
+    except OSError as exc:
+        if complete:
             return Outcome(cell, FAILED, str(exc))
-        if diff:
-            return Outcome(cell, FAILED, f"{run_dir} holds a run with a different config ("
-                           + "; ".join(diff) + ")")
+        diff = []  # a damaged config of an unfinished run: `aimm run` reports it
+    if diff:  # refused before anything is written (not even the cell's yaml)
+        return Outcome(cell, FAILED, f"{run_dir} holds a run with a different config ("
+                       + "; ".join(diff) + ")")
+    if complete and diff is not None:
         return Outcome(cell, DONE)
     if in_use(run_dir):
         return Outcome(cell, IN_USE, f"{run_dir} is locked by another process")

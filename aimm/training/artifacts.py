@@ -121,7 +121,7 @@ def result_set(cfg, method: "Method", tasks: list[str], state: "RunState",
         if "single_task" in values:
             values["single_task"] = dict(zip(tasks, values["single_task"]))
         metrics.update(values)
-    metrics["merges_per_stage"] = merges_per_stage(run_dir)
+    metrics["merges_per_stage"] = merges_per_stage(run_dir, state.completed)
     return state.scores, matrix_rows, metrics
 
 
@@ -133,11 +133,24 @@ def write_results(cfg, method: "Method", tasks: list[str], state: "RunState", ru
     atomic_write_json(run_dir / "metrics.json", metrics)
 
 
-def merges_per_stage(run_dir: Path) -> dict[str, int]:
+def merges_per_stage(run_dir: Path, completed: list[str]) -> dict[str, int]:
+    """Merges of each completed stage, from its ``stage.json`` (a folder of a stage not
+    completed is an orphan the run redoes: not read). :class:`RunDirError` names a malformed one
+    with the rewind that writes it again."""
+    from aimm.integrity import restart_hint
+    from aimm.run_shapes import stage_problem
+    from aimm.runs import RunDirError, RunStore
+
     out = {}
-    for path in sorted((run_dir / "stages").glob("*/stage.json")):
+    for i, name in enumerate(completed):
+        path = RunStore(Path(run_dir)).stage_dir(i, name) / "stage.json"
+        if not path.is_file():  # a lost one is reported by verify_run (listed in state.json)
+            continue
         info = read_json(path)
-        out[info["name"]] = info.get("merges", 0)
+        problem = stage_problem(info, name)
+        if problem:
+            raise RunDirError(f"{path}: not a stage record ({problem}); {restart_hint(i + 1)}")
+        out[name] = info.get("merges", 0)
     return out
 
 

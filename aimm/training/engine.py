@@ -31,15 +31,15 @@ from aimm.encoding import EncodedExamples
 from aimm.errors import ConfigError
 from aimm.faults import crash_point
 from aimm.hardware import slow_bfloat16_warning
-from aimm.integrity import (check_data_fingerprint, check_run_data, require_finite_adapter,
-                             rewind_run, rewound_state, verify_for_resume)
+from aimm.integrity import (check_data_fingerprint, check_restart_target, check_run_data,
+                             require_finite_adapter, rewind_run, rewound_state, verify_for_resume)
 from aimm.merging import reduce
 from aimm.methods import Method, build_method
 from aimm.runs import RunDirError, RunStore, environment_info, load_warnings, new_run_id
 from aimm.schedule import lr_lambda, plan_optimizer_steps, warmup_for
 from aimm.training import artifacts
 from aimm.training.context import Stage, TrainContext
-from aimm.training.launch import process_count_problem
+from aimm.training.launch import process_count_problem, random_model_device, run_on_cpu
 from aimm.training.loop import NonFiniteLossError, restore_checkpoint, seed_everything, train_stage
 from aimm.training.method_state import read_method_state
 from aimm.training.shared_stage import copy_first_stage, share_problem
@@ -105,10 +105,10 @@ class Engine:
 
     # ---------------------------------------------------------------- set-up, one per concern
     def _check_resume(self) -> RunState:
-        # rank 0 made the run dir and checked it is writable when it locked it; other ranks
-        # (which write nothing) make nothing, so a refused launch leaves no empty dir behind
+        # rank 0 made (and checked) the run dir when locking; other ranks make nothing
         if launch_rank() == 0 and self.store.exists():
             self.store.remove_stale_temporaries()  # of this run's killed writes, not a user's
+        check_restart_target(self.store, self.restart_from_stage)  # k > 1: needs a run
         if not self.store.exists():
             return self._share_first_stage() if self.first_stage_from else RunState()
         old = self.store.read_config()
@@ -164,7 +164,8 @@ class Engine:
         from aimm.attention import set_attention_dtype
         from aimm.models import load_model
 
-        bundle = load_model(self.cfg.model, seed=self.cfg.seed, dtype=getattr(torch, self.cfg.dtype))
+        bundle = load_model(self.cfg.model, seed=self.cfg.seed, dtype=getattr(torch, self.cfg.dtype),
+                            random_device=random_model_device(self.cfg.device, launch_world_size()))
         self._warn(set_attention_dtype(bundle.model, self.cfg.attention_dtype))
         torch.manual_seed(self.cfg.seed)
         return self.method.setup_model(bundle, self.cfg)
@@ -179,7 +180,7 @@ class Engine:
         cfg = self.cfg
         bundle = self._load_model()
         initial_lora = lora_state_dict(bundle.model)  # a fresh adapter per stage starts here
-        use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        use_cpu = run_on_cpu(cfg.device)
         accelerator = Accelerator(cpu=use_cpu)
         problem = process_count_problem(os.environ, accelerator.num_processes)
         if problem:  # every rank would train alone and write the same run dir

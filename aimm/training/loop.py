@@ -149,19 +149,37 @@ def save_checkpoint(path: Path, ctx: "TrainContext", method: "Method") -> None:
 
 def restore_checkpoint(path: Path, ctx: "TrainContext", method: "Method",
                        on_problem: Callable[[str], None]) -> int:
-    """Continue a stage from its checkpoint (after ``on_stage_start``); returns the steps done."""
-    from aimm.checkpoint import load_checkpoint, restore_rng
+    """Continue a stage from its checkpoint (after ``on_stage_start``); returns the steps done.
+
+    The checkpoint is checked against the stage before anything is restored
+    (:func:`aimm.checkpoint.payload_problem`: the model's LoRA shapes, a step within the stage's
+    plan, the optimiser's and scheduler's state structure, RNG states the generators accept); one
+    that fails is reported through ``on_problem`` and ignored, and the stage restarts from its
+    beginning. A restore that still fails half-way (a method or the optimiser refusing its state)
+    cannot be undone without copies of the whole training state (a full fine-tune's model), so
+    it stops the run with :class:`aimm.checkpoint.CheckpointError` (one line, exit 2) naming the
+    file and the fix: delete it, and the stage restarts from its beginning.
+    """
+    from aimm.checkpoint import CheckpointError, error_line, load_checkpoint, restore_rng
     from aimm.models import load_lora_state_dict, lora_state_dict
 
-    ckpt = load_checkpoint(path, on_problem, like=lora_state_dict(ctx.model)) \
-        if ctx.cfg.checkpoint_every else None
-    if ckpt is None or ckpt["stage"] != ctx.stage.index:
+    if not ctx.cfg.checkpoint_every:
         return 0
-    load_lora_state_dict(ctx.model, ckpt["lora"])
-    ctx.optimizer.load_state_dict(ckpt["optimizer"])
-    ctx.scheduler.load_state_dict(ckpt["scheduler"])
-    method.load_state_dict(ckpt["method"], ctx)
-    restore_rng(ckpt["rng"], ctx.memory_rng)
+    ckpt = load_checkpoint(path, on_problem, like=lora_state_dict(ctx.model), stage=ctx.stage.index,
+                           total_steps=ctx.total_steps, optimizer=ctx.optimizer,
+                           scheduler=ctx.scheduler)
+    if ckpt is None:
+        return 0
+    try:
+        load_lora_state_dict(ctx.model, ckpt["lora"])
+        ctx.optimizer.load_state_dict(ckpt["optimizer"])
+        ctx.scheduler.load_state_dict(ckpt["scheduler"])
+        method.load_state_dict(ckpt["method"], ctx)
+        restore_rng(ckpt["rng"], ctx.memory_rng)
+    except Exception as exc:  # whatever a loader raises, half-way through the restore
+        raise CheckpointError(f"{path}: within-stage checkpoint refused half-way through its "
+                              f"restore ({error_line(exc)}); delete the file and run again: the "
+                              "stage restarts from its beginning") from None
     ctx.steps, ctx.merges = list(ckpt["steps"]), list(ckpt["merges"])
     ctx.optimizer_steps, ctx.nonfinite = ckpt["optimizer_steps"], ckpt["nonfinite"]
     ctx.step = ctx.resumed_at = ckpt["step"]

@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
+from aimm.run_shapes import stage_problem
 from aimm.runs import RunStore, atomic_write_json, load_warnings, read_json
 from aimm.training.state import RESUME_FREE_FIELDS, RunState, differing_fields
 
@@ -67,7 +68,12 @@ def share_problem(source_dir: str | Path, cfg: "RunConfig", method: "Method") ->
     damaged = [line for number, line in verify_run(source.root, state, results=False) if number == 1]
     if damaged:
         return damaged[0]
-    return None
+    stage_json = source.stage_dir(0, state["completed"][0]) / "stage.json"
+    try:  # the copy adds first_stage_from to it
+        problem = stage_problem(read_json(stage_json), state["completed"][0])
+    except (OSError, ValueError) as exc:
+        return str(exc)
+    return f"{stage_json}: not a stage record ({problem})" if problem else None
 
 
 def copy_first_stage(source_dir: str | Path, store: RunStore, cfg: "RunConfig",
