@@ -33,7 +33,7 @@ MODE=gpu
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) MODE=cpu ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done

@@ -121,6 +121,14 @@ def test_gpu_check_cpu_smoke_runs_every_sub_benchmark(tmp_path):
     assert "aimm_compiled/plain_compiled" in proc.stdout
 
 
+def test_gpu_check_help_is_its_whole_header_and_nothing_else():
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    header = [line for line in script.read_text().splitlines()[1:]]
+    header = header[:next(i for i, line in enumerate(header) if not line.startswith("#"))]
+    assert proc.returncode == 0 and proc.stdout.splitlines() == header
+
+
 # ------------------------------------------------------------------------------ prompt_scoring
 def test_prompt_scoring_times_both_paths_and_they_agree(tmp_path, tiny_data):
     from benchmarks import prompt_scoring
