@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 
 from aimm.runs import atomic_write_bytes
+from aimm.util import error_summary
 
 FORMAT = "aimm-checkpoint/1"
 SUFFIX = ".safetensors"
@@ -280,7 +281,7 @@ def _rng_problem(rng: dict) -> str | None:
         try:
             trial(states[key])
         except Exception as exc:  # whatever the generator raises: it refuses the state
-            return f"RNG state {key!r} refused ({error_line(exc)})"
+            return f"RNG state {key!r} refused ({error_summary(exc)})"
     return None
 
 
@@ -386,12 +387,6 @@ def _kind(x: Any, value: bool = True) -> str:
     return name if x is None else f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-def error_line(exc: BaseException) -> str:
-    """``Type: first line of the message`` (at most 200 characters), for one-line reports."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
-
-
 # ---------------------------------------------------------------------------------- files
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     atomic_write_bytes(Path(path), checkpoint_bytes(payload), fault_point="checkpoint_write")
@@ -416,19 +411,14 @@ def load_checkpoint(path: Path, on_problem: Callable[[str], None] | None = None,
         except (OSError, ValueError) as exc:
             reason = str(exc)
         if reason:
-            return report_unusable(path, reason, on_problem)
+            return _report(f"{path}: within-stage checkpoint not usable: {reason}; ignored, the "
+                           "stage restarts from its beginning (delete the file to silence this)",
+                           on_problem)
     elif legacy.is_file():
         problem = (f"{legacy}: pickled checkpoint (older aimm format, or planted): never loaded; "
                    "the stage restarts from its beginning (delete the file to silence this)")
         return _report(problem, on_problem)
     return ckpt
-
-
-def report_unusable(path: Path, reason: str, on_problem: Callable[[str], None] | None) -> None:
-    """Report the checkpoint at ``path`` as not usable (``on_problem`` or, without one, raise
-    :class:`CheckpointError`): it is ignored and the stage restarts from its beginning."""
-    return _report(f"{path}: within-stage checkpoint not usable: {reason}; ignored, the stage "
-                   "restarts from its beginning (delete the file to silence this)", on_problem)
 
 
 def _report(problem: str, on_problem: Callable[[str], None] | None) -> None:
@@ -439,6 +429,6 @@ def _report(problem: str, on_problem: Callable[[str], None] | None) -> None:
     return None
 
 
-__all__ = ["CheckpointError", "capture_rng", "checkpoint_bytes", "error_line", "join_tensors",
-           "load_checkpoint", "parse_checkpoint", "payload_problem", "report_unusable",
+__all__ = ["CheckpointError", "capture_rng", "checkpoint_bytes", "join_tensors",
+           "load_checkpoint", "parse_checkpoint", "payload_problem",
            "restore_rng", "save_checkpoint", "split_tensors"]

@@ -118,9 +118,6 @@ def config_values(args) -> tuple[dict, str]:
         base = RunConfig.from_yaml(args.config)
         merged = base.to_dict()
         _refuse_order_with_tasks(args, base.tasks, args.config)
-        if "run_dir" not in values and isinstance(base.run_dir, str) and not base.run_dir.strip():
-            raise ConfigError(f"{args.config}: run_dir={base.run_dir!r}: an empty path; give a "
-                              "folder, or leave it out (null) for runs/<run id>")
         merged.update(values)
         if options:
             merged["method_options"] = {**merged.get("method_options", {}), **options}

@@ -250,6 +250,8 @@ class RunConfig:
             if name not in bad and not cond:
                 errors.append(f"{source}: {name}={getattr(self, name)!r}: {problem}")
 
+        need(not (isinstance(self.run_dir, str) and not self.run_dir.strip()), "run_dir",
+             "an empty path; give a folder, or leave it out (null) for runs/<run id>")
         for name in ("batch_size", "grad_accum", "lora_r", "lora_alpha", "memory_batch_size",
                      "eval_batch_size", "max_input_len", "max_target_len"):
             v = getattr(self, name)

@@ -53,7 +53,7 @@ def run_timers(out_dir: str | Path) -> dict[str, float] | None:
     ``stages`` and seconds of ``train`` / ``probe`` / ``rehearsal`` / ``eval``, over the stages
     the runs trained themselves (a first stage copied from another run, ``first_stage_from``,
     counts once, in its source). None without ``runs.json``."""
-    from aimm.run_shapes import stage_problem
+    from aimm.integrity import read_stage_record
     from aimm.runs import RunDirError, read_json
 
     index = Path(out_dir) / "runs.json"
@@ -66,13 +66,8 @@ def run_timers(out_dir: str | Path) -> dict[str, float] | None:
     total = {"runs": 0, "stages": 0, "train": 0.0, "probe": 0.0, "rehearsal": 0.0, "eval": 0.0}
     for run_dir in runs.values():
         total["runs"] += 1
-        for path in completed_stage_files(Path(run_dir)):
-            info = read_json(path)
-            problem = stage_problem(info)
-            if problem:
-                number = path.parent.name.split("_", 1)[0].lstrip("0") or "1"
-                raise RunDirError(f"{path}: not a stage record ({problem}); re-run the run's "
-                                  f"`aimm run` command with --restart-from-stage {number}")
+        for number, path in completed_stage_files(Path(run_dir)):
+            info = read_stage_record(path, number)
             if info.get("first_stage_from"):
                 continue
             total["stages"] += 1
@@ -81,17 +76,18 @@ def run_timers(out_dir: str | Path) -> dict[str, float] | None:
     return total
 
 
-def completed_stage_files(run_dir: Path) -> list[Path]:
-    """The ``stage.json`` of the stages ``state.json`` records as completed (a folder of another
-    stage is an orphan a resume redoes); every stage folder's of a run without ``state.json``."""
+def completed_stage_files(run_dir: Path) -> list[tuple[int, Path]]:
+    """``(number, stage.json)`` of the stages ``state.json`` records as completed (a folder of
+    another stage is an orphan a resume redoes); of every stage folder in a run without
+    ``state.json`` (numbered in order)."""
     from aimm.runs import RunStore
 
     store = RunStore(run_dir)
     if not store.state_path.is_file():
-        return sorted(run_dir.glob("stages/*/stage.json"))
-    paths = [store.stage_dir(i, name) / "stage.json"
+        return list(enumerate(sorted(run_dir.glob("stages/*/stage.json")), start=1))
+    paths = [(i + 1, store.stage_dir(i, name) / "stage.json")
              for i, name in enumerate(store.read_state()["completed"])]
-    return [p for p in paths if p.is_file()]
+    return [(n, p) for n, p in paths if p.is_file()]
 
 
 def command_text(command: str, seconds: float, started: float, notebooks: dict[str, Any],

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from aimm.runs import RunDirError, RunStore, atomic_write_json, read_json
+from aimm.run_shapes import stage_problem
+from aimm.runs import RunDirError, RunStore, atomic_write_json, read_checked_json, read_json
 from aimm.util import launch_rank
 
 RESULT_FILES = ("scores.csv", "scores_matrix.csv", "metrics.json")
@@ -76,6 +77,14 @@ def restart_hint(k: int) -> str:
     kept = f"stages 1-{k - 1} are kept" if k > 2 else "stage 1 is kept" if k == 2 else "it starts over"
     return (f"re-run from stage {k}: the same `aimm run` command with --restart-from-stage {k} "
             f"(or aimm.training.engine.run(cfg, restart_from_stage={k})); {kept}")
+
+
+def read_stage_record(path: Path, number: int, name: str | None = None) -> dict:
+    """Completed stage ``number``'s (1-based) ``stage.json``, checked
+    (:func:`aimm.run_shapes.stage_problem`; ``name``: the stage its folder holds); RunDirError
+    names a malformed one with the rewind that writes it again."""
+    return read_checked_json(path, lambda info: stage_problem(info, name), "a stage record",
+                             restart_hint(number))
 
 
 # ---------------------------------------------------------------------------------- recording
@@ -301,6 +310,6 @@ def rewind_run(store: RunStore, k: int) -> dict:
 
 __all__ = ["FINGERPRINT", "NonFiniteWeightsError", "RESULT_FILES", "adapter_problem",
            "check_data_fingerprint", "check_restart_target", "check_run_data", "data_fingerprint",
-           "load_adapter", "record_stage_files",
+           "load_adapter", "read_stage_record", "record_stage_files",
            "require_finite_adapter", "restart_hint", "rewind_run", "rewound_state", "sha256_file",
            "verify_for_resume", "verify_run"]

@@ -13,6 +13,11 @@ from aimm.util import is_int, is_num
 _STATE_LISTS = {"completed": str, "scores": dict, "stage_steps": int}
 
 
+def object_problem(value: Any) -> str | None:
+    """Why ``value`` is not a JSON object (``None``: it is)."""
+    return None if isinstance(value, dict) else f"a JSON object expected, found a {type(value).__name__}"
+
+
 def state_problem(state: Any) -> str | None:
     """Why ``state`` is not a ``state.json`` this version wrote (``None``: it is)."""
     if not isinstance(state, dict):
@@ -74,8 +79,8 @@ def stage_problem(info: Any, name: str | None = None) -> str | None:
     use are type-checked where present (``name``, the counts, ``train_tasks``, ``seconds``,
     ``first_stage_from``); fields this version does not know are left alone. ``name``: the stage
     the folder holds (its ``name`` field, if any, must be that)."""
-    if not isinstance(info, dict):
-        return f"a JSON object expected, found a {type(info).__name__}"
+    if object_problem(info):
+        return object_problem(info)
     if "name" in info and not is_valid_name(info["name"]):
         return f"name={info['name']!r}: a stage name expected"
     if name is not None and info.get("name", name) != name:
@@ -101,8 +106,8 @@ _METRIC_NUMBERS = ("OP", "BWT", "FWT", "forgetting")
 def metrics_problem(metrics: Any) -> str | None:
     """Why ``metrics`` is not a ``metrics.json`` a run wrote (``None``: it is); fields this
     version does not know are left alone."""
-    if not isinstance(metrics, dict):
-        return f"a JSON object expected, found a {type(metrics).__name__}"
+    if object_problem(metrics):
+        return object_problem(metrics)
     if "complete" in metrics and not isinstance(metrics["complete"], bool):
         return f"complete={metrics['complete']!r}: true or false expected"
     if "stages_done" in metrics and not is_int(metrics["stages_done"]):
@@ -139,4 +144,5 @@ def scores_matrix_problem(rows: dict[str, dict[str, Any]], scores: list[dict]) -
     return None
 
 
-__all__ = ["metrics_problem", "scores_matrix_problem", "stage_problem", "state_problem"]
+__all__ = ["metrics_problem", "object_problem", "scores_matrix_problem", "stage_problem",
+           "state_problem"]

@@ -37,13 +37,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 
 from aimm.errors import RunDirError  # noqa: F401  (re-exported: `from aimm.runs import RunDirError`)
 from aimm.names import require_name
-from aimm.run_shapes import metrics_problem, scores_matrix_problem, state_problem
+from aimm.run_shapes import metrics_problem, object_problem, scores_matrix_problem, state_problem
 from aimm.util import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from aimm.util import error_summary, launch_rank
 from aimm.util import read_json as _read_json
@@ -98,6 +98,16 @@ def atomic_write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 def read_json(path: Path) -> Any:
     """A JSON file of the run dir; ``RunDirError`` names a corrupt one (:func:`aimm.util.read_json`)."""
     return _read_json(path, RunDirError)
+
+
+def read_checked_json(path: Path, problem_of: Callable[[Any], str | None], what: str, fix: str) -> Any:
+    """:func:`read_json` of ``path``, checked by ``problem_of`` (pure, ``None``: fine);
+    ``RunDirError``: ``<path>: not <what> (<problem>); <fix>``."""
+    value = read_json(path)
+    problem = problem_of(value)
+    if problem:
+        raise RunDirError(f"{path}: not {what} ({problem}); {fix}")
+    return value
 
 
 # ---------------------------------------------------------------------------------- environment
@@ -267,11 +277,8 @@ class RunStore:
         """The resume point; a wrongly shaped ``state.json`` raises :class:`RunDirError`."""
         if not self.state_path.is_file():
             return {"completed": [], "scores": [], "stage_steps": []}
-        state = read_json(self.state_path)
-        problem = state_problem(state)
-        if problem:
-            raise RunDirError(f"{self.state_path}: not a valid run state ({problem}); restore it, "
-                              "or start over with --restart-from-stage 1")
+        state = read_checked_json(self.state_path, state_problem, "a valid run state",
+                                  "restore it, or start over with --restart-from-stage 1")
         state.setdefault("stage_steps", [])
         return state
 
@@ -326,22 +333,15 @@ def load_config(run_dir: str | Path) -> dict[str, Any]:
     from aimm.config import renamed_fields, with_added_fields
 
     path = Path(run_dir) / "config.json"
-    values = read_json(path)
-    if not isinstance(values, dict):
-        raise RunDirError(f"{path}: not a run config (a JSON object expected, found a "
-                          f"{type(values).__name__}); fix it, or remove the run to start over")
+    values = read_checked_json(path, object_problem, "a run config",
+                               "fix it, or remove the run to start over")
     return with_added_fields(renamed_fields(values, source=str(path)))
 
 
 def load_metrics(run_dir: str | Path) -> dict[str, Any]:
     """``metrics.json``; :class:`RunDirError` names one that is not a JSON object."""
-    path = Path(run_dir) / "metrics.json"
-    metrics = read_json(path)
-    problem = metrics_problem(metrics)
-    if problem:
-        raise RunDirError(f"{path}: not a run's metrics ({problem}); re-run the run's `aimm run` "
-                          "command to write it again")
-    return metrics
+    return read_checked_json(Path(run_dir) / "metrics.json", metrics_problem, "a run's metrics",
+                             "re-run the run's `aimm run` command to write it again")
 
 
 def load_warnings(run_dir: str | Path) -> list[str]:
@@ -350,11 +350,10 @@ def load_warnings(run_dir: str | Path) -> list[str]:
     path = Path(run_dir) / "warnings.json"
     if not path.is_file():
         return []
-    warnings = read_json(path)
-    if not (isinstance(warnings, list) and all(isinstance(w, str) for w in warnings)):
-        raise RunDirError(f"{path}: not a run's warnings (a JSON list of text lines expected); "
-                          "remove it, or re-run the run's `aimm run` command to write it again")
-    return warnings
+    return read_checked_json(
+        path, lambda w: None if isinstance(w, list) and all(isinstance(x, str) for x in w)
+        else "a JSON list of text lines expected", "a run's warnings",
+        "remove it, or re-run the run's `aimm run` command to write it again")
 
 
 def load_scores(run_dir: str | Path) -> pd.DataFrame:

@@ -306,54 +306,48 @@ def run_trainer(setup: Setup, work: Path, repeat: int, step_end: Callable[[], No
         shutil.rmtree(out_dir, ignore_errors=True)
 
 
-def run_floor(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None]) -> None:
+def tail_loss(model, b: dict, device: str) -> torch.Tensor:
+    """The floor's loss: aimm's math (LM head on the target tail, :func:`aimm.loss.last_positions`;
+    cross-entropy on the target tokens)."""
     import torch.nn.functional as F
     from aimm.loss import last_positions
 
-    a = setup.args
-    model = setup.peft_model().to(a.device)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, setup.lr_factor)
-    batches = [setup.encoded.batch(range(i * a.batch_size, (i + 1) * a.batch_size))
-               for i in range(a.steps)]
-    batches = [{k: v.to(a.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-               for b in batches]
-    for b in batches:
-        keep = b["logits_to_keep"]
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                       position_ids=b["position_ids"],
-                       logits_to_keep=last_positions(keep, a.device)).logits
-        labels = b["labels"][:, -keep:]
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                               labels[:, 1:].reshape(-1), ignore_index=-100)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_end()
+    keep = b["logits_to_keep"]
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                   position_ids=b["position_ids"],
+                   logits_to_keep=last_positions(keep, device)).logits
+    labels = b["labels"][:, -keep:]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
-def run_plain(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None],
-              compile: bool = False) -> None:
+def all_tokens_loss(model, b: dict, device: str) -> torch.Tensor:
+    """Plain HF + PEFT: ``labels`` = the input ids (padding -100), transformers' own shifted
+    cross-entropy over every position."""
+    return model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                 labels=b["all_labels"]).loss
+
+
+def run_loop(setup: Setup, work: Path, repeat: int, step_end: Callable[[], None],
+             loss: Callable = tail_loss, compile: bool = False) -> None:
+    """A hand-written loop over batches collated up front: ``loss``, backward, clip, AdamW,
+    scheduler; ``compile``: the PEFT model compiled in place, as the engine does."""
     a = setup.args
     model = setup.peft_model().to(a.device)
     model.train()
     if compile:
-        model.compile(backend=a.compile_backend)  # in place, as the engine does
+        model.compile(backend=a.compile_backend)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, setup.lr_factor)
     batches = [setup.encoded.batch(range(i * a.batch_size, (i + 1) * a.batch_size))
                for i in range(a.steps)]
-    batches = [tuple(t.to(a.device) for t in (b["input_ids"], b["attention_mask"],
-                                              b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)))
+    for b in batches:
+        b["all_labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    batches = [{k: v.to(a.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
                for b in batches]
-    for input_ids, attention_mask, labels in batches:
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
+    for b in batches:
+        loss(model, b, a.device).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -366,11 +360,11 @@ RUNNERS = {
     "aimm": run_aimm,
     "trainer": partial(run_trainer, target_only=False),
     "trainer_target": partial(run_trainer, target_only=True),
-    "floor": run_floor,
+    "floor": run_loop,
     "aimm_attn32": partial(run_aimm, attention_dtype="float32"),
     "aimm_compiled": partial(run_aimm, compile=True),
-    "plain": run_plain,
-    "plain_compiled": partial(run_plain, compile=True),
+    "plain": partial(run_loop, loss=all_tokens_loss),
+    "plain_compiled": partial(run_loop, loss=all_tokens_loss, compile=True),
 }
 
 

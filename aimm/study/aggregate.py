@@ -19,8 +19,7 @@ import pandas as pd
 
 from aimm import metrics as cl
 from aimm.methods import METHODS
-from aimm.run_shapes import stage_problem
-from aimm.runs import RunDirError, load_metrics, load_scores_matrix, load_trajectory, read_json
+from aimm.runs import load_metrics, load_scores_matrix, load_trajectory
 from aimm.study.grid import read_runs_csv
 from aimm.study.stats import estimate, paired_difference
 
@@ -52,7 +51,7 @@ def _stage_seconds(run_dir: Path, stages_done: int | None) -> tuple[float, float
     """Train and eval seconds over the ``stage.json`` of the completed stages, the first
     ``stages_done`` (any other folder is an orphan a resume redoes: not read); RunDirError names
     a malformed one."""
-    from aimm.integrity import restart_hint
+    from aimm.integrity import read_stage_record
 
     train = evaluate = 0.0
     for path in sorted((run_dir / "stages").glob("*/stage.json")):
@@ -60,11 +59,7 @@ def _stage_seconds(run_dir: Path, stages_done: int | None) -> tuple[float, float
         number = int(number) if number.isascii() and number.isdigit() else None
         if stages_done is not None and (number is None or number > stages_done):
             continue
-        info = read_json(path)
-        problem = stage_problem(info)
-        if problem:
-            raise RunDirError(f"{path}: not a stage record ({problem}); "
-                              + restart_hint(number or 1))
+        info = read_stage_record(path, number or 1)
         seconds = info.get("seconds", {})
         train += float(seconds.get("train", 0.0))
         evaluate += float(seconds.get("eval", 0.0))

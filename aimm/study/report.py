@@ -11,7 +11,8 @@ from typing import Any
 import pandas as pd
 
 from aimm.names import is_valid_name
-from aimm.runs import RunDirError, atomic_write_json, atomic_write_text, read_json
+from aimm.run_shapes import object_problem
+from aimm.runs import atomic_write_json, atomic_write_text, read_checked_json
 from aimm.study.aggregate import (
     RunResult,
     paired_table,
@@ -43,19 +44,15 @@ def read_settings(out: str | Path) -> dict[str, Any]:
     path = Path(out) / STUDY_JSON
     if not path.is_file():
         return {}
-    settings = read_json(path)
-    problem = settings_problem(settings)
-    if problem:
-        raise RunDirError(f"{path}: not a study's settings ({problem}); fix it, or run the "
-                          "`aimm study` command that made the folder again to rewrite it")
-    return settings
+    return read_checked_json(path, settings_problem, "a study's settings", "fix it, or run the "
+                             "`aimm study` command that made the folder again to rewrite it")
 
 
 def settings_problem(settings: Any) -> str | None:
     """Why ``settings`` is not a ``study.json`` (``None``: it is): a JSON object whose
     ``reference``, where given, is a method name (the one field the aggregation reads)."""
-    if not isinstance(settings, dict):
-        return f"a JSON object expected, found a {type(settings).__name__}"
+    if object_problem(settings):
+        return object_problem(settings)
     reference = settings.get("reference")
     if reference is not None and not is_valid_name(reference):
         return f"reference={reference!r}: a method name expected"

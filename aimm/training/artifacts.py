@@ -25,7 +25,6 @@ from aimm.runs import (
     atomic_write_csv,
     atomic_write_json,
     atomic_write_jsonl,
-    read_json,
 )
 from aimm.training.method_state import write_method_state
 
@@ -137,20 +136,15 @@ def merges_per_stage(run_dir: Path, completed: list[str]) -> dict[str, int]:
     """Merges of each completed stage, from its ``stage.json`` (a folder of a stage not
     completed is an orphan the run redoes: not read). :class:`RunDirError` names a malformed one
     with the rewind that writes it again."""
-    from aimm.integrity import restart_hint
-    from aimm.run_shapes import stage_problem
-    from aimm.runs import RunDirError, RunStore
+    from aimm.integrity import read_stage_record
+    from aimm.runs import RunStore
 
     out = {}
     for i, name in enumerate(completed):
         path = RunStore(Path(run_dir)).stage_dir(i, name) / "stage.json"
         if not path.is_file():  # a lost one is reported by verify_run (listed in state.json)
             continue
-        info = read_json(path)
-        problem = stage_problem(info, name)
-        if problem:
-            raise RunDirError(f"{path}: not a stage record ({problem}); {restart_hint(i + 1)}")
-        out[name] = info.get("merges", 0)
+        out[name] = read_stage_record(path, i + 1, name).get("merges", 0)
     return out
 
 

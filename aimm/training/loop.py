@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from aimm.faults import crash_point
+from aimm.util import error_summary
 
 TrainContext = Any  # aimm.training.context.TrainContext (not imported: it imports this module)
 Method = Any  # aimm.methods.base.Method (not imported: methods import the context)
@@ -160,7 +161,7 @@ def restore_checkpoint(path: Path, ctx: "TrainContext", method: "Method",
     it stops the run with :class:`aimm.checkpoint.CheckpointError` (one line, exit 2) naming the
     file and the fix: delete it, and the stage restarts from its beginning.
     """
-    from aimm.checkpoint import CheckpointError, error_line, load_checkpoint, restore_rng
+    from aimm.checkpoint import CheckpointError, load_checkpoint, restore_rng
     from aimm.models import load_lora_state_dict, lora_state_dict
 
     if not ctx.cfg.checkpoint_every:
@@ -178,7 +179,7 @@ def restore_checkpoint(path: Path, ctx: "TrainContext", method: "Method",
         restore_rng(ckpt["rng"], ctx.memory_rng)
     except Exception as exc:  # whatever a loader raises, half-way through the restore
         raise CheckpointError(f"{path}: within-stage checkpoint refused half-way through its "
-                              f"restore ({error_line(exc)}); delete the file and run again: the "
+                              f"restore ({error_summary(exc)}); delete the file and run again: the "
                               "stage restarts from its beginning") from None
     ctx.steps, ctx.merges = list(ckpt["steps"]), list(ckpt["merges"])
     ctx.optimizer_steps, ctx.nonfinite = ckpt["optimizer_steps"], ckpt["nonfinite"]
